@@ -1,0 +1,255 @@
+"""HMReferenceNet and HMDenoisingNet: diffusers' own SD1.5 UNet and AnimateDiff motion
+UNet, with HelloMeme's reference and control features read and written at the
+official points through forward hooks on the UNet blocks.
+
+The points (official `HMDenoising3D.forward` / `HMDenoisingMotion.forward`):
+
+- after down block i: control features `down_i` / `down2_i` are added, then the
+  reference attention `reference_modules_down[i]` (where `down_i` is cached);
+- after the mid block: `reference_modules_mid`;
+- before cross-attention up block i: `reference_modules_up[i - 1]` (cache `up_i`).
+
+The reference net caches the features at those same points (`down_i` after the
+cross-attention down blocks, `mid`, `up_i` before the cross-attention up blocks).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import weakref
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
+from torch import nn
+
+from .reference import HMReferenceAdapter
+
+ReferenceCache = dict[str, torch.Tensor]
+ControlFeatures = dict[str, torch.Tensor]
+
+
+def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) -> (b*f, c, h, w)."""
+    b, c, f, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+@dataclasses.dataclass
+class _Call:
+    """What the hooks do during one UNet forward."""
+
+    num_frames: int = 1
+    adapter: HMReferenceAdapter | None = None
+    reference: ReferenceCache | None = None
+    control: ControlFeatures | None = None
+    capture: ReferenceCache | None = None
+
+
+class InjectionPoints:
+    """Forward hooks on one UNet's blocks; inert unless a call is active.
+
+    One instance per UNet (see `of`), so a 2D UNet shared by the reference net and
+    the stage-1 denoiser carries a single set of hooks.
+    """
+
+    _registry: "weakref.WeakKeyDictionary[nn.Module, InjectionPoints]" = weakref.WeakKeyDictionary()
+
+    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel):
+        self._call: _Call | None = None
+        for idx, block in enumerate(unet.down_blocks):
+            block.register_forward_hook(self._after_down_block(idx, _has_cross_attention(block)))
+        unet.mid_block.register_forward_hook(self._after_mid_block)
+        for idx, block in enumerate(unet.up_blocks):
+            if _has_cross_attention(block):
+                block.register_forward_pre_hook(self._before_up_block(idx), with_kwargs=True)
+
+    @classmethod
+    def of(cls, unet: nn.Module) -> "InjectionPoints":
+        if unet not in cls._registry:
+            cls._registry[unet] = cls(unet)
+        return cls._registry[unet]
+
+    @contextlib.contextmanager
+    def active(self, call: _Call) -> Iterator[None]:
+        if self._call is not None:
+            raise RuntimeError("a UNet with HelloMeme injection points is already running")
+        self._call = call
+        try:
+            yield
+        finally:
+            self._call = None
+
+    def _after_down_block(self, idx: int, cross_attention: bool):
+        def hook(module, args, output):
+            call = self._call
+            if call is None:
+                return None
+            hidden, skips = output
+            if call.capture is not None and cross_attention:
+                call.capture[f"down_{idx}"] = hidden
+            if call.control:
+                added = [call.control[k] for k in (f"down_{idx}", f"down2_{idx}") if k in call.control]
+                if added:
+                    for features in added:
+                        hidden = hidden + _frames_to_batch(features).to(hidden.dtype)
+                    # The official code adds the control in place, and the block's
+                    # output is also its last skip connection, so the skip sees it too.
+                    skips = skips[:-1] + (hidden,)
+            if call.adapter is not None and call.reference and f"down_{idx}" in call.reference:
+                module_ = call.adapter.reference_modules_down[idx]
+                hidden = module_(hidden, call.reference[f"down_{idx}"], call.num_frames)
+            return hidden, skips
+
+        return hook
+
+    def _after_mid_block(self, module, args, output):
+        call = self._call
+        if call is None:
+            return None
+        if call.adapter is not None and call.reference and "mid" in call.reference:
+            output = call.adapter.reference_modules_mid(output, call.reference["mid"], call.num_frames)
+        if call.capture is not None:
+            call.capture["mid"] = output
+        return output
+
+    def _before_up_block(self, idx: int):
+        def hook(module, args, kwargs):
+            call = self._call
+            if call is None:
+                return None
+            hidden = kwargs["hidden_states"]
+            if call.capture is not None:
+                call.capture[f"up_{idx}"] = hidden
+            if call.adapter is not None and call.reference and f"up_{idx}" in call.reference:
+                hidden = call.adapter.reference_modules_up[idx - 1](hidden, call.reference[f"up_{idx}"], call.num_frames)
+                return args, {**kwargs, "hidden_states": hidden}
+            return None
+
+        return hook
+
+
+def _has_cross_attention(block: nn.Module) -> bool:
+    return bool(getattr(block, "has_cross_attention", False))
+
+
+def _batched_timestep(timestep: torch.Tensor | float | int, batch: int, frames: int) -> torch.Tensor | float | int:
+    """A per-sample timestep (b,) becomes per-frame (b*f,); a scalar stays a scalar."""
+    if torch.is_tensor(timestep) and timestep.ndim == 1 and timestep.numel() == batch and batch > 1:
+        return timestep.repeat_interleave(frames)
+    return timestep
+
+
+class HMReferenceNet(nn.Module):
+    """The SD1.5 UNet run once per clip at t = 0 on the reference latent; returns the
+    features the reference adapter attends to (official `unet_ref`)."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        super().__init__()
+        self.unet = unet
+        self._points = InjectionPoints.of(unet)
+
+    @classmethod
+    def from_pretrained(cls, unet_path: str | Path, **kwargs) -> "HMReferenceNet":
+        return cls(UNet2DConditionModel.from_pretrained(unet_path, **kwargs))
+
+    def forward(self, ref_latents: torch.Tensor, text_embeds: torch.Tensor) -> ReferenceCache:
+        """ref_latents (b, 4, h, w) or (b, 4, 1, h, w), already scaled; text_embeds (b, 77, C)."""
+        if ref_latents.ndim == 5:
+            ref_latents = ref_latents[:, :, 0]
+        cache: ReferenceCache = {}
+        with self._points.active(_Call(capture=cache)):
+            self.unet(ref_latents.to(self.unet.dtype), 0, encoder_hidden_states=text_embeds.to(self.unet.dtype))
+        return cache
+
+
+class HMDenoisingNet(nn.Module):
+    """The denoiser: the SD1.5 UNet (stage 1, frames independent) or the AnimateDiff
+    motion UNet (stage 2, frames attend to each other) with the reference adapter
+    and the control features injected. Inputs and outputs are (b, c, f, h, w).
+    """
+
+    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel, reference_adapter: HMReferenceAdapter | None):
+        super().__init__()
+        self.unet = unet
+        self.reference_adapter = reference_adapter
+        self._points = InjectionPoints.of(unet)
+
+    @property
+    def is_motion(self) -> bool:
+        return isinstance(self.unet, UNetMotionModel)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        unet_path: str | Path,
+        reference_path: str | Path | None,
+        motion_adapter_path: str | Path | None = None,
+        **kwargs,
+    ) -> "HMDenoisingNet":
+        """Load the official folders: a diffusers UNet, `hm_reference`, and for stage 2 a `MotionAdapter`."""
+        unet = UNet2DConditionModel.from_pretrained(unet_path, **kwargs)
+        adapter = HMReferenceAdapter.from_pretrained(reference_path, **kwargs) if reference_path else None
+        if motion_adapter_path:
+            unet = motion_unet(unet, MotionAdapter.from_pretrained(motion_adapter_path, **kwargs))
+        return cls(unet, adapter)
+
+    def forward(
+        self,
+        latents: torch.Tensor,
+        timestep: torch.Tensor | float | int,
+        text_embeds: torch.Tensor,
+        reference: ReferenceCache | None = None,
+        control: ControlFeatures | None = None,
+    ) -> torch.Tensor:
+        """latents (b, 4, f, h, w); text_embeds (b, 77, C); reference from HMReferenceNet
+        (batch b); control from HMControlNet/HMControlNet2 (b, c, f, h', w') -> noise (b, 4, f, h, w)."""
+        b, _, frames, h, w = latents.shape
+        dtype = self.unet.dtype
+        text_embeds = text_embeds.to(dtype).repeat_interleave(frames, dim=0)
+        call = _Call(num_frames=frames, adapter=self.reference_adapter, reference=reference, control=control)
+        with self._points.active(call):
+            if self.is_motion:
+                noise = self.unet(latents.to(dtype), timestep, encoder_hidden_states=text_embeds).sample
+            else:
+                sample = _frames_to_batch(latents.to(dtype))
+                timestep = _batched_timestep(timestep, b, frames)
+                noise = self.unet(sample, timestep, encoder_hidden_states=text_embeds).sample
+                noise = noise.reshape(b, frames, *noise.shape[1:]).transpose(1, 2)
+        return noise
+
+
+def motion_unet(unet: UNet2DConditionModel, motion_adapter: MotionAdapter) -> UNetMotionModel:
+    """The AnimateDiff motion UNet built around `unet`'s own parameters and the
+    adapter's motion modules: nothing is copied, so stage 1 and stage 2 share one
+    set of SD1.5 weights in memory (the official code keeps three copies)."""
+    motion_adapter.to(device=unet.device, dtype=unet.dtype)
+    with init_empty_weights(include_buffers=False):
+        model = UNetMotionModel.from_unet2d(unet, motion_adapter, load_weights=False)
+    shared = itertools.chain(
+        unet.named_parameters(), unet.named_buffers(), motion_adapter.named_parameters(), motion_adapter.named_buffers()
+    )
+    target = dict(itertools.chain(model.named_parameters(), model.named_buffers()))
+    for name, tensor in shared:
+        if name not in target:
+            raise ValueError(f"motion UNet has no tensor {name!r}; the motion adapter does not fit this UNet")
+        if target[name].shape != tensor.shape:
+            raise ValueError(
+                f"motion UNet tensor {name!r} has shape {tuple(target[name].shape)}, "
+                f"the weights {tuple(tensor.shape)}; the motion adapter does not fit this UNet"
+            )
+        owner_name, _, leaf = name.rpartition(".")
+        owner = model.get_submodule(owner_name)
+        if isinstance(tensor, nn.Parameter):
+            owner._parameters[leaf] = tensor
+        else:
+            owner._buffers[leaf] = tensor
+        del target[name]
+    missing = [name for name, tensor in target.items() if tensor.is_meta]
+    if missing:
+        raise ValueError(f"motion UNet tensors not found in the UNet or motion adapter: {', '.join(missing[:5])}")
+    return model.to(unet.device)
