@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import contextlib
 import platform
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.table import Table
 
 from . import __version__
 from .errors import HellomemeError
+from .progress import ProgressCallback, ProgressEvent
 
 app = typer.Typer(
     name="hellomeme",
@@ -18,7 +24,25 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+weights_app = typer.Typer(help="List, download, verify and import model weights.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
 console = Console(stderr=True)
+out = Console()
+
+
+@contextlib.contextmanager
+def _progress_bars() -> Iterator[ProgressCallback]:
+    """One rich progress bar per task the library reports."""
+    columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(), TimeRemainingColumn()]
+    with Progress(*columns, console=console, transient=False) as bars:
+        tasks: dict[str, int] = {}
+
+        def report(event: ProgressEvent) -> None:
+            if event.task not in tasks:
+                tasks[event.task] = bars.add_task(event.task, total=event.total)
+            bars.update(tasks[event.task], completed=event.completed, total=event.total)
+
+        yield report
 
 
 def _print_version(value: bool) -> None:
@@ -50,6 +74,90 @@ def info() -> None:
     if torch.backends.mps.is_available():
         devices.append("mps")
     print(f"devices     {', '.join(devices + ['cpu'])}")
+
+
+def _cache():
+    from .weights import WeightCache
+
+    return WeightCache()
+
+
+@weights_app.command("list")
+def weights_list() -> None:
+    """Show every component, where it comes from, and its state in the cache."""
+    cache = _cache()
+    states: dict[str, list[str]] = {}
+    for state in cache.states():
+        states.setdefault(state.component, []).append(state.state)
+    table = Table(title=f"weights in {cache.home}")
+    for column in ("component", "state", "files", "source", "needed for"):
+        table.add_column(column)
+    for name, component in cache.lock.items():
+        found = states[name]
+        state = "ok" if all(s == "ok" for s in found) else "missing" if all(s == "missing" for s in found) else "incomplete"
+        present = sum(s == "ok" for s in found)
+        table.add_row(name, state, f"{present}/{len(found)}", component.source, ", ".join(component.needed_for))
+    out.print(table)
+
+
+@weights_app.command("fetch")
+def weights_fetch(
+    names: Annotated[list[str] | None, typer.Argument(help="Components to fetch (default: all).")] = None,
+) -> None:
+    """Download missing components (resumable, sha256-checked before use)."""
+    cache = _cache()
+    for name in names or []:
+        cache.component(name)
+    with _progress_bars() as report:
+        cache.fetch(names or None, progress=report)
+    out.print(f"weights ready in {cache.home}")
+
+
+@weights_app.command("verify")
+def weights_verify(
+    names: Annotated[list[str] | None, typer.Argument(help="Components to check (default: all).")] = None,
+) -> None:
+    """Re-hash the cache and name every missing or corrupt file."""
+    cache = _cache()
+    bad = [s for s in cache.states(names or None, rehash=True) if s.state in ("missing", "corrupt")]
+    for state in bad:
+        out.print(f"{state.state:8s} {cache.path(state.component) / state.path} {state.detail}".rstrip(), highlight=False)
+    if bad:
+        raise HellomemeError(f"{len(bad)} file(s) missing or corrupt in {cache.home}")
+    out.print(f"all weights in {cache.home} verified")
+
+
+@weights_app.command("import")
+def weights_import(
+    source: Annotated[Path, typer.Argument(help="A file or a folder of files obtained elsewhere.")],
+) -> None:
+    """Add weight files obtained elsewhere (air-gapped machines), checked against the lock."""
+    imported = _cache().import_path(source)
+    for state in imported:
+        out.print(f"imported {state.component}/{state.path}", highlight=False)
+
+
+@weights_app.command("lock")
+def weights_lock() -> None:
+    """Resolve revisions to commit ids and record every file's sha256 (needs the network)."""
+    from .weights import LOCK_PATH, read_lock, resolve_lock, write_lock
+
+    with _progress_bars() as report:
+        resolved = resolve_lock(read_lock(), progress=report)
+    write_lock(resolved, LOCK_PATH.resolve())
+    out.print(f"wrote {LOCK_PATH.resolve()}")
+
+
+@weights_app.command("make-tiny")
+def weights_make_tiny(
+    folder: Annotated[Path, typer.Argument(help="Cache folder to write, used later as HELLOMEME_HOME.")],
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+) -> None:
+    """Write tiny random-weight versions of every network in the layout of a real download."""
+    from .tiny import make_tiny
+
+    make_tiny(folder, seed=seed)
+    out.print(f"tiny weights in {folder}; add the face model with `HELLOMEME_HOME={folder} hellomeme weights import FILE`")
 
 
 def main() -> None:

@@ -1,0 +1,154 @@
+"""Tiny random-weight versions of every downloadable network, written in exactly the
+layout of a real download, so the real loading code runs offline in tests and CI
+(`hellomeme weights make-tiny DIR`, then `HELLOMEME_HOME=DIR hellomeme ...`)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet2DConditionModel
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+from .models import FanEncoder, HMControlNet, HMControlNet2, HMReferenceAdapter
+from .progress import ProgressCallback, ProgressEvent, no_progress
+from .weights import WeightCache
+
+BLOCK_OUT_CHANNELS = (32, 64, 64, 64)
+CONTROL_CHANNELS = (16, 32, 64, 64)  # control level i feeds UNet down block i
+TEXT_DIM = 32
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+TINY_COMPONENTS = ("sd15", "hm_reference", "hm_control", "hm_control2", "hm_animatediff_frame12", "image_encoder", "pd_fgc_motion")
+
+
+def _randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the zero-initialised layers (output projections) random values too, so every path contributes."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.02)
+    return model
+
+
+def _unet() -> UNet2DConditionModel:
+    return UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=BLOCK_OUT_CHANNELS,
+        layers_per_block=2,
+        cross_attention_dim=TEXT_DIM,
+        attention_head_dim=8,
+        norm_num_groups=32,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+
+
+def _vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(32, 32, 64, 64),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=512,
+    )
+
+
+def _write_tokenizer(folder: Path) -> int:
+    """A byte-level CLIP tokenizer with no merges, in the four files of the SD1.5
+    tokenizer folder, written locally; returns its vocabulary size."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    symbols = list(bytes_to_unicode().values())
+    vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols] + [BOS, EOS])}
+    special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "special_tokens_map.json").write_text(json.dumps(special))
+    config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
+    (folder / "tokenizer_config.json").write_text(json.dumps(config))
+    return len(vocab)
+
+
+def _text_encoder(vocab_size: int) -> CLIPTextModel:
+    config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_DIM,
+        intermediate_size=37,
+        num_attention_heads=4,
+        num_hidden_layers=2,
+        max_position_embeddings=77,
+        projection_dim=TEXT_DIM,
+        bos_token_id=vocab_size - 2,
+        eos_token_id=vocab_size - 1,
+        pad_token_id=vocab_size - 1,
+    )
+    return CLIPTextModel(config)
+
+
+def _image_encoder() -> CLIPVisionModelWithProjection:
+    # projection_dim stays 1024: HMControlNet takes 1024-d face-part embeddings.
+    config = CLIPVisionConfig(
+        hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2, image_size=224, patch_size=32, projection_dim=1024
+    )
+    return CLIPVisionModelWithProjection(config)
+
+
+def _write_sd15(folder: Path) -> None:
+    fp16 = {"variant": "fp16", "safe_serialization": True}
+    _randomize(_unet()).half().save_pretrained(folder / "unet", **fp16)
+    _vae().half().save_pretrained(folder / "vae", **fp16)
+    vocab_size = _write_tokenizer(folder / "tokenizer")
+    _text_encoder(vocab_size).half().save_pretrained(folder / "text_encoder", **fp16)
+    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
+    model_index = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": "0.42.1",
+        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+
+
+def _writers():
+    return {
+        "sd15": _write_sd15,
+        "hm_reference": lambda d: _randomize(HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS)).save_pretrained(d),
+        "hm_control": lambda d: _randomize(
+            HMControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS)
+        ).save_pretrained(d),
+        "hm_control2": lambda d: _randomize(
+            HMControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS)
+        ).save_pretrained(d),
+        "hm_animatediff_frame12": lambda d: _randomize(
+            MotionAdapter(
+                block_out_channels=BLOCK_OUT_CHANNELS,
+                motion_layers_per_block=2,
+                motion_norm_num_groups=32,
+                motion_num_attention_heads=8,
+                motion_max_seq_length=32,
+                use_motion_mid_block=True,
+            )
+        ).save_pretrained(d),
+        "image_encoder": lambda d: _image_encoder().save_pretrained(d),
+        # The PD-FGC encoder's layout is fixed by its 224x224 input; it is small (8.5 M values).
+        "pd_fgc_motion": lambda d: FanEncoder().half().save_pretrained(d),
+    }
+
+
+def make_tiny(home: Path, seed: int = 0, progress: ProgressCallback = no_progress) -> WeightCache:
+    """Write every tiny component into the cache at `home` and record their hashes."""
+    cache = WeightCache(home)
+    torch.manual_seed(seed)
+    for done, (name, write) in enumerate(_writers().items()):
+        progress(ProgressEvent("make-tiny", done, len(TINY_COMPONENTS), unit="component"))
+        write(cache.path(name))
+        cache.mark_tiny(name)
+    progress(ProgressEvent("make-tiny", len(TINY_COMPONENTS), len(TINY_COMPONENTS), unit="component"))
+    return cache
