@@ -307,6 +307,10 @@ def _download(url: str, partial: Path, size: int | None, task: str, progress: Pr
                     digest.update(block)
                     have += len(block)
                     progress(ProgressEvent(task, have, total))
+        if total is not None and have < total:
+            raise HellomemeError(
+                f"download of {task} from {url} stopped at {have} of {total} bytes; run the command again to resume"
+            )
     except urllib.error.HTTPError as error:
         if error.code == 416 and size is not None and have == size:  # already complete
             return digest.hexdigest()

@@ -133,6 +133,15 @@ class InjectionPoints:
         return hook
 
 
+def load_folder(cls, folder: str | Path, **kwargs):
+    """`cls.from_pretrained` on a local folder, safetensors only (diffusers would
+    otherwise fall back to unpickling a `.bin`), taking the fp16 file where that is
+    what the folder holds."""
+    folder = Path(folder)
+    fp16_only = not any(folder.glob("*model.safetensors")) and any(folder.glob("*model.fp16.safetensors"))
+    return cls.from_pretrained(folder, use_safetensors=True, variant="fp16" if fp16_only else None, **kwargs)
+
+
 def _has_cross_attention(block: nn.Module) -> bool:
     return bool(getattr(block, "has_cross_attention", False))
 
@@ -155,7 +164,7 @@ class HMReferenceNet(nn.Module):
 
     @classmethod
     def from_pretrained(cls, unet_path: str | Path, **kwargs) -> "HMReferenceNet":
-        return cls(UNet2DConditionModel.from_pretrained(unet_path, **kwargs))
+        return cls(load_folder(UNet2DConditionModel, unet_path, **kwargs))
 
     def forward(self, ref_latents: torch.Tensor, text_embeds: torch.Tensor) -> ReferenceCache:
         """ref_latents (b, 4, h, w) or (b, 4, 1, h, w), already scaled; text_embeds (b, 77, C)."""
@@ -192,10 +201,10 @@ class HMDenoisingNet(nn.Module):
         **kwargs,
     ) -> "HMDenoisingNet":
         """Load the official folders: a diffusers UNet, `hm_reference`, and for stage 2 a `MotionAdapter`."""
-        unet = UNet2DConditionModel.from_pretrained(unet_path, **kwargs)
-        adapter = HMReferenceAdapter.from_pretrained(reference_path, **kwargs) if reference_path else None
+        unet = load_folder(UNet2DConditionModel, unet_path, **kwargs)
+        adapter = load_folder(HMReferenceAdapter, reference_path, **kwargs) if reference_path else None
         if motion_adapter_path:
-            unet = motion_unet(unet, MotionAdapter.from_pretrained(motion_adapter_path, **kwargs))
+            unet = motion_unet(unet, load_folder(MotionAdapter, motion_adapter_path, **kwargs))
         return cls(unet, adapter)
 
     def forward(
