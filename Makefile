@@ -20,6 +20,7 @@ $(VENV)/.installed: pyproject.toml
 demo: install
 	$(BIN)/hellomeme --version
 	$(BIN)/hellomeme info
+	$(BIN)/hellomeme weights list
 
 test: install
 	$(BIN)/python -m pytest
