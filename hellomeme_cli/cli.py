@@ -26,8 +26,8 @@ app = typer.Typer(
 )
 weights_app = typer.Typer(help="List, download, verify and import model weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
-console = Console(stderr=True)
-out = Console()
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -34,3 +35,15 @@ def test_info_names_torch_and_devices():
 def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "hellomeme_cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+def test_bad_input_is_one_red_line_and_exit_code_1(tmp_path):
+    env = {"HELLOMEME_HOME": str(tmp_path / "home")}
+    missing = tmp_path / "nowhere.task"
+    result = subprocess.run(
+        [sys.executable, "-m", "hellomeme_cli", "weights", "import", str(missing)],
+        capture_output=True, text=True, env={**os.environ, **env},
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"error: {missing}: no such file or folder"
+    assert "Traceback" not in result.stderr + result.stdout

@@ -186,7 +186,7 @@ def test_make_tiny_and_imported_face_model_give_a_cache_verify_accepts(tiny_home
     try:
         verified = runner.invoke(app, ["weights", "verify"])
         assert verified.exit_code == 1
-        assert f"corrupt  {corrupt}" in verified.stdout.replace("\n", "")
+        assert f"corrupt  {corrupt} sha256" in verified.stdout
     finally:
         corrupt.write_bytes(original)
 
