@@ -27,6 +27,7 @@ from torch import nn
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
 from .errors import HellomemeError
+from .models.unet import load_folder
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."
@@ -74,11 +75,11 @@ def load_sd15(
     if not (base_dir / "model_index.json").is_file():
         raise HellomemeError(f"{base_dir} is not a diffusers SD1.5 folder (it has no model_index.json)")
     if checkpoint is None:
-        components = _load_folder(base_dir, base_dir, dtype)
+        components = _load_sd15_folder(base_dir, base_dir, dtype)
     else:
         checkpoint = _existing(checkpoint, "checkpoint")
         if checkpoint.is_dir():
-            components = _load_folder(checkpoint, base_dir, dtype)
+            components = _load_sd15_folder(checkpoint, base_dir, dtype)
         else:
             components = _load_single_file(checkpoint, base_dir, dtype)
     if vae is not None:
@@ -172,15 +173,7 @@ def _one_line(err: BaseException) -> str:
     return next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
 
 
-def _weight_variant(folder: Path) -> str | None:
-    """"fp16" when the folder holds only `*.fp16.*` weight files, as the fp16 SD1.5 downloads do."""
-    weights = [p.name for p in folder.glob("*") if p.name.endswith((".safetensors", ".bin", ".index.json"))]
-    if weights and all(".fp16." in name for name in weights):
-        return "fp16"
-    return None
-
-
-def _load_folder(folder: Path, base_dir: Path, dtype: torch.dtype) -> SD15Components:
+def _load_sd15_folder(folder: Path, base_dir: Path, dtype: torch.dtype) -> SD15Components:
     """Each model from `folder`, or from `base_dir` where `folder` lacks it (a fine-tune may ship only unet/)."""
     if not ((folder / "model_index.json").is_file() or (folder / "unet" / "config.json").is_file()):
         raise HellomemeError(f"{folder} is not a diffusers model folder (no model_index.json or unet/config.json)")
@@ -199,9 +192,10 @@ def _load_folder(folder: Path, base_dir: Path, dtype: torch.dtype) -> SD15Compon
 
 
 def _from_pretrained(cls: type[Loadable], folder: Path, dtype: torch.dtype) -> Loadable:
-    kwargs = {} if cls is CLIPTokenizer else {"dtype": dtype, "variant": _weight_variant(folder)}
     try:
-        return cls.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        if cls is CLIPTokenizer:
+            return cls.from_pretrained(str(folder), local_files_only=True)
+        return load_folder(cls, folder, dtype=dtype, local_files_only=True)
     except (OSError, ValueError, RuntimeError) as err:
         raise HellomemeError(f"cannot load {folder}: {_one_line(err)}") from err
 
@@ -355,12 +349,17 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], source: Path, part
     model.load_state_dict({k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}, assign=True)
 
 
+def _empty_like_base(cls: type[Loadable], folder: Path) -> tuple[Loadable, dict]:
+    """A model with the base folder's config and no weights yet (they come from the converted file)."""
+    config = cls.load_config(str(folder))
+    with init_empty_weights():
+        return cls.from_config(config), config
+
+
 def _unet_from_original(
     state: dict[str, torch.Tensor], base_dir: Path, source: Path, dtype: torch.dtype
 ) -> UNet2DConditionModel:
-    config = UNet2DConditionModel.load_config(str(base_dir / "unet"))
-    with init_empty_weights():
-        unet = UNet2DConditionModel.from_config(config)
+    unet, config = _empty_like_base(UNet2DConditionModel, base_dir / "unet")
     _assign(unet, convert_ldm_unet_checkpoint(state, config), source, "UNet", dtype)
     return unet
 
@@ -369,9 +368,7 @@ def _vae_from_original(
     state: dict[str, torch.Tensor], base_dir: Path, source: Path, dtype: torch.dtype
 ) -> AutoencoderKL:
     """Original layout, with or without the `first_stage_model.` prefix, or diffusers layout."""
-    config = AutoencoderKL.load_config(str(base_dir / "vae"))
-    with init_empty_weights():
-        vae = AutoencoderKL.from_config(config)
+    vae, config = _empty_like_base(AutoencoderKL, base_dir / "vae")
     if any(".down_blocks." in key or ".up_blocks." in key for key in state):
         converted = state
     else:

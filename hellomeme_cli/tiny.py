@@ -31,20 +31,21 @@ def _randomize(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _unet() -> UNet2DConditionModel:
+def tiny_unet(layers_per_block: int = 2, cross_attention_blocks: int = 3) -> UNet2DConditionModel:
+    """Cross-attention blocks first, then one plain block, as in SD1.5 (which has 3 + 1)."""
     return UNet2DConditionModel(
         sample_size=64,
-        block_out_channels=BLOCK_OUT_CHANNELS,
-        layers_per_block=2,
+        block_out_channels=BLOCK_OUT_CHANNELS[: cross_attention_blocks + 1],
+        layers_per_block=layers_per_block,
         cross_attention_dim=TEXT_DIM,
         attention_head_dim=8,
         norm_num_groups=32,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        down_block_types=("CrossAttnDownBlock2D",) * cross_attention_blocks + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * cross_attention_blocks,
     )
 
 
-def _vae() -> AutoencoderKL:
+def tiny_vae() -> AutoencoderKL:
     return AutoencoderKL(
         block_out_channels=(32, 32, 64, 64),
         down_block_types=("DownEncoderBlock2D",) * 4,
@@ -57,16 +58,16 @@ def _vae() -> AutoencoderKL:
 
 
 def _write_tokenizer(folder: Path) -> int:
-    """A byte-level CLIP tokenizer with no merges, in the four files of the SD1.5
-    tokenizer folder, written locally; returns its vocabulary size."""
+    """A byte-level CLIP tokenizer with one merge ("h i</w>" -> "hi</w>"), in the four
+    files of the SD1.5 tokenizer folder, written locally; returns its vocabulary size."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
 
     symbols = list(bytes_to_unicode().values())
-    vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols] + [BOS, EOS])}
+    vocab = {token: i for i, token in enumerate(symbols + [s + "</w>" for s in symbols] + ["hi</w>", BOS, EOS])}
     special = {"bos_token": BOS, "eos_token": EOS, "pad_token": EOS, "unk_token": EOS}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n")
+    (folder / "merges.txt").write_text("#version: 0.2\nh i</w>\n")
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
     config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": 77, "do_lower_case": True, **special}
     (folder / "tokenizer_config.json").write_text(json.dumps(config))
@@ -97,12 +98,14 @@ def _image_encoder() -> CLIPVisionModelWithProjection:
     return CLIPVisionModelWithProjection(config)
 
 
-def _write_sd15(folder: Path) -> None:
-    fp16 = {"variant": "fp16", "safe_serialization": True}
-    _randomize(_unet()).half().save_pretrained(folder / "unet", **fp16)
-    _vae().half().save_pretrained(folder / "vae", **fp16)
+def write_sd15(folder: Path, variant: str | None = "fp16", **unet_shape: int) -> Path:
+    """A complete diffusers SD1.5 folder; variant "fp16" writes half weights under the
+    `.fp16.` file names of the official download, None full weights under plain names."""
+    dtype = torch.float16 if variant == "fp16" else torch.float32
     vocab_size = _write_tokenizer(folder / "tokenizer")
-    _text_encoder(vocab_size).half().save_pretrained(folder / "text_encoder", **fp16)
+    models = {"unet": _randomize(tiny_unet(**unet_shape)), "vae": tiny_vae(), "text_encoder": _text_encoder(vocab_size)}
+    for name, model in models.items():
+        model.to(dtype).save_pretrained(folder / name, variant=variant, safe_serialization=True)
     EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
     model_index = {
         "_class_name": "StableDiffusionPipeline",
@@ -114,11 +117,12 @@ def _write_sd15(folder: Path) -> None:
         "vae": ["diffusers", "AutoencoderKL"],
     }
     (folder / "model_index.json").write_text(json.dumps(model_index, indent=2))
+    return folder
 
 
 def _writers():
     return {
-        "sd15": _write_sd15,
+        "sd15": write_sd15,
         "hm_reference": lambda d: _randomize(HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS)).save_pretrained(d),
         "hm_control": lambda d: _randomize(
             HMControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from hellomeme_cli.checkpoints import SD15Components, load_sd15, parse_lora_option, save_original_layout
 from hellomeme_cli.errors import HellomemeError
-from tiny_sd15 import tiny_vae, write_tiny_sd15
+from hellomeme_cli.tiny import tiny_vae, write_sd15
 
 UNET_LAYERS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.1.attentions.1.proj_out")
 TEXT_LAYER = "encoder.layers.1.self_attn.v_proj"
@@ -59,6 +59,12 @@ def single_file(fine_tune, tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("civitai") / "fine_tune.safetensors"
     save_original_layout(fine_tune, path)
     return path
+
+
+def write_tiny_sd15(folder: Path, seed: int = 0, variant: str | None = None, **unet_shape: int) -> Path:
+    """A tiny SD1.5 folder whose weights depend on `seed` only (full precision unless a variant is asked)."""
+    torch.manual_seed(seed)
+    return write_sd15(folder, variant=variant, **unet_shape)
 
 
 def outputs(components: SD15Components) -> dict[str, torch.Tensor]:
