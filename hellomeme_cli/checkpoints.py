@@ -83,7 +83,7 @@ def load_sd15(
         else:
             components = _load_single_file(checkpoint, base_dir, dtype)
     if vae is not None:
-        components.vae = _load_vae(_existing(vae, "VAE"), base_dir, dtype)
+        components.vae = load_vae(vae, base_dir, dtype)
     for lora, scale in loras:
         fuse_lora(components, _existing(lora, "LoRA"), scale)
     for model in (components.unet, components.vae, components.text_encoder):
@@ -394,7 +394,9 @@ def _text_encoder_from_original(
     return text_encoder
 
 
-def _load_vae(path: Path, base_dir: Path, dtype: torch.dtype) -> AutoencoderKL:
+def load_vae(path: str | Path, base_dir: Path, dtype: torch.dtype) -> AutoencoderKL:
+    """A VAE from a diffusers folder (or a model folder's vae/) or an original-layout file."""
+    path = _existing(path, "VAE")
     if path.is_dir():
         folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
         return _from_pretrained(AutoencoderKL, folder, dtype)

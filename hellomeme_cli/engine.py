@@ -1,0 +1,212 @@
+"""The models stage: every network a run needs, loaded once from the weight cache (plus a
+user's checkpoint, VAE and LoRAs) onto one device, so a batch of clips reuses them.
+
+Checkpoint swapping follows the official "x1" recipe (`append_pipline_weights`): the
+HelloMeme modules were trained against SD1.5, so the reference net, its text encoder and
+the reference-image VAE encoder stay base SD1.5; LoRAs go into the stage-1 and stage-2
+UNets and the prompt's text encoder; a swapped checkpoint replaces the stage-2 (motion)
+UNet, and its VAE (or `--vae`) decodes the frames. With none of these, one SD1.5 UNet
+serves the reference net and both stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, MotionAdapter
+from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
+
+from .checkpoints import load_sd15, load_vae
+from .errors import HellomemeError
+from .models import FanEncoder, HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
+from .models.unet import load_folder
+from .progress import ProgressCallback, ProgressEvent, no_progress
+from .weights import WeightCache
+
+# The prompt the official v1 scripts give every clip; a user's prompt is put before it.
+DEFAULT_PROMPT = (
+    "(best quality), highly detailed, ultra-detailed, headshot, person, well-placed five sense organs, "
+    "looking at the viewer, centered composition, sharp focus, realistic skin texture"
+)
+CONTROLS = ("blendshapes", "pdfgc")
+_CONTROL_COMPONENTS = {"blendshapes": ("hm_control", "image_encoder"), "pdfgc": ("hm_control2", "pd_fgc_motion")}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_CHECKPOINT_PATTERNS = ["model_index.json", "*/*.json", "tokenizer/*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """What to load: the control signal, the base-model swaps, and where to run."""
+
+    control: str = "blendshapes"
+    checkpoint: str | None = None
+    vae: Path | None = None
+    loras: tuple[tuple[Path, float], ...] = ()
+    device: str = "auto"
+    dtype: str = "auto"
+
+
+@dataclasses.dataclass
+class PromptEmbeddings:
+    """(1, 77, C) each: the reference net's (base text encoder) and the denoisers' (LoRAs applied)."""
+
+    reference: torch.Tensor
+    reference_negative: torch.Tensor
+    positive: torch.Tensor
+    negative: torch.Tensor
+
+
+@dataclasses.dataclass
+class HelloMemeModels:
+    tokenizer: CLIPTokenizer
+    reference_text_encoder: CLIPTextModel
+    text_encoder: CLIPTextModel
+    reference_net: HMReferenceNet
+    denoiser_2d: HMDenoisingNet
+    denoiser_motion: HMDenoisingNet
+    control_net: HMControlNet | HMControlNet2
+    vae_encoder: AutoencoderKL
+    vae_decoder: AutoencoderKL
+    image_encoder: CLIPVisionModelWithProjection | None
+    fan_encoder: FanEncoder | None
+    control: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt: str = "", negative_prompt: str = "") -> PromptEmbeddings:
+        text = f"{prompt}, {DEFAULT_PROMPT}" if prompt else DEFAULT_PROMPT
+
+        def encode(encoder: CLIPTextModel, value: str) -> torch.Tensor:
+            ids = self.tokenizer(
+                [value], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+            ).input_ids
+            return encoder(ids.to(self.device))[0]
+
+        return PromptEmbeddings(
+            reference=encode(self.reference_text_encoder, text),
+            reference_negative=encode(self.reference_text_encoder, negative_prompt),
+            positive=encode(self.text_encoder, text),
+            negative=encode(self.text_encoder, negative_prompt),
+        )
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU; a named device must exist."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise HellomemeError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from err
+    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
+        raise HellomemeError(f"device {name!r} is not available here (CUDA GPUs: {torch.cuda.device_count()})")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise HellomemeError("device 'mps' is not available here")
+    return device
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    """`auto`: float16 on a GPU (the released weights are float16), float32 on the CPU."""
+    if name == "auto":
+        return torch.float32 if device.type == "cpu" else torch.float16
+    if name not in _DTYPES:
+        raise HellomemeError(f"unknown dtype {name!r} (use auto, {', '.join(_DTYPES)})")
+    return _DTYPES[name]
+
+
+def required_components(control: str) -> list[str]:
+    """Cache components `animate` needs with this control signal."""
+    if control not in CONTROLS:
+        raise HellomemeError(f"unknown control {control!r} (use {' or '.join(CONTROLS)})")
+    return ["sd15", "hm_reference", "hm_animatediff_frame12", *_CONTROL_COMPONENTS[control], "face_landmarker"]
+
+
+def resolve_checkpoint(value: str, cache: WeightCache) -> Path:
+    """A local folder or file as it is; an `owner/name` Hugging Face repo id downloaded (diffusers
+    layout, safetensors only) under the cache's `checkpoints/` folder."""
+    path = Path(value).expanduser()
+    if path.exists():
+        return path
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+        raise HellomemeError(f"checkpoint not found: {value} (give a folder, a .safetensors/.ckpt file or a Hugging Face repo id)")
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(
+            snapshot_download(value, allow_patterns=_CHECKPOINT_PATTERNS, cache_dir=cache.home / "checkpoints")
+        )
+    except Exception as err:  # network, auth, missing repo: all end the run the same way
+        first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise HellomemeError(f"cannot download checkpoint {value} from Hugging Face: {first_line}") from err
+
+
+def load_models(
+    options: ModelOptions, cache: WeightCache | None = None, progress: ProgressCallback = no_progress
+) -> HelloMemeModels:
+    """Check the cache holds everything (before any loading), then load every network."""
+    cache = cache or WeightCache()
+    device = resolve_device(options.device)
+    dtype = resolve_dtype(options.dtype, device)
+    folders = cache.require(required_components(options.control))
+    checkpoint = resolve_checkpoint(options.checkpoint, cache) if options.checkpoint else None
+    steps = ["SD1.5", "LoRAs" if options.loras else None, "checkpoint" if checkpoint else None, "HelloMeme modules"]
+    steps = [step for step in steps if step]
+
+    def loaded(step: str) -> None:
+        progress(ProgressEvent("loading models", steps.index(step) + 1, len(steps), unit="parts"))
+
+    def sd15(**swaps):
+        return load_sd15(folders["sd15"], dtype=dtype, device=device, **swaps)
+
+    base = sd15()
+    loaded("SD1.5")
+    styled = sd15(loras=options.loras) if options.loras else base
+    if options.loras:
+        loaded("LoRAs")
+    if checkpoint:
+        stage2 = sd15(checkpoint=checkpoint, vae=options.vae, loras=options.loras)
+        loaded("checkpoint")
+    else:
+        stage2 = styled
+    vae_decoder = stage2.vae
+    if options.vae and not checkpoint:
+        vae_decoder = load_vae(Path(options.vae), folders["sd15"], dtype).to(device).eval()
+
+    def component(cls, name: str):
+        return load_folder(cls, folders[name], dtype=dtype).to(device).eval()
+
+    adapter = component(HMReferenceAdapter, "hm_reference")
+    motion_adapter = load_folder(MotionAdapter, folders["hm_animatediff_frame12"], dtype=dtype)
+    blendshapes = options.control == "blendshapes"
+    models = HelloMemeModels(
+        tokenizer=base.tokenizer,
+        reference_text_encoder=base.text_encoder,
+        text_encoder=styled.text_encoder,
+        reference_net=HMReferenceNet(base.unet),
+        denoiser_2d=HMDenoisingNet(styled.unet, adapter),
+        denoiser_motion=HMDenoisingNet(motion_unet(stage2.unet, motion_adapter).eval(), adapter),
+        control_net=component(HMControlNet, "hm_control") if blendshapes else component(HMControlNet2, "hm_control2"),
+        vae_encoder=base.vae,
+        vae_decoder=vae_decoder,
+        image_encoder=_image_encoder(folders["image_encoder"], dtype, device) if blendshapes else None,
+        fan_encoder=None if blendshapes else component(FanEncoder, "pd_fgc_motion"),
+        control=options.control,
+        device=device,
+        dtype=dtype,
+    )
+    loaded("HelloMeme modules")
+    return models
+
+
+def _image_encoder(folder: Path, dtype: torch.dtype, device: torch.device) -> CLIPVisionModelWithProjection:
+    try:
+        return load_folder(CLIPVisionModelWithProjection, folder, dtype=dtype).to(device).eval()
+    except (OSError, ValueError) as err:
+        raise HellomemeError(f"cannot load the CLIP image encoder from {folder}: {err}") from err
+
