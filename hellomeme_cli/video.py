@@ -1,0 +1,429 @@
+"""Video and image io through the ffmpeg binary that imageio-ffmpeg ships: exact frame counts, atomic writes.
+
+Reading decodes with `-fps_mode passthrough`, so every coded frame comes out once (none dropped or
+duplicated to fit a nominal rate), with the container's rotation applied. Writing streams RGB frames
+into ffmpeg's stdin and encodes H.264 (yuv420p, BT.709) at the exact rational rate, one output frame
+per input frame, optionally muxing another file's audio trimmed or padded to the video's length.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import errno
+import itertools
+import os
+import re
+import secrets
+import subprocess
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from fractions import Fraction
+from pathlib import Path
+
+import cv2
+import imageio_ffmpeg
+import numpy as np
+
+from .errors import HellomemeError
+from .progress import ProgressCallback, ProgressEvent, no_progress
+
+# Visually near-lossless for x264; generated frames are worth keeping at this quality.
+VIDEO_CRF = 18
+AUDIO_BITRATE = "192k"
+# Convert and tag explicitly, so players do not guess between BT.601 and BT.709 from the frame size.
+TO_BT709_YUV420P = (
+    "scale=out_color_matrix=bt709:out_range=tv,format=yuv420p,"
+    "setparams=colorspace=bt709:color_primaries=bt709:color_trc=bt709:range=tv"
+)
+VIDEO_SUFFIXES = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
+# Formats ffmpeg opens still images with: a .jpg handed in as a clip is a mistake worth naming.
+IMAGE_FORMATS = re.compile(r"^(image2|\w+_pipe)$")
+# Rates that ffmpeg prints rounded; fractions with a denominator up to this are kept exactly.
+MAX_RATE_DENOMINATOR = 100_000
+
+
+@dataclasses.dataclass(frozen=True)
+class VideoInfo:
+    """What a clip holds. width/height are as displayed (after rotation); duration = frame_count / fps.
+
+    rotation: degrees counter-clockwise the stored frames are turned for display (ffmpeg's display matrix).
+    rate: the exact frame rate (fps is its float value). tags: the container's metadata.
+    """
+
+    path: Path
+    width: int
+    height: int
+    fps: float
+    frame_count: int
+    duration: float
+    rotation: int
+    has_audio: bool
+    rate: Fraction = Fraction(0)
+    tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Header:
+    """What one short ffmpeg run tells about a file: the header, and the first video frame's size and rate."""
+
+    container: str
+    has_video: bool
+    has_audio: bool
+    rate: Fraction | None
+    size: tuple[int, int] | None
+    rotation: int
+    tags: dict[str, str]
+
+
+def ffmpeg_exe() -> str:
+    return imageio_ffmpeg.get_ffmpeg_exe()
+
+
+def probe_video(path: Path) -> VideoInfo:
+    """Size, exact rate, exact frame count (by decoding the whole clip), rotation and audio of a clip."""
+    path = Path(path)
+    header = _video_header(path)
+    frame_count = _count_frames(path)
+    return VideoInfo(
+        path=path,
+        width=header.size[0],
+        height=header.size[1],
+        fps=float(header.rate),
+        frame_count=frame_count,
+        duration=frame_count / float(header.rate),
+        rotation=header.rotation,
+        has_audio=header.has_audio,
+        rate=header.rate,
+        tags=header.tags,
+    )
+
+
+def read_frames(path: Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
+    """The clip's frames as RGB uint8 (H, W, 3), decoded one at a time, rotation applied, none dropped.
+
+    The file is checked before this returns; decoding errors surface while iterating.
+    """
+    path = Path(path)
+    width, height = _video_header(path).size
+    return _decode(path, width, height, max_frames)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An image as RGB uint8 (H, W, 3): EXIF orientation applied, transparency composited onto white."""
+    path = Path(path)
+    _require_file(path)
+    try:
+        data = np.fromfile(path, np.uint8)
+    except OSError as error:
+        raise HellomemeError(f"{path}: cannot read ({error.strerror})") from None
+    image = cv2.imdecode(data, cv2.IMREAD_COLOR_RGB) if data.size else None
+    if image is None:
+        raise HellomemeError(f"{path}: not an image, or a corrupt one")
+    unchanged = cv2.imdecode(data, cv2.IMREAD_UNCHANGED)
+    if unchanged.ndim == 3 and unchanged.shape[2] == 4:
+        image = _composite_on_white(unchanged)
+    return image
+
+
+def write_video(
+    frames: Iterable[np.ndarray],
+    path: Path,
+    fps: float | Fraction,
+    *,
+    audio_from: Path | None = None,
+    metadata: Mapping[str, str] | None = None,
+    force: bool = False,
+    protect: Iterable[Path] = (),
+    progress: ProgressCallback = no_progress,
+    total: int | None = None,
+) -> Path:
+    """Encode RGB uint8 frames to an H.264 mp4 at `fps`, one output frame per frame given; returns `path`.
+
+    The audio of `audio_from` (if it has any) is muxed as AAC, cut or padded with silence to the video's
+    length. Odd widths/heights are padded to even (yuv420p needs it) by repeating the last column/row.
+    The file appears only when ffmpeg succeeded: it is written to a temporary file beside `path` first.
+    """
+    path = Path(path)
+    muxer = VIDEO_SUFFIXES.get(path.suffix.lower())
+    if muxer is None:
+        raise HellomemeError(f"{path}: videos are written as {', '.join(VIDEO_SUFFIXES)}, not {path.suffix or 'no extension'}")
+    inputs = [*protect, *([audio_from] if audio_from is not None else [])]
+    _check_destination(path, force, inputs)
+    rate = _exact_rate(fps)
+    with_audio = audio_from is not None and _header(Path(audio_from)).has_audio
+    frames = iter(frames)
+    first = next(frames, None)
+    if first is None:
+        raise HellomemeError(f"{path}: no frames to write")
+    _check_frame(path, 0, first, first.shape)
+    height, width = _even(first.shape[0]), _even(first.shape[1])
+
+    command = [ffmpeg_exe(), "-y", "-nostdin", "-v", "error"]
+    command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(rate), "-i", "pipe:0"]
+    if with_audio:
+        command += ["-i", str(audio_from), "-map", "0:v:0", "-map", "1:a:0"]
+        command += ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", "apad", "-shortest"]
+    command += ["-fps_mode", "passthrough", "-vf", TO_BT709_YUV420P]
+    command += ["-c:v", "libx264", "-crf", str(VIDEO_CRF), "-preset", "medium"]
+    command += ["-movflags", "+faststart+use_metadata_tags"]
+    for key, value in (metadata or {}).items():
+        command += ["-metadata", f"{key}={value}"]
+
+    temporary = _temporary_beside(path)
+    command += ["-f", muxer, str(temporary)]
+    try:
+        with tempfile.TemporaryFile() as errors:
+            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
+            try:
+                _feed(process, path, first, frames, progress, total)
+                with contextlib.suppress(BrokenPipeError):
+                    process.stdin.close()
+                process.wait()
+            finally:
+                if process.poll() is None:
+                    process.kill()
+                    process.wait()
+            if process.returncode != 0:
+                raise _ffmpeg_failure(path, _tail(errors))
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_image(image: np.ndarray, path: Path, force: bool = False, protect: Iterable[Path] = ()) -> Path:
+    """Save an RGB uint8 image (format from the extension) atomically; returns `path`."""
+    path = Path(path)
+    _check_destination(path, force, protect)
+    try:
+        ok, encoded = cv2.imencode(path.suffix, np.ascontiguousarray(image[..., ::-1]))
+    except cv2.error:
+        ok = False
+    if not ok:
+        raise HellomemeError(f"{path}: cannot write an image with extension {path.suffix or '(none)'}")
+    temporary = _temporary_beside(path)
+    try:
+        with temporary.open("xb") as file:
+            file.write(encoded.tobytes())
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise HellomemeError(f"{path}: disk full (no space left on device)") from None
+        raise
+    return path
+
+
+# -- reading -----------------------------------------------------------------
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise HellomemeError(f"{path}: no such file")
+    if path.is_dir():
+        raise HellomemeError(f"{path}: is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise HellomemeError(f"{path}: cannot read (permission denied)")
+
+
+def _header(path: Path) -> _Header:
+    """Run ffmpeg on the file's first video frame (through `showinfo`) and parse what it prints."""
+    _require_file(path)
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)]
+    command += ["-map", "0:V:0?", "-vf", "showinfo", "-frames:v", "1", "-f", "null", "-"]
+    text = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, text=True, errors="replace").stderr
+    opened = re.search(r"^Input #0, ([^,]+)", text, re.MULTILINE)
+    if opened is None:
+        reason = _last_line(text).rpartition(": ")[2]
+        raise HellomemeError(f"{path}: not a video or audio file ffmpeg can read ({reason or 'no message'})")
+    input_part = text.split("Stream mapping:")[0].split("Output #0")[0]
+    streams = re.findall(r"^\s*Stream #0:\d+\S*: (Video|Audio): (.*)$", input_part, re.MULTILINE)
+    has_video = any(kind == "Video" and "(attached pic)" not in rest for kind, rest in streams)
+    rate = size = None
+    if config := re.search(r"config in time_base: \S+, frame_rate: (\d+)/(\d+)", text):
+        numerator, denominator = int(config[1]), int(config[2])
+        rate = Fraction(numerator, denominator) if numerator and denominator else None
+    if rate is None and (printed := re.search(r", ([\d.]+)(k?) (fps|tbr)", input_part)):
+        rate = _exact_rate(float(printed[1]) * (1000 if printed[2] else 1))
+    if frame := re.search(r"\] n:\s*0 .* s:(\d+)x(\d+)", text):
+        size = (int(frame[1]), int(frame[2]))
+    rotation = 0
+    if turned := re.search(r"rotation of (-?[\d.]+) degrees", input_part):
+        rotation = round(float(turned[1])) % 360
+    return _Header(
+        container=opened[1],
+        has_video=has_video,
+        has_audio=any(kind == "Audio" for kind, _ in streams),
+        rate=rate,
+        size=size,
+        rotation=rotation,
+        tags=_container_tags(input_part),
+    )
+
+
+def _video_header(path: Path) -> _Header:
+    header = _header(path)
+    if IMAGE_FORMATS.match(header.container):
+        raise HellomemeError(f"{path}: is an image, not a video")
+    if not header.has_video:
+        raise HellomemeError(f"{path}: has no video stream")
+    if header.size is None:
+        raise HellomemeError(f"{path}: the video has no frames, or its first frame cannot be decoded")
+    if not header.rate:
+        raise HellomemeError(f"{path}: the video does not say its frame rate")
+    return header
+
+
+def _container_tags(input_part: str) -> dict[str, str]:
+    """The `Metadata:` block right under `Input #0` (two-space indent), not the streams' own blocks."""
+    block = re.search(r"^  Metadata:\n((?:    .*\n)+)", input_part, re.MULTILINE)
+    if block is None:
+        return {}
+    tags = {}
+    for line in block[1].splitlines():
+        key, _, value = line.strip().partition(":")
+        tags[key.strip()] = value.strip()
+    return tags
+
+
+def _count_frames(path: Path) -> int:
+    command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:V:0", "-fps_mode", "passthrough"]
+    command += ["-f", "null", "-", "-progress", "pipe:1", "-nostats"]
+    result = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, text=True, errors="replace")
+    _raise_on_decode_errors(path, result.returncode, result.stderr)
+    counts = re.findall(r"^frame=(\d+)$", result.stdout, re.MULTILINE)
+    frame_count = int(counts[-1]) if counts else 0
+    if frame_count == 0:
+        raise HellomemeError(f"{path}: the video has no frames")
+    return frame_count
+
+
+def _raise_on_decode_errors(path: Path, returncode: int, errors: str) -> None:
+    """A clip that decodes with errors (cut short, damaged) is refused rather than used in part."""
+    if returncode != 0 or errors.strip():
+        raise HellomemeError(f"{path}: corrupt or truncated video (ffmpeg: {_last_line(errors) or f'exit {returncode}'})")
+
+
+def _decode(path: Path, width: int, height: int, max_frames: int | None) -> Iterator[np.ndarray]:
+    command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:V:0", "-fps_mode", "passthrough"]
+    if max_frames is not None:
+        command += ["-frames:v", str(max_frames)]
+    command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+    frame_bytes = width * height * 3
+    with tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
+        try:
+            count = 0
+            while True:
+                frame = np.empty((height, width, 3), np.uint8)
+                received = process.stdout.readinto(memoryview(frame).cast("B"))
+                if received == 0:
+                    break
+                if received < frame_bytes:
+                    raise HellomemeError(f"{path}: corrupt video (frame {count} is cut short)")
+                count += 1
+                yield frame
+            process.wait()
+            _raise_on_decode_errors(path, process.returncode, _tail(errors))
+            if count == 0:
+                raise HellomemeError(f"{path}: the video has no frames")
+        finally:
+            process.stdout.close()
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+
+
+def _composite_on_white(bgra: np.ndarray) -> np.ndarray:
+    scale = float(np.iinfo(bgra.dtype).max)
+    colour = bgra[..., 2::-1].astype(np.float32) / scale
+    alpha = bgra[..., 3:].astype(np.float32) / scale
+    return np.rint((colour * alpha + (1.0 - alpha)) * 255.0).astype(np.uint8)
+
+
+# -- writing -----------------------------------------------------------------
+
+
+def _check_destination(path: Path, force: bool, protect: Iterable[Path]) -> None:
+    for protected in protect:
+        if _same_path(path, Path(protected)):
+            raise HellomemeError(f"{path}: refusing to write over an input file")
+    if not path.parent.is_dir():
+        raise HellomemeError(f"{path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise HellomemeError(f"{path}: is a folder")
+    if path.exists() and not force:
+        raise HellomemeError(f"{path}: already exists (use --force to overwrite it)")
+
+
+def _temporary_beside(path: Path) -> Path:
+    """A fresh hidden name in the destination's folder (so the final rename is atomic); the file is
+    created by whoever writes it, with the user's usual permissions."""
+    return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.partial{path.suffix}")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()
+
+
+def _exact_rate(fps: float | Fraction) -> Fraction:
+    rate = Fraction(fps).limit_denominator(MAX_RATE_DENOMINATOR)
+    if rate <= 0:
+        raise HellomemeError(f"frame rate must be positive, not {fps}")
+    return rate
+
+
+def _even(n: int) -> int:
+    return n + n % 2
+
+
+def _check_frame(path: Path, index: int, frame: np.ndarray, shape: tuple[int, ...]) -> None:
+    if not isinstance(frame, np.ndarray) or frame.dtype != np.uint8 or frame.ndim != 3 or frame.shape[2] != 3:
+        described = f"{frame.dtype} {frame.shape}" if isinstance(frame, np.ndarray) else type(frame).__name__
+        raise HellomemeError(f"{path}: frame {index} is {described}, not RGB uint8 (H, W, 3)")
+    if frame.shape != shape:
+        raise HellomemeError(f"{path}: frame {index} is {frame.shape[1]}x{frame.shape[0]}, frame 0 was {shape[1]}x{shape[0]}")
+
+
+def _feed(
+    process: subprocess.Popen,
+    path: Path,
+    first: np.ndarray,
+    rest: Iterator[np.ndarray],
+    progress: ProgressCallback,
+    total: int | None,
+) -> None:
+    """Write every frame to ffmpeg's stdin; stops quietly if ffmpeg died (its exit code says why)."""
+    for index, frame in enumerate(itertools.chain([first], rest)):
+        _check_frame(path, index, frame, first.shape)
+        if frame.shape[0] % 2 or frame.shape[1] % 2:
+            frame = np.pad(frame, ((0, frame.shape[0] % 2), (0, frame.shape[1] % 2), (0, 0)), mode="edge")
+        try:
+            process.stdin.write(np.ascontiguousarray(frame).data)
+        except BrokenPipeError:
+            return
+        progress(ProgressEvent("writing", index + 1, total, unit="frames"))
+
+
+def _ffmpeg_failure(path: Path, errors: str) -> HellomemeError:
+    if "No space left on device" in errors:
+        return HellomemeError(f"{path}: disk full (no space left on device)")
+    return HellomemeError(f"{path}: ffmpeg failed ({_last_line(errors) or 'no message'})")
+
+
+def _tail(file) -> str:
+    """The last few KiB ffmpeg wrote to a temporary stderr file."""
+    file.seek(0, os.SEEK_END)
+    file.seek(max(0, file.tell() - 8192))
+    return file.read().decode(errors="replace")
+
+
+def _last_line(text: str) -> str:
+    """ffmpeg's last message, without its `[component @ 0x...]` prefixes."""
+    lines = [re.sub(r"^(\[[^\]]*\]\s*)+", "", line).strip() for line in text.splitlines()]
+    lines = [line for line in lines if line]
+    return lines[-1] if lines else ""
