@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .progress import ProgressCallback, ProgressEvent, no_progress
-from .tracking import FaceTrack
+from .tracking import BLENDSHAPE_NAMES, FaceTrack
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionModelWithProjection
@@ -54,39 +54,6 @@ POSE_LINE_WIDTH = 15
 # of POSE_SQUARE_HALF_SIDE, y up: left edge green, top blue, right red, bottom magenta.
 POSE_SQUARE_CORNERS = np.array([[-1, -1, 0], [-1, 1, 0], [1, 1, 0], [1, -1, 0]], dtype=np.float64)
 POSE_EDGES = (((0, 255, 0), 0, 1), ((0, 0, 255), 1, 2), ((255, 0, 0), 2, 3), ((255, 0, 255), 3, 0))
-
-# --- expression coefficients ---------------------------------------------------------------
-
-# MediaPipe's blendshape categories, in the order its model outputs them.
-MEDIAPIPE_BLENDSHAPES = (
-    "_neutral", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft", "browOuterUpRight",
-    "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "eyeBlinkLeft", "eyeBlinkRight",
-    "eyeLookDownLeft", "eyeLookDownRight", "eyeLookInLeft", "eyeLookInRight", "eyeLookOutLeft",
-    "eyeLookOutRight", "eyeLookUpLeft", "eyeLookUpRight", "eyeSquintLeft", "eyeSquintRight",
-    "eyeWideLeft", "eyeWideRight", "jawForward", "jawLeft", "jawOpen", "jawRight", "mouthClose",
-    "mouthDimpleLeft", "mouthDimpleRight", "mouthFrownLeft", "mouthFrownRight", "mouthFunnel",
-    "mouthLeft", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthPressLeft", "mouthPressRight",
-    "mouthPucker", "mouthRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower",
-    "mouthShrugUpper", "mouthSmileLeft", "mouthSmileRight", "mouthStretchLeft", "mouthStretchRight",
-    "mouthUpperUpLeft", "mouthUpperUpRight", "noseSneerLeft", "noseSneerRight",
-)  # fmt: skip
-# The 52 coefficients HMControlNet takes (`drive_coeff`), in Apple's ARKit order
-# (ARFaceAnchor.BlendShapeLocation as Apple documents it; also Unreal's EARFaceBlendShape).
-# The official predictor's order is not published: change this table if the weights say otherwise.
-ARKIT_BLENDSHAPES = (
-    "eyeBlinkLeft", "eyeLookDownLeft", "eyeLookInLeft", "eyeLookOutLeft", "eyeLookUpLeft", "eyeSquintLeft",
-    "eyeWideLeft", "eyeBlinkRight", "eyeLookDownRight", "eyeLookInRight", "eyeLookOutRight", "eyeLookUpRight",
-    "eyeSquintRight", "eyeWideRight", "jawForward", "jawLeft", "jawRight", "jawOpen", "mouthClose",
-    "mouthFunnel", "mouthPucker", "mouthLeft", "mouthRight", "mouthSmileLeft", "mouthSmileRight",
-    "mouthFrownLeft", "mouthFrownRight", "mouthDimpleLeft", "mouthDimpleRight", "mouthStretchLeft",
-    "mouthStretchRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper",
-    "mouthPressLeft", "mouthPressRight", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthUpperUpLeft",
-    "mouthUpperUpRight", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft",
-    "browOuterUpRight", "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "noseSneerLeft",
-    "noseSneerRight", "tongueOut",
-)  # fmt: skip
-# MediaPipe does not predict these; they are 0 (at rest), the value they have most of the time.
-ARKIT_NOT_PREDICTED = ("tongueOut",)
 
 # --- face parts (official `get_face_parts`) and the PD-FGC crop (`warp_face_pd_fgc`) ------
 
@@ -303,7 +270,7 @@ def render_conditions(angles: np.ndarray, translations: np.ndarray, size: int = 
 # Expression coefficients
 # ========================================================================================
 
-_ARKIT_SOURCE = np.array([MEDIAPIPE_BLENDSHAPES.index(name) if name not in ARKIT_NOT_PREDICTED else -1 for name in ARKIT_BLENDSHAPES])
+_ARKIT_SOURCE = np.array([BLENDSHAPE_NAMES.index(name) if name not in ARKIT_NOT_PREDICTED else -1 for name in ARKIT_BLENDSHAPES])
 
 
 def arkit_coefficients(blendshapes: np.ndarray) -> np.ndarray:

@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hellomeme_cli import tracking
+
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HELLOMEME_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
 CONFORMANCE_DIR = Path(os.environ.get("HELLOMEME_CONFORMANCE_DIR", SHARED / "conformance"))
@@ -21,3 +23,33 @@ def require(path: Path, what: str) -> Path:
     if not path.exists():
         pytest.skip(f"{what} not found at {path} (it ships in ../shared beside the project root)")
     return path
+
+
+MEDIA = SHARED / "media"
+
+
+@pytest.fixture(scope="session")
+def model() -> Path:
+    """The real MediaPipe face model."""
+    return require(SHARED / "models" / "face_landmarker.task", "MediaPipe face landmarker model")
+
+
+class _Tracks:
+    """Each clip tracked once per test run; the smoothed track is derived from the raw one."""
+
+    def __init__(self, model: Path):
+        self.model = model
+        self.raw: dict[str, tracking.FaceTrack] = {}
+        self.smoothed: dict[str, tracking.FaceTrack] = {}
+
+    def __call__(self, name: str, smoothed: bool = True) -> tracking.FaceTrack:
+        if name not in self.raw:
+            clip = require(MEDIA / name, "test clip")
+            self.raw[name] = tracking.track_video(clip, smoothing=None, model_path=self.model)
+            self.smoothed[name] = tracking.smooth_track(self.raw[name])
+        return (self.smoothed if smoothed else self.raw)[name]
+
+
+@pytest.fixture(scope="session")
+def tracks(model: Path) -> _Tracks:
+    return _Tracks(model)

@@ -267,18 +267,11 @@ def test_blendshapes_land_on_their_arkit_names():
     coefficients = S.arkit_coefficients(scores)
     assert coefficients.shape == (1, 52) and coefficients.dtype == np.float32
     for index, name in enumerate(S.ARKIT_BLENDSHAPES):
-        expected = 0.0 if name == "tongueOut" else (S.MEDIAPIPE_BLENDSHAPES.index(name) + 1) / 100
+        expected = 0.0 if name == "tongueOut" else (tracking.BLENDSHAPE_NAMES.index(name) + 1) / 100
         assert coefficients[0, index] == pytest.approx(expected), name
     assert coefficients[0, 17] == pytest.approx(0.26)  # ARKit jawOpen <- MediaPipe 25
     assert coefficients[0, 0] == pytest.approx(0.10)  # ARKit eyeBlinkLeft <- MediaPipe 9
-    assert set(S.ARKIT_BLENDSHAPES) == set(S.MEDIAPIPE_BLENDSHAPES) - {"_neutral"} | {"tongueOut"}
-
-
-def test_mediapipe_names_agree_with_tracking():
-    names = getattr(tracking, "BLENDSHAPE_NAMES", None)
-    if names is None:
-        pytest.skip("tracking not merged")
-    assert tuple(names) == S.MEDIAPIPE_BLENDSHAPES
+    assert set(S.ARKIT_BLENDSHAPES) == set(tracking.BLENDSHAPE_NAMES) - {"_neutral"} | {"tongueOut"}
 
 
 # ----------------------------------------------------------------------------------------
@@ -498,15 +491,8 @@ def test_without_encoders_no_frame_is_read():
 
 
 # ----------------------------------------------------------------------------------------
-# real media (run once tracking is merged)
+# real media
 # ----------------------------------------------------------------------------------------
-
-
-def _require_tracking(name: str):
-    function = getattr(tracking, name, None)
-    if function is None:
-        pytest.skip("tracking not merged")
-    return function
 
 
 def _video_frames(path) -> list[np.ndarray]:
@@ -518,21 +504,19 @@ def _video_frames(path) -> list[np.ndarray]:
         frames.append(frame[..., ::-1].copy())
 
 
-def test_reference_portrait_is_turned_to_its_right():
-    track_image = _require_tracking("track_image")
+def test_reference_portrait_is_turned_to_its_right(model):
     path = require(SHARED / "media" / "majicmix1.jpg", "test portrait")
     image = cv2.imread(str(path))[..., ::-1].copy()
-    reference = S.prepare_reference(image, track_image(image))
+    reference = S.prepare_reference(image, tracking.track_image(image, model_path=model))
     angles, _ = S.head_pose(reference.track)
     assert reference.image.shape == (512, 512, 3) and reference.image.dtype == np.uint8
     assert -5.0 < reference.translation[2] < -2.5 and abs(reference.translation[0]) < 0.1
     assert angles[0, 1] < -0.15  # she faces the image's left: her right
 
 
-def test_turned_head_clip_gives_negative_yaw_and_eye_crops_around_the_eyes():
-    track_video = _require_tracking("track_video")
+def test_turned_head_clip_gives_negative_yaw_and_eye_crops_around_the_eyes(tracks):
     path = require(SHARED / "media" / "ysll.mp4", "test clip")
-    track = track_video(path)
+    track = tracks("ysll.mp4")
     frames = _video_frames(path)
     crop = S.clip_crop(track)
     working = S.crop_track(track, crop)
@@ -550,9 +534,7 @@ def test_turned_head_clip_gives_negative_yaw_and_eye_crops_around_the_eyes():
     assert crops.shape == (3, 256, 256, 3) and crops.std() > 10
 
 
-def test_open_jaw_reaches_the_arkit_jaw_open_coefficient():
-    track_video = _require_tracking("track_video")
-    path = require(SHARED / "media" / "jue.mp4", "test clip")
-    coefficients = S.arkit_coefficients(track_video(path).blendshapes)
+def test_open_jaw_reaches_the_arkit_jaw_open_coefficient(tracks):
+    coefficients = S.arkit_coefficients(tracks("jue.mp4").blendshapes)
     assert coefficients[:, S.ARKIT_BLENDSHAPES.index("jawOpen")].max() > 0.3
     assert (coefficients[:, S.ARKIT_BLENDSHAPES.index("tongueOut")] == 0).all()

@@ -9,40 +9,13 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import SHARED, require
+from conftest import MEDIA, SHARED, require
 from hellomeme_cli import tracking, video
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.progress import ProgressEvent
 from hellomeme_cli.weights import WeightCache
 
-MEDIA = SHARED / "media"
 FRAME_COUNTS = {"jue.mp4": 84, "nice.mp4": 71, "qie.mp4": 38, "ysll.mp4": 61, "tndtc.mp4": 34}
-
-
-@pytest.fixture(scope="session")
-def model() -> Path:
-    return require(SHARED / "models" / "face_landmarker.task", "MediaPipe face landmarker model")
-
-
-class _Tracks:
-    """Each clip tracked once per test run; the smoothed track is derived from the raw one."""
-
-    def __init__(self, model: Path):
-        self.model = model
-        self.raw: dict[str, tracking.FaceTrack] = {}
-        self.smoothed: dict[str, tracking.FaceTrack] = {}
-
-    def __call__(self, name: str, smoothed: bool = True) -> tracking.FaceTrack:
-        if name not in self.raw:
-            clip = require(MEDIA / name, "test clip")
-            self.raw[name] = tracking.track_video(clip, smoothing=None, model_path=self.model)
-            self.smoothed[name] = tracking.smooth_track(self.raw[name])
-        return (self.smoothed if smoothed else self.raw)[name]
-
-
-@pytest.fixture(scope="session")
-def tracks(model: Path) -> _Tracks:
-    return _Tracks(model)
 
 
 @pytest.fixture(scope="session")
