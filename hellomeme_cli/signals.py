@@ -55,6 +55,26 @@ POSE_LINE_WIDTH = 15
 POSE_SQUARE_CORNERS = np.array([[-1, -1, 0], [-1, 1, 0], [1, 1, 0], [1, -1, 0]], dtype=np.float64)
 POSE_EDGES = (((0, 255, 0), 0, 1), ((0, 0, 255), 1, 2), ((255, 0, 0), 2, 3), ((255, 0, 255), 3, 0))
 
+# --- expression coefficients ---------------------------------------------------------------
+
+# The 52 coefficients HMControlNet takes (`drive_coeff`), in Apple's ARKit order
+# (ARFaceAnchor.BlendShapeLocation as Apple documents it; also Unreal's EARFaceBlendShape).
+# The official predictor's order is not published: change this table if the weights say otherwise.
+ARKIT_BLENDSHAPES = (
+    "eyeBlinkLeft", "eyeLookDownLeft", "eyeLookInLeft", "eyeLookOutLeft", "eyeLookUpLeft", "eyeSquintLeft",
+    "eyeWideLeft", "eyeBlinkRight", "eyeLookDownRight", "eyeLookInRight", "eyeLookOutRight", "eyeLookUpRight",
+    "eyeSquintRight", "eyeWideRight", "jawForward", "jawLeft", "jawRight", "jawOpen", "mouthClose",
+    "mouthFunnel", "mouthPucker", "mouthLeft", "mouthRight", "mouthSmileLeft", "mouthSmileRight",
+    "mouthFrownLeft", "mouthFrownRight", "mouthDimpleLeft", "mouthDimpleRight", "mouthStretchLeft",
+    "mouthStretchRight", "mouthRollLower", "mouthRollUpper", "mouthShrugLower", "mouthShrugUpper",
+    "mouthPressLeft", "mouthPressRight", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthUpperUpLeft",
+    "mouthUpperUpRight", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft",
+    "browOuterUpRight", "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "noseSneerLeft",
+    "noseSneerRight", "tongueOut",
+)  # fmt: skip
+# MediaPipe does not predict these; they are 0 (at rest), the value they have most of the time.
+ARKIT_NOT_PREDICTED = ("tongueOut",)
+
 # --- face parts (official `get_face_parts`) and the PD-FGC crop (`warp_face_pd_fgc`) ------
 
 # The official 5-point template, as fractions of the frame, and the MediaPipe landmarks we put
