@@ -10,7 +10,16 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TaskProgressColumn, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    ProgressColumn,
+    TaskProgressColumn,
+    TextColumn,
+    TimeRemainingColumn,
+)
+from rich.text import Text
 from rich.table import Table
 
 from . import __version__
@@ -30,16 +39,31 @@ console = Console(stderr=True, soft_wrap=True)
 out = Console(soft_wrap=True)
 
 
+class _AmountColumn(ProgressColumn):
+    """Bytes as sizes (downloads), anything else as `done/total unit` (frames, steps)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._bytes = DownloadColumn()
+
+    def render(self, task) -> Text:
+        unit = task.fields.get("unit", "B")
+        if unit == "B":
+            return self._bytes.render(task)
+        total = "?" if task.total is None else f"{task.total:.0f}"
+        return Text(f"{task.completed:.0f}/{total} {unit}", style="progress.download")
+
+
 @contextlib.contextmanager
 def _progress_bars() -> Iterator[ProgressCallback]:
-    """One rich progress bar per task the library reports."""
-    columns = [TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), DownloadColumn(), TimeRemainingColumn()]
+    """One rich progress bar per task the library reports, with its amount and ETA."""
+    columns = [TextColumn("{task.description:<16}"), BarColumn(), TaskProgressColumn(), _AmountColumn(), TimeRemainingColumn()]
     with Progress(*columns, console=console, transient=False) as bars:
         tasks: dict[str, int] = {}
 
         def report(event: ProgressEvent) -> None:
             if event.task not in tasks:
-                tasks[event.task] = bars.add_task(event.task, total=event.total)
+                tasks[event.task] = bars.add_task(event.task, total=event.total, unit=event.unit)
             bars.update(tasks[event.task], completed=event.completed, total=event.total)
 
         yield report
@@ -74,6 +98,49 @@ def info() -> None:
     if torch.backends.mps.is_available():
         devices.append("mps")
     print(f"devices     {', '.join(devices + ['cpu'])}")
+
+
+@app.command()
+def track(
+    drive: Annotated[Path, typer.Argument(help="The driving video.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Where to save the track (.npz; default: DRIVE-NAME.track.npz here).")
+    ] = None,
+    preview: Annotated[
+        Path | None, typer.Option(help="Also write a preview video: crop, landmarks, pose square, expression bars.")
+    ] = None,
+    face_index: Annotated[int, typer.Option(help="Which face to follow: 0 the largest in the first frame with a face, 1 the next...")] = 0,
+    smooth: Annotated[bool, typer.Option(help="Smooth landmarks and pose over time (One Euro filter, no lag).")] = True,
+    smooth_cutoff: Annotated[float, typer.Option(help="Smoothing: lower removes more jitter from slow motion.")] = 1.0,
+    smooth_beta: Annotated[float, typer.Option(help="Smoothing: higher follows fast motion more closely.")] = 10.0,
+    max_frames: Annotated[int | None, typer.Option(help="Track only the first N frames.")] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+) -> None:
+    """Track the face through a clip: save landmarks, expression scores and head pose per frame."""
+    from .preview import save_track, write_preview
+    from .tracking import Smoothing, default_model_path, track_video
+    from .video import check_destination, read_frames
+
+    output = output or Path.cwd() / f"{drive.stem}.track.npz"
+    for path in filter(None, (output, preview)):
+        check_destination(path, force, [drive])
+    if max_frames is not None and max_frames < 1:
+        raise HellomemeError(f"--max-frames must be at least 1 (got {max_frames})")
+    smoothing = Smoothing(min_cutoff=smooth_cutoff, beta=smooth_beta) if smooth else None
+    model = default_model_path()
+    with _progress_bars() as report:
+        face_track = track_video(
+            drive, face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model, progress=report
+        )
+        save_track(face_track, output, force=force, protect=[drive])
+        if preview:
+            frames = read_frames(drive, len(face_track))
+            write_preview(face_track, frames, preview, audio_from=drive, force=force, protect=[drive], progress=report)
+    out.print(
+        f"{len(face_track)} frames at {face_track.fps:g} fps, {face_track.filled_count} without a face (filled) -> {output}"
+        + (f", preview {preview}" if preview else ""),
+        highlight=False,
+    )
 
 
 def _cache():

@@ -67,20 +67,6 @@ def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder:
     return (folder or Path.cwd()) / f"{reference.stem}_{driving.stem}{suffix}"
 
 
-def check_output(output: Path, inputs: list[Path], force: bool) -> None:
-    """Refuse to write over an input, or over an existing file unless forced; before any work starts."""
-    resolved = output.resolve()
-    for path in inputs:
-        if path.exists() and resolved == path.resolve():
-            raise HellomemeError(f"{output}: the output would overwrite an input; choose another -o")
-    if output.exists() and not force:
-        raise HellomemeError(f"{output} exists; use --force to replace it or -o to write elsewhere")
-    if output.exists() and output.is_dir():
-        raise HellomemeError(f"{output} is a folder; give a file name with -o")
-    if not output.parent.is_dir():
-        raise HellomemeError(f"{output.parent} does not exist (the folder for {output.name})")
-
-
 def resample_indices(frame_count: int, source_fps: float, target_fps: float) -> np.ndarray:
     """Which source frame shows at each output frame when the rate changes: the one on screen at
     that instant (as ffmpeg's fps filter picks), keeping the clip's duration."""

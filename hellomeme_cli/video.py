@@ -149,7 +149,7 @@ def write_video(
     if muxer is None:
         raise HellomemeError(f"{path}: videos are written as {', '.join(VIDEO_SUFFIXES)}, not {path.suffix or 'no extension'}")
     inputs = [*protect, *([audio_from] if audio_from is not None else [])]
-    _check_destination(path, force, inputs)
+    check_destination(path, force, inputs)
     rate = _exact_rate(fps)
     with_audio = audio_from is not None and _header(Path(audio_from)).has_audio
     frames = iter(frames)
@@ -196,7 +196,7 @@ def write_video(
 def write_image(image: np.ndarray, path: Path, force: bool = False, protect: Iterable[Path] = ()) -> Path:
     """Save an RGB uint8 image (format from the extension) atomically; returns `path`."""
     path = Path(path)
-    _check_destination(path, force, protect)
+    check_destination(path, force, protect)
     try:
         ok, encoded = cv2.imencode(path.suffix, np.ascontiguousarray(image[..., ::-1]))
     except cv2.error:
@@ -346,7 +346,8 @@ def _composite_on_white(bgra: np.ndarray) -> np.ndarray:
 # -- writing -----------------------------------------------------------------
 
 
-def _check_destination(path: Path, force: bool, protect: Iterable[Path]) -> None:
+def check_destination(path: Path, force: bool, protect: Iterable[Path]) -> None:
+    """Refuse an output path that is an input, a folder, in a missing folder, or taken (unless forced)."""
     for protected in protect:
         if _same_path(path, Path(protected)):
             raise HellomemeError(f"{path}: refusing to write over an input file")

@@ -53,3 +53,14 @@ class _Tracks:
 @pytest.fixture(scope="session")
 def tracks(model: Path) -> _Tracks:
     return _Tracks(model)
+
+
+@pytest.fixture(scope="session")
+def tiny_cache(tmp_path_factory, model: Path) -> Path:
+    """A weight cache holding tiny random networks and the real face model, as
+    `hellomeme weights make-tiny` + `weights import face_landmarker.task` make it."""
+    from hellomeme_cli.tiny import make_tiny
+
+    home = tmp_path_factory.mktemp("tiny_cache")
+    make_tiny(home).import_path(model)
+    return home

@@ -1,0 +1,114 @@
+"""What `hellomeme track` writes: the per-frame track as .npz, and a preview video a person
+can check at a glance (the clip crop, landmarks, the pose square, expression bars)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from .progress import ProgressCallback, no_progress
+from .signals import POSE_EDGES, SquareCrop, clip_crop, crop_track, head_pose, pose_square
+from .tracking import BLENDSHAPE_NAMES, FaceTrack
+from .video import check_destination, write_video
+
+TRACK_FORMAT = 1
+# The scores drawn as bars: the ones that move most in speech and memes.
+PREVIEW_SCORES = ("jawOpen", "eyeBlinkLeft", "eyeBlinkRight", "mouthSmileLeft", "mouthSmileRight", "browInnerUp", "mouthPucker")
+_BAR_WIDTH, _BAR_HEIGHT, _MARGIN = 150, 12, 8
+
+
+def save_track(track: FaceTrack, path: Path, *, force: bool = False, protect: Iterable[Path] = ()) -> Path:
+    """Write the track (and its head pose in the official convention) as .npz, atomically."""
+    path = Path(path)
+    check_destination(path, force, protect)
+    angles, translations = head_pose(track)
+    temporary = path.with_name(f".{path.name}.partial.npz")
+    try:
+        np.savez_compressed(
+            temporary,
+            format=TRACK_FORMAT,
+            landmarks=track.landmarks,
+            blendshapes=track.blendshapes,
+            blendshape_names=np.array(BLENDSHAPE_NAMES),
+            matrices=track.matrices,
+            pose_angles=angles.astype(np.float32),
+            pose_translations=translations.astype(np.float32),
+            filled=track.filled,
+            fps=track.fps,
+            size=np.array(track.size),
+        )
+        temporary.replace(path)
+    finally:
+        temporary.unlink(missing_ok=True)
+    return path
+
+
+def load_track(path: Path) -> FaceTrack:
+    """A track saved by `save_track`."""
+    with np.load(path) as data:
+        return FaceTrack(
+            landmarks=data["landmarks"],
+            blendshapes=data["blendshapes"],
+            matrices=data["matrices"],
+            filled=data["filled"],
+            fps=float(data["fps"]),
+            size=tuple(int(v) for v in data["size"]),
+        )
+
+
+def write_preview(
+    track: FaceTrack,
+    frames: Iterable[np.ndarray],
+    path: Path,
+    *,
+    audio_from: Path | None = None,
+    size: int = 512,
+    force: bool = False,
+    protect: Iterable[Path] = (),
+    progress: ProgressCallback = no_progress,
+) -> Path:
+    """The clip as the model will see it: cropped to the clip's square, with the landmarks, the
+    pose square of the condition image, the main expression scores, and filled frames marked."""
+    crop = clip_crop(track, size)
+    working = crop_track(track, crop)
+    angles, translations = head_pose(working)
+    drawn = (
+        _draw(crop, frame, working, index, angles[index], translations[index])
+        for index, frame in enumerate(frames)
+    )
+    return write_video(
+        drawn, path, track.fps, audio_from=audio_from, force=force, protect=protect, progress=progress, total=len(track)
+    )
+
+
+def _draw(crop: SquareCrop, frame: np.ndarray, track: FaceTrack, index: int, angles: np.ndarray, translation: np.ndarray) -> np.ndarray:
+    image = np.ascontiguousarray(crop.apply(frame))
+    for x, y in track.landmarks[index, :, :2].astype(np.int32):
+        cv2.circle(image, (int(x), int(y)), 1, (255, 255, 255), -1, cv2.LINE_AA)
+    corners = pose_square(angles, translation, crop.size).astype(np.int32)
+    for colour, start, end in POSE_EDGES:
+        cv2.line(image, tuple(corners[start].tolist()), tuple(corners[end].tolist()), colour, 3, cv2.LINE_AA)
+    for row, name in enumerate(PREVIEW_SCORES):
+        _bar(image, row, name, float(track.blendshapes[index, BLENDSHAPE_NAMES.index(name)]))
+    degrees = np.degrees(angles)
+    _label(image, f"frame {index}  pitch {degrees[0]:+.0f}  yaw {degrees[1]:+.0f}  roll {degrees[2]:+.0f}", crop.size - _MARGIN)
+    if track.filled[index]:
+        _label(image, "NO FACE: filled from neighbours", crop.size - 3 * _MARGIN, colour=(255, 64, 64))
+    return image
+
+
+def _bar(image: np.ndarray, row: int, name: str, score: float) -> None:
+    top = _MARGIN + row * (_BAR_HEIGHT + 4)
+    left = _MARGIN
+    cv2.rectangle(image, (left, top), (left + _BAR_WIDTH, top + _BAR_HEIGHT), (40, 40, 40), -1)
+    cv2.rectangle(image, (left, top), (left + round(_BAR_WIDTH * min(max(score, 0.0), 1.0)), top + _BAR_HEIGHT), (255, 200, 0), -1)
+    cv2.putText(image, f"{name} {score:.2f}", (left + _BAR_WIDTH + 6, top + _BAR_HEIGHT - 2), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (255, 255, 255), 1, cv2.LINE_AA)
+
+
+def _label(image: np.ndarray, text: str, baseline: int, colour: tuple[int, int, int] = (255, 255, 255)) -> None:
+    cv2.putText(image, text, (_MARGIN, baseline), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 3, cv2.LINE_AA)
+    cv2.putText(image, text, (_MARGIN, baseline), cv2.FONT_HERSHEY_SIMPLEX, 0.45, colour, 1, cv2.LINE_AA)
+
