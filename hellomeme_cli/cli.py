@@ -69,6 +69,16 @@ def _progress_bars() -> Iterator[ProgressCallback]:
         yield report
 
 
+def _quiet_libraries() -> None:
+    """diffusers and transformers log warnings and draw their own bars while loading; we draw ours."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
 def _print_version(value: bool) -> None:
     if value:
         print(f"hellomeme {__version__}")
@@ -98,6 +108,71 @@ def info() -> None:
     if torch.backends.mps.is_available():
         devices.append("mps")
     print(f"devices     {', '.join(devices + ['cpu'])}")
+
+
+@app.command()
+def animate(
+    reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
+    drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE.mp4 in the current folder).")
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps (stage 2; stage 1 uses at most 10).")] = 25,
+    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 turns it off).")] = 2.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: a new one, printed and stored in the video).")] = None,
+    fps: Annotated[float | None, typer.Option(help="Output frame rate (default: the driving clip's).")] = None,
+    max_frames: Annotated[int | None, typer.Option(help="Use only the first N frames of the driving clip.")] = None,
+    trans_ratio: Annotated[float, typer.Option(help="How much of the driving head's movement across the frame to follow (0..1).")] = 0.0,
+    control: Annotated[str, typer.Option(help="Expression signal: blendshapes (HMControlNet) or pdfgc (HMControlNet2).")] = "blendshapes",
+    prompt: Annotated[str, typer.Option(help="Extra prompt, put before the default portrait prompt.")] = "",
+    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
+    checkpoint: Annotated[
+        str | None, typer.Option(help="SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id.")
+    ] = None,
+    lora: Annotated[list[str] | None, typer.Option(help="LoRA file, FILE or FILE:SCALE; repeat for several.")] = None,
+    vae: Annotated[Path | None, typer.Option(help="Replacement VAE for decoding (file or diffusers folder).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (float16 on GPUs, float32 on CPU), float32, float16 or bfloat16.")] = "auto",
+    window: Annotated[int, typer.Option(help="Frames per motion-module window in stage 2.")] = 12,
+    overlap: Annotated[int, typer.Option(help="Frames shared by neighbouring windows in stage 2.")] = 4,
+    crop: Annotated[bool, typer.Option(help="Crop the reference and the clip around the face (--no-crop: use whole frames).")] = True,
+    face_index: Annotated[int, typer.Option(help="Which face of the driving clip to follow (0: the largest).")] = 0,
+    smooth: Annotated[bool, typer.Option(help="Smooth the driving landmarks and pose over time.")] = True,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+) -> None:
+    """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
+    from .checkpoints import parse_lora_option
+    from .engine import ModelOptions, load_models
+    from .pipeline import AnimateSettings, animate as run_animate, default_output
+    from .video import check_destination
+
+    models = ModelOptions(
+        control=control,
+        checkpoint=checkpoint,
+        vae=vae,
+        loras=tuple(parse_lora_option(value) for value in lora or []),
+        device=device,
+        dtype=dtype,
+    )
+    settings = AnimateSettings(
+        models=models, steps=steps, guidance=guidance, seed=seed, fps=fps, max_frames=max_frames, trans_ratio=trans_ratio,
+        prompt=prompt, negative_prompt=negative_prompt, window=window, overlap=overlap, crop=crop, face_index=face_index,
+        smoothing=smooth,
+    ).with_seed()
+    output = output or default_output(reference, drive)
+    check_destination(output, force, [reference, drive])
+    for path, what in ((reference, "reference image"), (drive, "driving video")):
+        if not path.is_file():
+            raise HellomemeError(f"{path}: no such file ({what})")
+    console.print(f"seed {settings.seed}", highlight=False)
+    _quiet_libraries()
+    with _progress_bars() as report:
+        result = run_animate(reference, drive, output, settings, load_models(models, progress=report), force=force, progress=report)
+    out.print(
+        f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, seed {result.seed}, "
+        f"{result.faceless_frames} driving frames without a face (filled), {result.seconds:.0f} s",
+        highlight=False,
+    )
 
 
 @app.command()

@@ -23,6 +23,7 @@ from .checkpoints import load_sd15, load_vae
 from .errors import HellomemeError
 from .models import FanEncoder, HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
 from .models.unet import load_folder
+from .tracking import MODEL_FILE
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .weights import WeightCache
 
@@ -72,6 +73,7 @@ class HelloMemeModels:
     vae_decoder: AutoencoderKL
     image_encoder: CLIPVisionModelWithProjection | None
     fan_encoder: FanEncoder | None
+    face_model: Path
     control: str
     device: torch.device
     dtype: torch.dtype
@@ -196,6 +198,7 @@ def load_models(
         vae_decoder=vae_decoder,
         image_encoder=_image_encoder(folders["image_encoder"], dtype, device) if blendshapes else None,
         fan_encoder=None if blendshapes else component(FanEncoder, "pd_fgc_motion"),
+        face_model=folders["face_landmarker"] / MODEL_FILE,
         control=options.control,
         device=device,
         dtype=dtype,

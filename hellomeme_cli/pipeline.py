@@ -12,12 +12,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+import time
+from collections.abc import Iterable, Iterator
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
+import torch
 
-from .engine import ModelOptions
+from . import __version__
+from .engine import HelloMemeModels, ModelOptions
 from .errors import HellomemeError
+from .progress import ProgressCallback, no_progress
+from .sampler import DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
+from .signals import DrivingSignals, ReferenceFace, build_driving_signals, prepare_reference
+from .tracking import FaceTrack, Smoothing, track_image, track_video
+from .video import check_destination, probe_video, read_frames, read_image, write_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
@@ -60,6 +70,136 @@ class AnimateSettings:
     def with_seed(self) -> "AnimateSettings":
         """The same settings with a seed chosen now if none was given, so it can be reported."""
         return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbelow(2**32))
+
+
+@dataclasses.dataclass(frozen=True)
+class AnimateResult:
+    output: Path
+    frames: int
+    fps: float
+    seed: int
+    faceless_frames: int  # driving frames with no face, filled from their neighbours
+    seconds: float
+
+
+def animate(
+    reference: Path,
+    driving: Path,
+    output: Path,
+    settings: AnimateSettings,
+    models: HelloMemeModels,
+    *,
+    force: bool = False,
+    progress: ProgressCallback = no_progress,
+) -> AnimateResult:
+    """Give the reference portrait the driving clip's motion; write `output` (mp4 with the clip's audio)."""
+    started = time.monotonic()
+    settings = settings.with_seed()
+    check_destination(output, force, [reference, driving])
+
+    # 1. Read and track the reference picture and the driving clip.
+    reference_face = _reference_face(reference, settings, models)
+    info = probe_video(driving)
+    track = track_video(
+        driving,
+        face_index=settings.face_index,
+        smoothing=Smoothing() if settings.smoothing else None,
+        max_frames=settings.max_frames,
+        model_path=models.face_model,
+        progress=progress,
+    )
+    fps: float | Fraction = info.rate
+    shown = np.arange(len(track))
+    if settings.fps is not None and not math.isclose(settings.fps, info.fps, rel_tol=1e-6):
+        fps = Fraction(settings.fps).limit_denominator(1001)
+        shown = resample_indices(len(track), info.fps, float(fps))
+        track = select_frames(track, shown, float(fps))
+
+    # 2. Driving signals: head pose, expression, face-part embeddings (frames read a second time, streamed).
+    signals = build_driving_signals(
+        track,
+        frames_at(read_frames(driving, settings.max_frames), shown),
+        reference_face,
+        image_encoder=models.image_encoder,
+        fan_encoder=models.fan_encoder,
+        device=models.device,
+        dtype=models.dtype,
+        crop=settings.crop,
+        trans_ratio=settings.trans_ratio,
+        progress=progress,
+    )
+
+    # 3 and 4. Prompt, reference cache and the two-stage sampler.
+    sampler = VideoSampler(
+        models.reference_net, models.denoiser_2d, models.denoiser_motion, models.control_net, models.vae_encoder, models.vae_decoder
+    )
+    latents = sampler.sample(
+        _sampler_inputs(reference_face, signals, settings, models),
+        SamplerSettings(steps=settings.steps, guidance=settings.guidance, window=settings.window, overlap=settings.overlap),
+        torch.Generator().manual_seed(settings.seed),
+        progress,
+    )
+
+    # 5. Decode straight into the encoder, with the driving clip's audio.
+    frames = (frame for batch in sampler.decode(latents, progress=progress) for frame in batch)
+    metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", "hellomeme_seed": str(settings.seed)}
+    write_video(
+        frames, output, fps, audio_from=driving, metadata=metadata, force=force, protect=[reference, driving],
+        progress=progress, total=len(signals),
+    )
+    return AnimateResult(output, len(signals), float(fps), settings.seed, track.filled_count, time.monotonic() - started)
+
+
+def _reference_face(reference: Path, settings: AnimateSettings, models: HelloMemeModels) -> ReferenceFace:
+    image = read_image(reference)
+    return prepare_reference(image, track_image(image, name=str(reference), model_path=models.face_model), crop=settings.crop)
+
+
+def _sampler_inputs(
+    reference: ReferenceFace, signals: DrivingSignals, settings: AnimateSettings, models: HelloMemeModels
+) -> SamplerInputs:
+    prompt = models.encode_prompt(settings.prompt, settings.negative_prompt)
+    ref_image = torch.from_numpy(reference.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+
+    def control(start: int, stop: int) -> DrivingFrames:
+        inputs = signals.control_inputs(start, stop)
+        inputs.pop("neg_pd_fpg", None)
+        return DrivingFrames(**inputs)
+
+    return SamplerInputs(
+        ref_image=ref_image,
+        text_embeds=prompt.positive,
+        negative_text_embeds=prompt.negative,
+        control=control,
+        num_frames=len(signals),
+        neg_pd_fpg=signals.neg_pd_fpg,
+        reference_text_embeds=prompt.reference,
+        reference_negative_text_embeds=prompt.reference_negative,
+    )
+
+
+def select_frames(track: FaceTrack, indices: np.ndarray, fps: float) -> FaceTrack:
+    """The track's rows at `indices` (repeats allowed), at a new frame rate."""
+    return dataclasses.replace(
+        track,
+        landmarks=track.landmarks[indices],
+        blendshapes=track.blendshapes[indices],
+        matrices=track.matrices[indices],
+        filled=track.filled[indices],
+        fps=fps,
+    )
+
+
+def frames_at(frames: Iterable[np.ndarray], indices: np.ndarray) -> Iterator[np.ndarray]:
+    """The frames at non-decreasing `indices` of a stream, each as often as it is named."""
+    wanted = iter(indices.tolist())
+    target = next(wanted, None)
+    for index, frame in enumerate(frames):
+        while target == index:
+            yield frame
+            target = next(wanted, None)
+        if target is None:
+            return
 
 
 def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder: Path | None = None) -> Path:
