@@ -1,0 +1,413 @@
+"""The two-stage HelloMeme v1 video sampler (official `HMVideoPipeline.__call__`).
+
+1. Reference: the VAE encodes the reference image (its latent distribution sampled
+   with the generator); the reference net caches its features once per clip.
+2. Stage 1: every frame alone with the 2D denoiser, a few Euler steps; frame 0 starts
+   from noise, each later frame from the previous result re-noised to the first step.
+3. Stage 2: the stage-1 latents re-noised, then denoised with the motion UNet over
+   overlapping windows whose noise predictions are averaged.
+4. Decode: the VAE turns the latents into frames, batch by batch, as an iterator.
+
+Randomness comes from one CPU `torch.Generator`, drawn in float32 on the CPU in the
+official order (reference latent, stage-1 noise, stage-2 noise), so a seed gives the
+same video on any device. Latents stay float32 on the compute device; the networks
+run in their own dtype.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, EulerDiscreteScheduler
+
+from .errors import HellomemeError
+from .models import HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceNet
+from .models.unet import ControlFeatures, ReferenceCache
+from .progress import ProgressCallback, ProgressEvent, no_progress
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerSettings:
+    """steps: stage-2 Euler steps; stage-1 runs min(stage1_steps, steps). guidance <= 1
+    turns classifier-free guidance off. Windows of `window` frames overlap by `overlap`."""
+
+    steps: int = 25
+    guidance: float = 1.5
+    window: int = 12
+    overlap: int = 4
+    stage1_steps: int = 10
+    decode_batch: int = 8
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "window", "stage1_steps", "decode_batch"):
+            if getattr(self, name) < 1:
+                raise HellomemeError(f"sampler setting {name} must be at least 1, got {getattr(self, name)}")
+        if not 0 <= self.overlap < self.window:
+            raise HellomemeError(f"sampler overlap must be between 0 and window - 1 = {self.window - 1}, got {self.overlap}")
+
+    @property
+    def uses_guidance(self) -> bool:
+        return self.guidance > 1.0
+
+
+@dataclasses.dataclass(frozen=True)
+class DrivingFrames:
+    """Control-net inputs for n consecutive frames: condition (1, 3, n, H, W) in [-1, 1];
+    with HMControlNet drive_coeff (1, n, 52) and face_parts (1, n, 3, 1024); with
+    HMControlNet2 pd_fpg (1, n, 548)."""
+
+    condition: torch.Tensor
+    drive_coeff: torch.Tensor | None = None
+    face_parts: torch.Tensor | None = None
+    pd_fpg: torch.Tensor | None = None
+
+
+ControlSource = Callable[[int, int], DrivingFrames]
+"""Gives the control inputs of frames [start, stop); asked for at most one window at a time."""
+
+
+def control_from_tensors(
+    condition: torch.Tensor,
+    drive_coeff: torch.Tensor | None = None,
+    face_parts: torch.Tensor | None = None,
+    pd_fpg: torch.Tensor | None = None,
+) -> ControlSource:
+    """A ControlSource slicing whole-clip tensors (frames on dim 2 of condition, dim 1 of the rest)."""
+
+    def frames(start: int, stop: int) -> DrivingFrames:
+        return DrivingFrames(
+            condition=condition[:, :, start:stop],
+            drive_coeff=None if drive_coeff is None else drive_coeff[:, start:stop],
+            face_parts=None if face_parts is None else face_parts[:, start:stop],
+            pd_fpg=None if pd_fpg is None else pd_fpg[:, start:stop],
+        )
+
+    return frames
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerInputs:
+    """ref_image (1, 3, H, W) in [-1, 1]; prompt embeddings (1, 77, C) for the denoisers
+    and, where they differ (a LoRA in the denoisers' text encoder), for the reference net
+    (default: the denoisers'); neg_pd_fpg (1, 1, 548) is HMControlNet2's unconditional
+    input (needed with guidance)."""
+
+    ref_image: torch.Tensor
+    text_embeds: torch.Tensor
+    negative_text_embeds: torch.Tensor
+    control: ControlSource
+    num_frames: int
+    neg_pd_fpg: torch.Tensor | None = None
+    reference_text_embeds: torch.Tensor | None = None
+    reference_negative_text_embeds: torch.Tensor | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class WindowPlan:
+    """Stage-2 windows [start, stop) over the clip padded at its end.
+
+    The official padding: `noise_frames = overlap + k * stride` (stride = window - overlap),
+    the smallest such length above the clip's, so at least one padding frame. Every window is `window` frames
+    long; windows holding no real frame (only possible at overlap 0) are dropped, since
+    they cannot change a real frame. The stage-2 base noise is still drawn for
+    `noise_frames` frames, which keeps the random stream the official one.
+    """
+
+    num_frames: int
+    noise_frames: int
+    windows: tuple[tuple[int, int], ...]
+
+    @property
+    def length(self) -> int:
+        """Frames the latents have during stage 2 (real + padding)."""
+        return self.windows[-1][1]
+
+    def coverage(self) -> torch.Tensor:
+        """How many windows hold each frame, (length,)."""
+        counts = torch.zeros(self.length)
+        for start, stop in self.windows:
+            counts[start:stop] += 1
+        return counts
+
+
+def plan_windows(num_frames: int, window: int, overlap: int) -> WindowPlan:
+    """The official window layout, extended to every overlap in [0, window) and every clip length."""
+    if num_frames < 1:
+        raise ValueError(f"a clip needs at least one frame, got {num_frames}")
+    if not 0 <= overlap < window:
+        raise ValueError(f"overlap must be in [0, {window}), got {overlap}")
+    stride = window - overlap
+    count = max(1, (num_frames - overlap) // stride + 1)
+    starts = [i * stride for i in range(count) if i * stride < num_frames]
+    return WindowPlan(num_frames, overlap + count * stride, tuple((s, s + window) for s in starts))
+
+
+class EulerSchedule:
+    """The official Euler discrete schedule (SD1.5 betas, linspace spacing, no churn), its
+    tables taken once from diffusers' scheduler; every step then runs on the latents'
+    device with scalar factors, the same float32 arithmetic as `EulerDiscreteScheduler`."""
+
+    def __init__(self, steps: int, device: torch.device):
+        scheduler = EulerDiscreteScheduler(
+            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
+        )
+        scheduler.set_timesteps(steps)
+        sigmas = scheduler.sigmas.to(torch.float32)
+        self.timesteps = scheduler.timesteps.to(device)
+        self.initial_sigma = float(scheduler.init_noise_sigma)
+        self._sigmas = sigmas.tolist()
+        self._input_scales = ((sigmas**2 + 1) ** 0.5).tolist()
+        self._deltas = (sigmas[1:] - sigmas[:-1]).tolist()
+
+    def __len__(self) -> int:
+        return len(self.timesteps)
+
+    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """Noise the latents to the first step (`scheduler.add_noise` at timesteps[0])."""
+        return latents + noise * self._sigmas[0]
+
+    def scale_input(self, latents: torch.Tensor, index: int) -> torch.Tensor:
+        return latents / self._input_scales[index]
+
+    def step(self, noise_pred: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
+        sigma = self._sigmas[index]
+        denoised = latents - sigma * noise_pred
+        derivative = (latents - denoised) / sigma
+        return latents + derivative * self._deltas[index]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Clip:
+    """What every denoiser call for one clip shares (computed once per clip)."""
+
+    settings: SamplerSettings
+    num_frames: int
+    source: ControlSource
+    text: torch.Tensor
+    reference: ReferenceCache
+    negative_control: ControlFeatures | None
+
+
+class VideoSampler:
+    """Turns a reference image, prompt embeddings and per-frame driving signals into video
+    latents with the HelloMeme v1 networks (on any one device, any dtype)."""
+
+    def __init__(
+        self,
+        reference_net: HMReferenceNet,
+        denoiser_2d: HMDenoisingNet,
+        denoiser_motion: HMDenoisingNet,
+        control_net: HMControlNet | HMControlNet2,
+        vae_encoder: AutoencoderKL,
+        vae_decoder: AutoencoderKL | None = None,
+    ):
+        """`vae_encoder` encodes the reference (base SD1.5 in the official recipe);
+        `vae_decoder` (default: the same VAE) decodes the frames."""
+        if denoiser_2d.is_motion or not denoiser_motion.is_motion:
+            raise ValueError("denoiser_2d must be the 2D denoiser and denoiser_motion the motion denoiser")
+        self.reference_net = reference_net
+        self.denoiser_2d = denoiser_2d
+        self.denoiser_motion = denoiser_motion
+        self.control_net = control_net
+        self.vae_encoder = vae_encoder
+        self.vae_decoder = vae_decoder or vae_encoder
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser_2d.unet.device
+
+    @torch.no_grad()
+    def sample(
+        self,
+        inputs: SamplerInputs,
+        settings: SamplerSettings,
+        generator: torch.Generator,
+        progress: ProgressCallback = no_progress,
+    ) -> torch.Tensor:
+        """-> final latents divided by the VAE scaling factor, (1, 4, F, h, w) float32."""
+        if generator.device.type != "cpu":
+            raise ValueError("the sampler draws its noise from a CPU generator (same video on every device)")
+        if inputs.num_frames < 1:
+            raise HellomemeError("the driving clip has no frames")
+        if inputs.ref_image.ndim != 4 or inputs.ref_image.shape[:2] != (1, 3):
+            raise ValueError(f"ref_image must be (1, 3, H, W), got {tuple(inputs.ref_image.shape)}")
+        guided = settings.uses_guidance
+        reference_text = _cfg_batch(
+            _default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
+            _default(inputs.reference_text_embeds, inputs.text_embeds),
+            guided,
+        ).to(self.device)
+
+        # 1. Reference latent and the reference net's cache, once per clip (guidance: a zero
+        #    latent for the unconditional half), and the unconditional control.
+        ref_latents = self._encode_reference(inputs.ref_image, generator)
+        clip = _Clip(
+            settings=settings,
+            num_frames=inputs.num_frames,
+            source=inputs.control,
+            text=_cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device),
+            reference=self.reference_net(_cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text),
+            negative_control=self._negative_control(inputs) if guided else None,
+        )
+
+        # 2. Stage 1: frames one by one with the 2D denoiser.
+        stage1 = self._stage1(clip, generator, ref_latents.shape, progress)
+
+        # 3. Stage 2: all frames with the motion denoiser over overlapping windows.
+        latents = self._stage2(clip, generator, stage1, progress)
+        return latents[:, :, : inputs.num_frames] / self.vae_encoder.config.scaling_factor
+
+    def _encode_reference(self, ref_image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """(1, 4, 1, h, w) scaled reference latent, sampled from the VAE's latent distribution."""
+        vae = self.vae_encoder
+        distribution = vae.encode(ref_image.to(self.device, vae.dtype)).latent_dist
+        noise = _draw(generator, distribution.mean.shape, self.device).to(distribution.mean.dtype)
+        latent = distribution.mean + distribution.std * noise
+        return (vae.config.scaling_factor * latent.float()).unsqueeze(2)
+
+    def _stage1(
+        self, clip: _Clip, generator: torch.Generator, latent_shape: torch.Size, progress: ProgressCallback
+    ) -> torch.Tensor:
+        """Each frame alone: frame 0 from the base noise, frame i from frame i-1's result
+        re-noised to the first step with the same base noise."""
+        schedule = EulerSchedule(min(clip.settings.stage1_steps, clip.settings.steps), self.device)
+        base_noise = _draw(generator, latent_shape, self.device)
+        latent = base_noise * schedule.initial_sigma
+        frames = []
+        progress(ProgressEvent("stage 1", 0, clip.num_frames, "frames"))
+        for index in range(clip.num_frames):
+            control = self._control(clip, index, index + 1)
+            if index > 0:
+                latent = schedule.add_noise(latent, base_noise)
+            for step in range(len(schedule)):
+                noise = _guide(self._predict(self.denoiser_2d, latent, schedule, step, clip, control), clip.settings)
+                latent = schedule.step(noise, step, latent)
+            frames.append(latent)
+            progress(ProgressEvent("stage 1", index + 1, clip.num_frames, "frames"))
+        return torch.cat(frames, dim=2)
+
+    def _stage2(
+        self, clip: _Clip, generator: torch.Generator, stage1: torch.Tensor, progress: ProgressCallback
+    ) -> torch.Tensor:
+        """The stage-1 latents, padded and re-noised, denoised window by window; each
+        step averages the windows' noise predictions frame by frame, then guides."""
+        plan = plan_windows(clip.num_frames, clip.settings.window, clip.settings.overlap)
+        schedule = EulerSchedule(clip.settings.steps, self.device)
+        # The official padding repeats the second-to-last stage-1 latent (with the last frame's control).
+        pad_source = max(clip.num_frames - 2, 0)
+        padding = stage1[:, :, pad_source : pad_source + 1].expand(-1, -1, plan.length - clip.num_frames, -1, -1)
+        latents = torch.cat([stage1, padding], dim=2)
+        _, channels, _, h, w = latents.shape
+        base_noise = _draw(generator, (1, channels, plan.noise_frames, h, w), self.device)[:, :, : plan.length]
+        latents = schedule.add_noise(latents, base_noise)
+        coverage = plan.coverage().to(self.device).view(1, 1, -1, 1, 1)
+        noise_sum = torch.zeros((2 if clip.settings.uses_guidance else 1, *latents.shape[1:]), device=self.device)
+
+        progress(ProgressEvent("stage 2", 0, len(schedule), "steps"))
+        for step in range(len(schedule)):
+            noise_sum.zero_()
+            for start, stop in plan.windows:
+                control = self._control(clip, start, stop)
+                window = latents[:, :, start:stop]
+                noise_sum[:, :, start:stop] += self._predict(self.denoiser_motion, window, schedule, step, clip, control)
+            noise = _guide(noise_sum / coverage, clip.settings)
+            latents = schedule.step(noise, step, latents)
+            progress(ProgressEvent("stage 2", step + 1, len(schedule), "steps"))
+        return latents
+
+    @staticmethod
+    def _predict(
+        denoiser: HMDenoisingNet,
+        latents: torch.Tensor,
+        schedule: EulerSchedule,
+        step: int,
+        clip: _Clip,
+        control: ControlFeatures,
+    ) -> torch.Tensor:
+        """The (unconditional, conditional) noise predictions in one network call, float32."""
+        model_input = schedule.scale_input(_cfg_batch(latents, latents, clip.settings.uses_guidance), step)
+        return denoiser(model_input, schedule.timesteps[step], clip.text, clip.reference, control).float()
+
+    def _control(self, clip: _Clip, start: int, stop: int) -> ControlFeatures:
+        """Control features of frames [start, stop) of the padded clip, computed now (only
+        the window in hand is ever held): frames past the clip repeat the last real
+        frame's; with guidance the unconditional features come first in the batch."""
+        real_stop = min(stop, clip.num_frames)
+        features = self._control_features(clip.source(start, real_stop))
+        if stop > real_stop:
+            repeats = stop - real_stop
+            features = {k: torch.cat([v, v[:, :, -1:].expand(-1, -1, repeats, -1, -1)], dim=2) for k, v in features.items()}
+        if clip.negative_control is None:
+            return features
+        negative = clip.negative_control
+        return {k: torch.cat([negative[k].expand(-1, -1, stop - start, -1, -1), v], dim=0) for k, v in features.items()}
+
+    def _control_features(self, frames: DrivingFrames) -> ControlFeatures:
+        condition = frames.condition.to(self.device)
+        if isinstance(self.control_net, HMControlNet2):
+            if frames.pd_fpg is None:
+                raise ValueError("HMControlNet2 needs pd_fpg in the driving frames")
+            return self.control_net(condition, frames.pd_fpg.to(self.device))
+        if frames.drive_coeff is None or frames.face_parts is None:
+            raise ValueError("HMControlNet needs drive_coeff and face_parts in the driving frames")
+        return self.control_net(condition, frames.drive_coeff.to(self.device), frames.face_parts.to(self.device))
+
+    def _negative_control(self, inputs: SamplerInputs) -> ControlFeatures:
+        """The unconditional control of one frame: a blank (-1) condition image and zero
+        expression inputs, or HMControlNet2's `neg_pd_fpg`."""
+        first = inputs.control(0, 1)
+        blank = torch.full_like(first.condition, -1.0)
+        if isinstance(self.control_net, HMControlNet2):
+            if inputs.neg_pd_fpg is None:
+                raise ValueError("guidance with HMControlNet2 needs neg_pd_fpg")
+            return self._control_features(DrivingFrames(blank, pd_fpg=inputs.neg_pd_fpg))
+        if first.drive_coeff is None or first.face_parts is None:
+            raise ValueError("HMControlNet needs drive_coeff and face_parts in the driving frames")
+        zeros = DrivingFrames(blank, torch.zeros_like(first.drive_coeff), torch.zeros_like(first.face_parts))
+        return self._control_features(zeros)
+
+    @torch.no_grad()
+    def decode_tensors(
+        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
+    ) -> Iterator[torch.Tensor]:
+        """latents from `sample` -> (n, 3, H, W) float32 frames in [0, 1] on the device, n <= batch."""
+        num_frames = latents.shape[2]
+        progress(ProgressEvent("decode", 0, num_frames, "frames"))
+        for start in range(0, num_frames, batch):
+            stop = min(start + batch, num_frames)
+            z = latents[0, :, start:stop].transpose(0, 1).to(self.device, self.vae_decoder.dtype)
+            images = self.vae_decoder.decode(z).sample.float()
+            yield (images / 2 + 0.5).clamp(0, 1)
+            progress(ProgressEvent("decode", stop, num_frames, "frames"))
+
+    def decode(
+        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
+    ) -> Iterator[np.ndarray]:
+        """latents from `sample` -> RGB uint8 frames (n, H, W, 3), batch by batch, ready to stream to a writer."""
+        for images in self.decode_tensors(latents, batch, progress):
+            yield (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _draw(generator: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """Standard normal noise from the CPU generator, in float32 whatever the device."""
+    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
+
+
+def _cfg_batch(unconditional: torch.Tensor, conditional: torch.Tensor, guided: bool) -> torch.Tensor:
+    """Classifier-free guidance runs both halves in one network call, unconditional first."""
+    return torch.cat([unconditional, conditional], dim=0) if guided else conditional
+
+
+def _default(value: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
+    return fallback if value is None else value
+
+
+def _guide(noise: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
+    """Classifier-free guidance on a batch of (unconditional, conditional) predictions."""
+    if not settings.uses_guidance:
+        return noise
+    unconditional, conditional = noise.chunk(2)
+    return unconditional + settings.guidance * (conditional - unconditional)

@@ -1,0 +1,384 @@
+"""The two-stage video sampler: conformance with the official `HMVideoPipeline.__call__`
+(every `sampler` case under $HELLOMEME_CONFORMANCE_DIR), the stage-2 window plan, and
+its behaviour on tiny random networks (short clips, seeds, bounded control requests,
+windows at any overlap)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+
+from conformance_case import load_case, relative_error
+from conftest import CONFORMANCE_DIR
+from hellomeme_cli import sampler as sampler_module
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.models import HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
+from hellomeme_cli.models.unet import load_folder
+from hellomeme_cli.progress import ProgressEvent
+from hellomeme_cli.sampler import (
+    SamplerInputs,
+    SamplerSettings,
+    VideoSampler,
+    control_from_tensors,
+    plan_windows,
+)
+
+LATENTS_TOLERANCE = 1e-4  # relative; a faithful float32 sampler gets below 2e-5 (README)
+FRAMES_MAE_TOLERANCE = 1e-3
+# bfloat16 keeps 8 mantissa bits; over two stages of a few dozen layers that leaves
+# about 3e-3 (measured on sampler_public), still far below what one missing
+# conditioning changes (8e-3 for the expression control is the smallest; README).
+BFLOAT16_LATENTS_TOLERANCE = 2e-2
+CONTROL_NETS = {"blendshapes": (HMControlNet, "hm_control"), "pdfgc": (HMControlNet2, "hm_control2")}
+
+
+# --- conformance -----------------------------------------------------------------------
+
+
+def _is_sampler_case(folder) -> bool:
+    case = folder / "case.json"
+    return case.is_file() and json.loads(case.read_text()).get("kind") == "sampler"
+
+
+def _sampler_cases():
+    if not CONFORMANCE_DIR.is_dir():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no conformance data at {CONFORMANCE_DIR}"))]
+    cases = sorted(p for p in CONFORMANCE_DIR.iterdir() if _is_sampler_case(p))
+    if not cases:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no sampler case in {CONFORMANCE_DIR}"))]
+    return [pytest.param(p, id=p.name) for p in cases]
+
+
+def _case_sampler(folder, dtype: torch.dtype) -> VideoSampler:
+    weights, case = folder / "weights", json.loads((folder / "case.json").read_text())
+    unet = load_folder(UNet2DConditionModel, weights / "unet", torch_dtype=dtype)
+    adapter = load_folder(HMReferenceAdapter, weights / "hm_reference", torch_dtype=dtype)
+    motion = motion_unet(unet, load_folder(MotionAdapter, weights / "motion_adapter", torch_dtype=dtype))
+    control_cls, control_folder = CONTROL_NETS[case["control"]]
+    return VideoSampler(
+        HMReferenceNet(unet),
+        HMDenoisingNet(unet, adapter),
+        HMDenoisingNet(motion, adapter),
+        load_folder(control_cls, weights / control_folder, torch_dtype=dtype),
+        load_folder(AutoencoderKL, weights / "vae", torch_dtype=dtype),
+    )
+
+
+def _case_inputs(case: dict, io: dict[str, torch.Tensor]) -> tuple[SamplerInputs, SamplerSettings]:
+    inputs = SamplerInputs(
+        ref_image=io["in.ref_image"],
+        text_embeds=io["in.text_embeds"],
+        negative_text_embeds=io["in.negative_text_embeds"],
+        control=control_from_tensors(
+            io["in.condition"], io.get("in.drive_coeff"), io.get("in.face_parts"), io.get("in.pd_fpg")
+        ),
+        num_frames=case["frames"],
+        neg_pd_fpg=io.get("in.neg_pd_fpg"),
+    )
+    settings = SamplerSettings(
+        steps=case["steps"],
+        stage1_steps=case["stage1_steps"],
+        guidance=case["guidance_scale"],
+        window=case["window"],
+        overlap=case["overlap"],
+    )
+    return inputs, settings
+
+
+def _run_case(folder, dtype: torch.dtype):
+    case, io = load_case(folder)
+    inputs, settings = _case_inputs(case, io)
+    sampler = _case_sampler(folder, dtype)
+    latents = sampler.sample(inputs, settings, torch.Generator().manual_seed(case["seed"]))
+    return sampler, latents, io
+
+
+@pytest.mark.parametrize("case", _sampler_cases())
+def test_float32_sampler_matches_official(case):
+    sampler, latents, io = _run_case(case, torch.float32)
+    expected = io["out.latents"]
+    assert latents.shape == expected.shape
+    error = relative_error(latents, expected)
+    per_frame = [relative_error(latents[:, :, f], expected[:, :, f]) for f in range(expected.shape[2])]
+    frames = torch.cat(list(sampler.decode_tensors(latents, batch=5)))
+    frames_mae = (frames - io["out.frames"]).abs().mean().item()
+    print(
+        f"{case.name} float32 latents relative error {error:.3e} (worst frame {max(per_frame):.3e}), "
+        f"frames MAE {frames_mae:.3e}"
+    )
+    assert error < LATENTS_TOLERANCE and max(per_frame) < LATENTS_TOLERANCE
+    assert frames.shape == io["out.frames"].shape and frames_mae < FRAMES_MAE_TOLERANCE
+
+    # The uint8 stream is the same frames, rounded, in (n, H, W, 3) batches.
+    batches = list(sampler.decode(latents, batch=5))
+    assert [len(b) for b in batches] == [min(5, len(frames) - i) for i in range(0, len(frames), 5)]
+    rounded = (io["out.frames"] * 255).round().permute(0, 2, 3, 1).numpy()
+    assert np.abs(np.concatenate(batches).astype(np.float64) - rounded).mean() < 0.01
+
+
+@pytest.mark.parametrize("case", _sampler_cases())
+def test_bfloat16_sampler_runs_and_stays_close(case):
+    _, latents, io = _run_case(case, torch.bfloat16)
+    error = relative_error(latents, io["out.latents"])
+    print(f"{case.name} bfloat16 latents relative error {error:.3e}")
+    assert latents.dtype == torch.float32 and error < BFLOAT16_LATENTS_TOLERANCE
+
+
+# --- the stage-2 window plan ----------------------------------------------------------
+
+
+def _official_plan(num_frames: int, window: int, overlap: int) -> tuple[int, list[list[int]]]:
+    """The index arithmetic of the official stage 2 (padded length, frame lists per
+    window), for the overlaps it accepts unclamped (<= 5) and clips of at least
+    max(2, overlap) frames (it fails on shorter ones)."""
+    stride = window - overlap
+    pad = stride - (num_frames - overlap) % stride
+    padded = num_frames + pad
+    chunks = [list(range(padded))[i : i + window] for i in range(0, padded - stride + 1, stride)]
+    chunks[-1] = list(range(chunks[-1][0], padded))
+    return padded, chunks
+
+
+LENGTHS = (1, 5, 11, 12, 13, 38, 84)
+OVERLAPS = (0, 2, 4, 5, 11)
+
+
+@pytest.mark.parametrize("overlap", OVERLAPS)
+@pytest.mark.parametrize("num_frames", LENGTHS)
+def test_window_plan_covers_every_frame(num_frames, overlap):
+    plan = plan_windows(num_frames, 12, overlap)
+    coverage = plan.coverage()
+    assert all(stop - start == 12 for start, stop in plan.windows)
+    assert plan.windows[0][0] == 0 and plan.length >= num_frames
+    assert (coverage[:num_frames] >= 1).all(), "a real frame no window holds"
+    assert (coverage >= 1).all()
+    for (start, _), (next_start, _) in zip(plan.windows, plan.windows[1:]):
+        assert next_start - start == 12 - overlap  # consecutive windows share exactly `overlap` frames
+    assert all(start < num_frames for start, _ in plan.windows), "a window of padding only"
+    assert plan.noise_frames >= plan.length
+    expected = torch.zeros(plan.length)
+    for start, stop in plan.windows:
+        expected[start:stop] += 1
+    assert torch.equal(coverage, expected)
+
+
+@pytest.mark.parametrize(
+    "num_frames, overlap",
+    [(f, o) for f in (4, 5, 11, 12, 13, 14, 20, 38, 84, 100) for o in (1, 2, 3, 4, 5) if f >= o],
+)
+def test_window_plan_is_the_official_one_where_the_official_code_works(num_frames, overlap):
+    padded, chunks = _official_plan(num_frames, 12, overlap)
+    plan = plan_windows(num_frames, 12, overlap)
+    assert plan.noise_frames == padded == plan.length
+    assert [list(range(start, stop)) for start, stop in plan.windows] == chunks
+
+
+def test_window_plan_at_overlap_4_pads_as_the_official_code():
+    assert plan_windows(14, 12, 4).windows == ((0, 12), (8, 20))
+    assert plan_windows(12, 12, 4).windows == ((0, 12), (8, 20))  # an exact fit still gets a padded window
+    assert plan_windows(5, 12, 4).windows == ((0, 12),)
+
+
+def test_window_plan_drops_windows_of_padding_only():
+    plan = plan_windows(12, 12, 0)
+    assert plan.windows == ((0, 12),) and plan.noise_frames == 24  # the official draw, one window run
+
+
+@pytest.mark.parametrize("overlap", (-1, 12, 13))
+def test_settings_refuse_overlaps_outside_the_window(overlap):
+    with pytest.raises(HellomemeError, match="overlap"):
+        SamplerSettings(overlap=overlap)
+
+
+# --- behaviour on tiny random networks ------------------------------------------------
+
+SIZE = 128  # pixels; latents 16x16, the smallest control level 2x2
+TEXT_DIM = 32
+UNET_CHANNELS = (32, 64, 64, 64)
+CONTROL_CHANNELS = (16, 32, 64, 64)  # control level i feeds UNet down block i
+
+
+def _randomize(model: torch.nn.Module) -> torch.nn.Module:
+    """Give the zero-initialised output layers random values, so every path contributes."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if not parameter.any():
+                parameter.normal_(0, 0.02)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def tiny_nets():
+    torch.manual_seed(0)
+    blocks = {
+        "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    }
+    unet = _randomize(
+        UNet2DConditionModel(
+            sample_size=SIZE // 8, block_out_channels=UNET_CHANNELS, layers_per_block=1, cross_attention_dim=TEXT_DIM,
+            attention_head_dim=8, norm_num_groups=32, **blocks,
+        )
+    )
+    adapter = _randomize(HMReferenceAdapter(block_out_channels=UNET_CHANNELS, **blocks))
+    motion_adapter = _randomize(
+        MotionAdapter(
+            block_out_channels=UNET_CHANNELS, motion_layers_per_block=1, motion_norm_num_groups=32,
+            motion_num_attention_heads=8, motion_max_seq_length=32,
+        )
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(32, 32, 32, 32), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=1, norm_num_groups=32, sample_size=SIZE,
+    ).eval()
+    return {
+        "reference_net": HMReferenceNet(unet),
+        "denoiser_2d": HMDenoisingNet(unet, adapter),
+        "denoiser_motion": HMDenoisingNet(motion_unet(unet, motion_adapter).eval(), adapter),
+        "blendshapes": _randomize(HMControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS)),
+        "pdfgc": _randomize(HMControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS)),
+        "vae": vae,
+    }
+
+
+def _tiny_sampler(nets, control="blendshapes", denoiser_motion=None) -> VideoSampler:
+    return VideoSampler(
+        nets["reference_net"], nets["denoiser_2d"], denoiser_motion or nets["denoiser_motion"], nets[control], nets["vae"]
+    )
+
+
+def _tiny_inputs(num_frames: int, seed: int = 1, requests: list | None = None) -> SamplerInputs:
+    """Random driving signals for both control nets; `requests` records every frame range asked for."""
+    g = torch.Generator().manual_seed(seed)
+    source = control_from_tensors(
+        torch.rand(1, 3, num_frames, SIZE, SIZE, generator=g) * 2 - 1,
+        torch.rand(1, num_frames, 52, generator=g),
+        torch.randn(1, num_frames, 3, 1024, generator=g),
+        torch.randn(1, num_frames, 548, generator=g),
+    )
+
+    def control(start: int, stop: int):
+        if requests is not None:
+            requests.append((start, stop))
+        return source(start, stop)
+
+    return SamplerInputs(
+        ref_image=torch.rand(1, 3, SIZE, SIZE, generator=g) * 2 - 1,
+        text_embeds=torch.randn(1, 77, TEXT_DIM, generator=g),
+        negative_text_embeds=torch.randn(1, 77, TEXT_DIM, generator=g),
+        control=control,
+        num_frames=num_frames,
+        neg_pd_fpg=torch.randn(1, 1, 548, generator=g),
+    )
+
+
+FAST = SamplerSettings(steps=2, stage1_steps=2, guidance=1.5)
+
+
+def _sample(sampler, inputs, settings=FAST, seed=0, progress=None):
+    kwargs = {"progress": progress} if progress else {}
+    return sampler.sample(inputs, settings, torch.Generator().manual_seed(seed), **kwargs)
+
+
+@pytest.mark.parametrize("num_frames", (1, 5))
+def test_clips_shorter_than_a_window_work(tiny_nets, num_frames):
+    sampler = _tiny_sampler(tiny_nets)
+    latents = _sample(sampler, _tiny_inputs(num_frames))
+    assert latents.shape == (1, 4, num_frames, SIZE // 8, SIZE // 8) and torch.isfinite(latents).all()
+    frames = np.concatenate(list(sampler.decode(latents, batch=2)))
+    assert frames.shape == (num_frames, SIZE, SIZE, 3) and frames.dtype == np.uint8
+
+
+def test_same_seed_same_latents_other_seed_other_latents(tiny_nets):
+    sampler, inputs = _tiny_sampler(tiny_nets), _tiny_inputs(3)
+    first, again, other = (_sample(sampler, inputs, seed=s) for s in (7, 7, 8))
+    assert torch.equal(first, again)
+    assert relative_error(other, first) > 0.1
+
+
+def test_guidance_off_and_the_pdfgc_control_net_work(tiny_nets):
+    inputs = _tiny_inputs(3)
+    guided = _sample(_tiny_sampler(tiny_nets, "pdfgc"), inputs)
+    unguided = _sample(_tiny_sampler(tiny_nets, "pdfgc"), inputs, SamplerSettings(steps=2, stage1_steps=2, guidance=1.0))
+    assert torch.isfinite(guided).all() and torch.isfinite(unguided).all()
+    assert relative_error(unguided, guided) > 1e-3
+
+
+def test_networks_run_once_per_clip_or_step_with_guidance_batched(tiny_nets):
+    """The reference cache is computed once; each denoiser call carries both guidance halves."""
+    calls = {"reference": [], "2d": [], "motion": []}
+    hooks = [
+        tiny_nets[name].register_forward_pre_hook(lambda module, args, key=key: calls[key].append(tuple(args[0].shape)))
+        for name, key in (("reference_net", "reference"), ("denoiser_2d", "2d"), ("denoiser_motion", "motion"))
+    ]
+    try:
+        _sample(_tiny_sampler(tiny_nets), _tiny_inputs(14), SamplerSettings(steps=3, stage1_steps=2, guidance=1.5))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    h = SIZE // 8
+    assert calls["reference"] == [(2, 4, 1, h, h)]
+    assert calls["2d"] == [(2, 4, 1, h, h)] * (14 * 2)
+    assert calls["motion"] == [(2, 4, 12, h, h)] * (3 * 2)  # 14 frames: windows [0, 12) and [8, 20)
+
+
+def test_control_is_asked_for_bounded_frame_ranges(tiny_nets):
+    requests: list[tuple[int, int]] = []
+    settings = SamplerSettings(steps=2, stage1_steps=1, guidance=1.5, overlap=4)
+    _sample(_tiny_sampler(tiny_nets), _tiny_inputs(30, requests=requests), settings)
+    assert all(0 <= start < stop <= 30 and stop - start <= settings.window for start, stop in requests)
+    assert {f for start, stop in requests for f in range(start, stop)} == set(range(30))
+    assert max(stop - start for start, stop in requests) == settings.window
+
+
+class _PerFrameMotion(torch.nn.Module):
+    """The 2D denoiser in the motion denoiser's place: no frame sees another, so a frame's
+    stage-2 result must not depend on how the windows are laid out."""
+
+    is_motion = True
+
+    def __init__(self, denoiser_2d: HMDenoisingNet):
+        super().__init__()
+        self.denoiser_2d = denoiser_2d
+
+    def forward(self, *args):
+        return self.denoiser_2d(*args)
+
+
+def _noise_by_frame(generator, shape, device):
+    """Noise whose frame f is the same whatever the number of frames drawn."""
+    if len(shape) != 5:
+        return torch.randn(shape, generator=generator).to(device)
+    b, c, frames, h, w = shape
+    noise = [torch.randn((b, c, h, w), generator=torch.Generator().manual_seed(f)) for f in range(frames)]
+    return torch.stack(noise, dim=2).to(device)
+
+
+def test_every_overlap_covers_and_averages_every_frame(tiny_nets, monkeypatch):
+    monkeypatch.setattr(sampler_module, "_draw", _noise_by_frame)
+    sampler = _tiny_sampler(tiny_nets, denoiser_motion=_PerFrameMotion(tiny_nets["denoiser_2d"]))
+    inputs = _tiny_inputs(17)
+    results = {
+        overlap: _sample(sampler, inputs, SamplerSettings(steps=2, stage1_steps=1, guidance=1.5, overlap=overlap))
+        for overlap in (0, 2, 4, 5, 11)
+    }
+    for overlap, latents in results.items():
+        assert torch.isfinite(latents).all()
+        assert relative_error(latents, results[4]) < 1e-5, f"overlap {overlap}"
+
+
+def test_progress_reports_each_stage_to_its_total(tiny_nets):
+    events: list[ProgressEvent] = []
+    sampler = _tiny_sampler(tiny_nets)
+    latents = _sample(sampler, _tiny_inputs(3), progress=events.append)
+    list(sampler.decode(latents, batch=2, progress=events.append))
+    by_task: dict[str, list[tuple[int, int | None, str]]] = {}
+    for event in events:
+        by_task.setdefault(event.task, []).append((event.completed, event.total, event.unit))
+    assert by_task["stage 1"] == [(i, 3, "frames") for i in range(4)]
+    assert by_task["stage 2"] == [(i, 2, "steps") for i in range(3)]
+    assert by_task["decode"] == [(0, 3, "frames"), (2, 3, "frames"), (3, 3, "frames")]
