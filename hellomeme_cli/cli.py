@@ -138,13 +138,15 @@ def animate(
     crop: Annotated[bool, typer.Option(help="Crop the reference and the clip around the face (--no-crop: use whole frames).")] = True,
     face_index: Annotated[int, typer.Option(help="Which face of the driving clip to follow (0: the largest).")] = 0,
     smooth: Annotated[bool, typer.Option(help="Smooth the driving landmarks and pose over time.")] = True,
+    size: Annotated[int, typer.Option(help="Working size in pixels (multiple of 64); the released weights are trained at 512.")] = 512,
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
 ) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
     from .checkpoints import parse_lora_option
-    from .engine import ModelOptions, load_models
-    from .pipeline import AnimateSettings, animate as run_animate, default_output
-    from .video import check_destination
+    from .engine import ModelOptions, check_options, load_models, required_components
+    from .pipeline import AnimateSettings, animate as run_animate, default_output, load_reference
+    from .tracking import MODEL_FILE
+    from .video import check_destination, probe_video
 
     models = ModelOptions(
         control=control,
@@ -157,17 +159,20 @@ def animate(
     settings = AnimateSettings(
         models=models, steps=steps, guidance=guidance, seed=seed, fps=fps, max_frames=max_frames, trans_ratio=trans_ratio,
         prompt=prompt, negative_prompt=negative_prompt, window=window, overlap=overlap, crop=crop, face_index=face_index,
-        smoothing=smooth,
+        smoothing=smooth, size=size,
     ).with_seed()
     output = output or default_output(reference, drive)
     check_destination(output, force, [reference, drive])
-    for path, what in ((reference, "reference image"), (drive, "driving video")):
-        if not path.is_file():
-            raise HellomemeError(f"{path}: no such file ({what})")
+    check_options(models)
+    cache = _cache()
+    face_model = cache.require(required_components(control))["face_landmarker"] / MODEL_FILE
+    probe_video(drive)
+    source = load_reference(reference, settings, face_model)
     console.print(f"seed {settings.seed}", highlight=False)
     _quiet_libraries()
     with _progress_bars() as report:
-        result = run_animate(reference, drive, output, settings, load_models(models, progress=report), force=force, progress=report)
+        loaded = load_models(models, cache, progress=report)
+        result = run_animate(source, drive, output, settings, loaded, force=force, progress=report)
     out.print(
         f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, seed {result.seed}, "
         f"{result.faceless_frames} driving frames without a face (filled), {result.seconds:.0f} s",

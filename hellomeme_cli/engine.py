@@ -19,7 +19,7 @@ import torch
 from diffusers import AutoencoderKL, MotionAdapter
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from .checkpoints import load_sd15, load_vae
+from .checkpoints import PICKLE_SUFFIXES, load_sd15, load_vae
 from .errors import HellomemeError
 from .models import FanEncoder, HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
 from .models.unet import load_folder
@@ -34,6 +34,7 @@ DEFAULT_PROMPT = (
 )
 CONTROLS = ("blendshapes", "pdfgc")
 _CONTROL_COMPONENTS = {"blendshapes": ("hm_control", "image_encoder"), "pdfgc": ("hm_control2", "pd_fgc_motion")}
+WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CHECKPOINT_PATTERNS = ["model_index.json", "*/*.json", "tokenizer/*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
 
@@ -146,6 +147,21 @@ def resolve_checkpoint(value: str, cache: WeightCache) -> Path:
     except Exception as err:  # network, auth, missing repo: all end the run the same way
         first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise HellomemeError(f"cannot download checkpoint {value} from Hugging Face: {first_line}") from err
+
+
+def check_options(options: ModelOptions) -> None:
+    """Everything about the options that can be wrong, found before any loading starts."""
+    resolve_dtype(options.dtype, resolve_device(options.device))
+    required_components(options.control)
+    local = [(path, "LoRA") for path, _ in options.loras] + ([(options.vae, "VAE")] if options.vae else [])
+    if options.checkpoint and (Path(options.checkpoint).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", options.checkpoint)):
+        local.append((Path(options.checkpoint), "checkpoint"))
+    for path, what in local:
+        path = Path(path).expanduser()
+        if not path.exists():
+            raise HellomemeError(f"{what} not found: {path}")
+        if path.is_file() and path.suffix.lower() not in WEIGHT_SUFFIXES:
+            raise HellomemeError(f"{path}: not a weight file for the {what} (expected {', '.join(WEIGHT_SUFFIXES)})")
 
 
 def load_models(

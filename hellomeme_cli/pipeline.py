@@ -50,6 +50,7 @@ class AnimateSettings:
     crop: bool = True
     face_index: int = 0
     smoothing: bool = True
+    size: int = 512
 
     def __post_init__(self) -> None:
         problems = [
@@ -62,6 +63,7 @@ class AnimateSettings:
             (not 0 <= self.overlap < self.window, f"--overlap must be in [0, window) = [0, {self.window}) (got {self.overlap})"),
             (self.seed is not None and not 0 <= self.seed < 2**32, f"--seed must be in [0, 2^32) (got {self.seed})"),
             (self.face_index < 0, f"--face-index must be at least 0 (got {self.face_index})"),
+            (self.size < 64 or self.size % 64, f"--size must be a multiple of 64, at least 64 (got {self.size})"),
         ]
         for bad, message in problems:
             if bad:
@@ -82,8 +84,23 @@ class AnimateResult:
     seconds: float
 
 
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """The reference picture, read and its face found, before any model is loaded (so a picture
+    without a face fails in a second, and a batch with one reference does this once)."""
+
+    path: Path
+    face: ReferenceFace
+
+
+def load_reference(path: Path, settings: AnimateSettings, face_model: Path) -> Reference:
+    image = read_image(path)
+    track = track_image(image, name=str(path), model_path=face_model)
+    return Reference(path, prepare_reference(image, track, settings.size, settings.crop))
+
+
 def animate(
-    reference: Path,
+    reference: Reference,
     driving: Path,
     output: Path,
     settings: AnimateSettings,
@@ -95,10 +112,9 @@ def animate(
     """Give the reference portrait the driving clip's motion; write `output` (mp4 with the clip's audio)."""
     started = time.monotonic()
     settings = settings.with_seed()
-    check_destination(output, force, [reference, driving])
+    check_destination(output, force, [reference.path, driving])
 
-    # 1. Read and track the reference picture and the driving clip.
-    reference_face = _reference_face(reference, settings, models)
+    # 1. Read and track the driving clip (the reference picture was read by `load_reference`).
     info = probe_video(driving)
     track = track_video(
         driving,
@@ -119,7 +135,7 @@ def animate(
     signals = build_driving_signals(
         track,
         frames_at(read_frames(driving, settings.max_frames), shown),
-        reference_face,
+        reference.face,
         image_encoder=models.image_encoder,
         fan_encoder=models.fan_encoder,
         device=models.device,
@@ -134,7 +150,7 @@ def animate(
         models.reference_net, models.denoiser_2d, models.denoiser_motion, models.control_net, models.vae_encoder, models.vae_decoder
     )
     latents = sampler.sample(
-        _sampler_inputs(reference_face, signals, settings, models),
+        _sampler_inputs(reference.face, signals, settings, models),
         SamplerSettings(steps=settings.steps, guidance=settings.guidance, window=settings.window, overlap=settings.overlap),
         torch.Generator().manual_seed(settings.seed),
         progress,
@@ -144,15 +160,10 @@ def animate(
     frames = (frame for batch in sampler.decode(latents, progress=progress) for frame in batch)
     metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", "hellomeme_seed": str(settings.seed)}
     write_video(
-        frames, output, fps, audio_from=driving, metadata=metadata, force=force, protect=[reference, driving],
+        frames, output, fps, audio_from=driving, metadata=metadata, force=force, protect=[reference.path, driving],
         progress=progress, total=len(signals),
     )
     return AnimateResult(output, len(signals), float(fps), settings.seed, track.filled_count, time.monotonic() - started)
-
-
-def _reference_face(reference: Path, settings: AnimateSettings, models: HelloMemeModels) -> ReferenceFace:
-    image = read_image(reference)
-    return prepare_reference(image, track_image(image, name=str(reference), model_path=models.face_model), crop=settings.crop)
 
 
 def _sampler_inputs(

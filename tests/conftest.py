@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 from pathlib import Path
 
 import pytest
 import torch
 
 from hellomeme_cli import tracking
+from hellomeme_cli.video import ffmpeg_exe
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HELLOMEME_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
@@ -64,3 +67,10 @@ def tiny_cache(tmp_path_factory, model: Path) -> Path:
     home = tmp_path_factory.mktemp("tiny_cache")
     make_tiny(home).import_path(model)
     return home
+
+
+def audio_duration(path: Path) -> float:
+    """Seconds of decoded audio (what a player plays), not what the container claims."""
+    command = [ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null", "-", "-progress", "pipe:1", "-nostats"]
+    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    return int(re.findall(r"^out_time_us=(\d+)$", out, re.MULTILINE)[-1]) / 1e6

@@ -13,7 +13,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import SHARED, require
+from conftest import SHARED, audio_duration, require
 from hellomeme_cli import video
 from hellomeme_cli.errors import HellomemeError
 
@@ -28,13 +28,6 @@ def ffmpeg(*args: str, stdin: bytes | None = None) -> None:
 def synthetic_clip(path: Path, rate: str, frames: int, size: str = "160x120") -> Path:
     ffmpeg("-f", "lavfi", "-i", f"testsrc2=size={size}:rate={rate}", "-frames:v", str(frames), "-c:v", "libx264", "-pix_fmt", "yuv420p", str(path))
     return path
-
-
-def audio_duration(path: Path) -> float:
-    """Seconds of decoded audio (what a player plays), not what the container claims."""
-    command = [video.ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null", "-", "-progress", "pipe:1", "-nostats"]
-    out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    return int(re.findall(r"^out_time_us=(\d+)$", out, re.MULTILINE)[-1]) / 1e6
 
 
 def flat_frames(count: int, height: int, width: int) -> list[np.ndarray]:

@@ -1,0 +1,139 @@
+"""`hellomeme animate` end to end, offline: tiny random networks from `make-tiny`, the real face
+model and real clips. Runs at a 128-pixel working size so the whole file takes seconds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from conftest import MEDIA, audio_duration, require
+from hellomeme_cli.checkpoints import load_sd15, save_original_layout
+from hellomeme_cli.cli import app
+from hellomeme_cli.video import probe_video, read_frames, write_video
+
+FAST = ["--size", "128", "--steps", "2"]
+runner = CliRunner()
+
+
+@pytest.fixture
+def workdir(tiny_cache, monkeypatch, tmp_path) -> Path:
+    monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def animate(*arguments: str) -> str:
+    result = runner.invoke(app, ["animate", *[str(a) for a in arguments]])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def frames(path: Path) -> np.ndarray:
+    return np.stack(list(read_frames(path)))
+
+
+def test_every_driving_frame_gives_one_output_frame_with_the_audio_in_sync(workdir):
+    reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
+    output = animate(reference, clip, *FAST, "--seed", "7")
+    written = workdir / "majicmix1_qie.mp4"
+    info, source = probe_video(written), probe_video(clip)
+    assert (info.frame_count, info.rate, info.width, info.height) == (38, source.rate, 128, 128)
+    assert info.has_audio and abs(audio_duration(written) - info.duration) < 1 / info.fps
+    assert abs(info.duration - source.duration) < 1 / info.fps
+    assert info.tags["hellomeme_seed"] == "7" and "seed 7" in output
+
+
+def test_same_seed_same_video_other_seed_another(workdir):
+    reference, clip = require(MEDIA / "chillout.jpg", "portrait"), require(MEDIA / "jue.mp4", "clip")
+    for name, seed in (("a.mp4", 1), ("b.mp4", 1), ("c.mp4", 2)):
+        animate(reference, clip, *FAST, "--max-frames", "5", "--seed", seed, "-o", name)
+    a, b, c = frames(workdir / "a.mp4"), frames(workdir / "b.mp4"), frames(workdir / "c.mp4")
+    assert len(a) == 5 and np.array_equal(a, b)
+    assert np.abs(a.astype(int) - c).mean() > 1
+
+
+def test_output_rate_resamples_the_clip_and_keeps_its_duration(workdir):
+    reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "tndtc.mp4", "clip")
+    animate(reference, clip, *FAST, "--fps", "8", "-o", "slow.mp4")
+    info, source = probe_video(workdir / "slow.mp4"), probe_video(clip)
+    assert info.fps == 8 and info.frame_count == round(source.duration * 8)
+    assert abs(audio_duration(workdir / "slow.mp4") - info.duration) < 1 / 8
+
+
+def test_frames_without_a_face_are_filled_not_dropped(workdir):
+    reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "jue.mp4", "clip")
+    source = list(read_frames(clip, 14))
+    for index in (3, 4, 9):
+        source[index] = np.zeros_like(source[index])
+    write_video(source, workdir / "gaps.mp4", 15, audio_from=clip)
+    output = animate(reference, workdir / "gaps.mp4", *FAST, "--overlap", "2", "--window", "6")
+    assert probe_video(workdir / "majicmix1_gaps.mp4").frame_count == 14
+    assert "3 driving frames without a face (filled)" in output
+
+
+def test_pdfgc_control_runs(workdir):
+    reference, clip = require(MEDIA / "civitai1.jpg", "portrait"), require(MEDIA / "ysll.mp4", "clip")
+    animate(reference, clip, *FAST, "--control", "pdfgc", "--max-frames", "4", "--guidance", "1")
+    assert probe_video(workdir / "civitai1_ysll.mp4").frame_count == 4
+
+
+def test_checkpoint_file_and_lora_change_the_video(workdir, tiny_cache):
+    reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
+    base = load_sd15(tiny_cache / "sd15")
+    for parameter in base.unet.parameters():
+        parameter.data.mul_(1.05)
+    save_original_layout(base, workdir / "community.safetensors")
+    common = [reference, clip, *FAST, "--max-frames", "4", "--seed", "3"]
+    animate(*common, "-o", "base.mp4")
+    animate(*common, "-o", "checkpoint.mp4", "--checkpoint", workdir / "community.safetensors")
+    assert np.abs(frames(workdir / "base.mp4").astype(int) - frames(workdir / "checkpoint.mp4")).mean() > 0.5
+
+
+BAD_INPUTS = [
+    (["{media}/missing.jpg", "{media}/qie.mp4"], "missing.jpg"),
+    (["{media}/qie.mp4", "{media}/qie.mp4"], "not an image"),
+    (["{media}/majicmix1.jpg", "{media}/cg1.jpg"], "is an image, not a video"),
+    (["{tmp}/flat.png", "{media}/qie.mp4"], "no face found"),
+    (["{media}/majicmix1.jpg", "{tmp}/notes.mp4"], "notes.mp4"),
+    (["{media}/majicmix1.jpg", "{media}/qie.mp4", "--overlap", "12"], "--overlap must be in [0, window)"),
+    (["{media}/majicmix1.jpg", "{media}/qie.mp4", "--control", "audio"], "unknown control 'audio'"),
+    (["{media}/majicmix1.jpg", "{media}/qie.mp4", "--steps", "0"], "--steps must be at least 1"),
+    (["{media}/majicmix1.jpg", "{media}/qie.mp4", "--device", "cuda:7"], "not available"),
+    (["{media}/majicmix1.jpg", "{media}/qie.mp4", "-o", "{media}/qie.mp4", "--force"], "input"),
+    (["{media}/majicmix1.jpg", "{media}/qie.mp4", "-o", "{tmp}/taken.mp4"], "already exists"),
+    (["{media}/majicmix1.jpg", "{media}/qie.mp4", "--checkpoint", "{tmp}/notes.mp4"], "notes.mp4"),
+]
+
+
+@pytest.mark.parametrize("arguments, message", BAD_INPUTS)
+def test_bad_input_is_one_line_and_exit_code_1(workdir, arguments, message):
+    require(MEDIA / "qie.mp4", "clip")
+    import cv2
+
+    cv2.imwrite(str(workdir / "flat.png"), np.full((256, 256, 3), 128, np.uint8))
+    (workdir / "notes.mp4").write_text("not a video")
+    (workdir / "taken.mp4").write_bytes(b"")
+    arguments = [a.format(media=MEDIA, tmp=workdir) for a in arguments]
+    result = subprocess.run(
+        [sys.executable, "-m", "hellomeme_cli", "animate", *FAST, *arguments], capture_output=True, text=True, cwd=workdir
+    )
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("seed ")]
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr
+
+
+def test_missing_weights_stop_before_any_work(tmp_path, monkeypatch):
+    reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
+    monkeypatch.setenv("HELLOMEME_HOME", str(tmp_path / "empty"))
+    result = subprocess.run(
+        [sys.executable, "-m", "hellomeme_cli", "animate", str(reference), str(clip), "-o", str(tmp_path / "x.mp4")],
+        capture_output=True, text=True,
+    )
+    assert result.returncode == 1
+    assert "missing weights" in result.stderr and "hellomeme weights fetch" in result.stderr
+    assert not (tmp_path / "x.mp4").exists()
