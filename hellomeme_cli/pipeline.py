@@ -27,7 +27,7 @@ from .progress import ProgressCallback, no_progress
 from .sampler import DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
 from .signals import DrivingSignals, ReferenceFace, build_driving_signals, prepare_reference
 from .tracking import FaceTrack, Smoothing, track_image, track_video
-from .video import check_destination, probe_video, read_frames, read_image, write_video
+from .video import check_destination, probe_video, read_frames, read_image, write_image, write_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 
@@ -146,12 +146,10 @@ def animate(
     )
 
     # 3 and 4. Prompt, reference cache and the two-stage sampler.
-    sampler = VideoSampler(
-        models.reference_net, models.denoiser_2d, models.denoiser_motion, models.control_net, models.vae_encoder, models.vae_decoder
-    )
+    sampler = _sampler(models)
     latents = sampler.sample(
         _sampler_inputs(reference.face, signals, settings, models),
-        SamplerSettings(steps=settings.steps, guidance=settings.guidance, window=settings.window, overlap=settings.overlap),
+        _sampler_settings(settings),
         torch.Generator().manual_seed(settings.seed),
         progress,
     )
@@ -164,6 +162,47 @@ def animate(
         progress=progress, total=len(signals),
     )
     return AnimateResult(output, len(signals), float(fps), settings.seed, track.filled_count, time.monotonic() - started)
+
+
+def render_image(
+    reference: Reference,
+    driving_image: Path,
+    output: Path,
+    settings: AnimateSettings,
+    models: HelloMemeModels,
+    *,
+    force: bool = False,
+    progress: ProgressCallback = no_progress,
+) -> int:
+    """One picture: the reference with the head pose and expression of `driving_image` (official
+    image pipeline: all steps with the 2D denoiser); returns the seed used."""
+    settings = settings.with_seed()
+    check_destination(output, force, [reference.path, driving_image])
+    image = read_image(driving_image)
+    track = track_image(image, face_index=settings.face_index, name=str(driving_image), model_path=models.face_model)
+    signals = build_driving_signals(
+        track, [image], reference.face, image_encoder=models.image_encoder, fan_encoder=models.fan_encoder,
+        device=models.device, dtype=models.dtype, crop=settings.crop,
+    )
+    sampler = _sampler(models)
+    latents = sampler.sample_image(
+        _sampler_inputs(reference.face, signals, settings, models),
+        _sampler_settings(settings),
+        torch.Generator().manual_seed(settings.seed),
+        progress,
+    )
+    write_image(next(sampler.decode(latents))[0], output, force=force, protect=[reference.path, driving_image])
+    return settings.seed
+
+
+def _sampler(models: HelloMemeModels) -> VideoSampler:
+    return VideoSampler(
+        models.reference_net, models.denoiser_2d, models.denoiser_motion, models.control_net, models.vae_encoder, models.vae_decoder
+    )
+
+
+def _sampler_settings(settings: AnimateSettings) -> SamplerSettings:
+    return SamplerSettings(steps=settings.steps, guidance=settings.guidance, window=settings.window, overlap=settings.overlap)
 
 
 def _sampler_inputs(

@@ -228,6 +228,42 @@ class VideoSampler:
         progress: ProgressCallback = no_progress,
     ) -> torch.Tensor:
         """-> final latents divided by the VAE scaling factor, (1, 4, F, h, w) float32."""
+        # 1. Reference latent and the reference net's cache, once per clip, and the unconditional control.
+        clip, ref_latents = self._prepare(inputs, settings, generator)
+
+        # 2. Stage 1: frames one by one with the 2D denoiser.
+        stage1 = self._stage1(clip, generator, ref_latents.shape, progress)
+
+        # 3. Stage 2: all frames with the motion denoiser over overlapping windows.
+        latents = self._stage2(clip, generator, stage1, progress)
+        return latents[:, :, : inputs.num_frames] / self.vae_encoder.config.scaling_factor
+
+    @torch.no_grad()
+    def sample_image(
+        self,
+        inputs: SamplerInputs,
+        settings: SamplerSettings,
+        generator: torch.Generator,
+        progress: ProgressCallback = no_progress,
+    ) -> torch.Tensor:
+        """One frame, as the official `HMImagePipeline` (strength 1): the reference latent noised to
+        the first step, then every step with the 2D denoiser -> (1, 4, 1, h, w) / scaling factor."""
+        clip, ref_latents = self._prepare(inputs, settings, generator)
+        schedule = EulerSchedule(settings.steps, self.device)
+        latent = schedule.add_noise(ref_latents, _draw(generator, ref_latents.shape, self.device))
+        control = self._control(clip, 0, 1)
+        progress(ProgressEvent("denoise", 0, len(schedule), "steps"))
+        for step in range(len(schedule)):
+            noise = _guide(self._predict(self.denoiser_2d, latent, schedule, step, clip, control), settings)
+            latent = schedule.step(noise, step, latent)
+            progress(ProgressEvent("denoise", step + 1, len(schedule), "steps"))
+        return latent / self.vae_encoder.config.scaling_factor
+
+    def _prepare(
+        self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator
+    ) -> tuple[_Clip, torch.Tensor]:
+        """What every denoiser call of a clip shares, and the scaled reference latent (1, 4, 1, h, w);
+        with guidance the reference net's unconditional half sees a zero latent, as official."""
         if generator.device.type != "cpu":
             raise ValueError("the sampler draws its noise from a CPU generator (same video on every device)")
         if inputs.num_frames < 1:
@@ -240,9 +276,6 @@ class VideoSampler:
             _default(inputs.reference_text_embeds, inputs.text_embeds),
             guided,
         ).to(self.device)
-
-        # 1. Reference latent and the reference net's cache, once per clip (guidance: a zero
-        #    latent for the unconditional half), and the unconditional control.
         ref_latents = self._encode_reference(inputs.ref_image, generator)
         clip = _Clip(
             settings=settings,
@@ -252,13 +285,7 @@ class VideoSampler:
             reference=self.reference_net(_cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text),
             negative_control=self._negative_control(inputs) if guided else None,
         )
-
-        # 2. Stage 1: frames one by one with the 2D denoiser.
-        stage1 = self._stage1(clip, generator, ref_latents.shape, progress)
-
-        # 3. Stage 2: all frames with the motion denoiser over overlapping windows.
-        latents = self._stage2(clip, generator, stage1, progress)
-        return latents[:, :, : inputs.num_frames] / self.vae_encoder.config.scaling_factor
+        return clip, ref_latents
 
     def _encode_reference(self, ref_image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         """(1, 4, 1, h, w) scaled reference latent, sampled from the VAE's latent distribution."""
