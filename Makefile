@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # elsewhere pip takes PyPI's build for the platform (CUDA on Linux x86-64).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test clean
+.PHONY: install demo test bench clean
 
 install: $(VENV)/.installed
 
@@ -27,3 +27,7 @@ test: install
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# Speed and memory on this machine (tiny weights on the CPU; full size too when a CUDA GPU is present).
+bench: install
+	$(BIN)/hellomeme bench --json benchmarks/latest.json $(if $(shell $(BIN)/python -c "import torch; print(torch.cuda.is_available() or '')"),--full-size)

@@ -12,6 +12,7 @@ serves the reference net and both stages.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import re
 from pathlib import Path
 
@@ -49,6 +50,9 @@ class ModelOptions:
     loras: tuple[tuple[Path, float], ...] = ()
     device: str = "auto"
     dtype: str = "auto"
+    channels_last: bool = False  # convolution networks in NHWC memory order (faster convolutions on recent GPUs)
+    compile: bool = False  # torch.compile the repeated UNet/VAE blocks (slow first call, faster after)
+    low_memory: bool = False  # networks wait on the CPU, each block goes to the device only while it runs
 
 
 @dataclasses.dataclass
@@ -220,7 +224,112 @@ def load_models(
         dtype=dtype,
     )
     loaded("HelloMeme modules")
+    apply_speed_options(models, options)
     return models
+
+
+def apply_speed_options(models: HelloMemeModels, options: ModelOptions) -> None:
+    """The options that change how the networks run, never what they compute (beyond rounding)."""
+    if options.channels_last:
+        for network in _convolution_networks(models):
+            network.to(memory_format=torch.channels_last)
+    if options.low_memory:
+        SequentialOffload(_offload_units(models), models.device)
+    if options.compile:
+        compile_blocks(models)
+
+
+def _unique(modules) -> list[torch.nn.Module]:
+    """Each module once (a UNet, VAE or adapter often serves several roles)."""
+    return list({id(module): module for module in modules if module is not None}.values())
+
+
+def _unets(models: HelloMemeModels) -> list[torch.nn.Module]:
+    return _unique([models.reference_net.unet, models.denoiser_2d.unet, models.denoiser_motion.unet])
+
+
+def _convolution_networks(models: HelloMemeModels) -> list[torch.nn.Module]:
+    return _unique([*_unets(models), models.control_net, models.vae_encoder, models.vae_decoder])
+
+
+def compile_blocks(models: HelloMemeModels, **compile_options) -> int:
+    """Regional compilation: every transformer and resnet block of the UNets and VAEs is compiled
+    in place (`nn.Module.compile`), so the HelloMeme hooks on the UNets' down/up blocks stay in
+    eager code and one compiled graph serves every block of a shape. Returns how many were compiled."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from diffusers.models.resnet import ResnetBlock2D
+
+    blocks = _unique(
+        module
+        for network in _convolution_networks(models)
+        for module in network.modules()
+        if isinstance(module, (BasicTransformerBlock, ResnetBlock2D))
+    )
+    for block in blocks:
+        block.compile(**compile_options)
+    return len(blocks)
+
+
+def _offload_units(models: HelloMemeModels) -> list[torch.nn.Module]:
+    """The blocks low-memory mode moves: the big parts of every network, each of which uses its
+    weights only inside its own forward. What stays on the device is small (UNet stems and time
+    embeddings, text and patch embeddings, the PD-FGC encoder) and keeps `.device` true."""
+    units: list[torch.nn.Module] = []
+    for unet in _unets(models):
+        units += [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
+    for adapter in _unique([models.denoiser_2d.reference_adapter, models.denoiser_motion.reference_adapter]):
+        units += [*adapter.reference_modules_down, adapter.reference_modules_mid, *adapter.reference_modules_up]
+    units += list(models.control_net.blocks_down)
+    for vae in _unique([models.vae_encoder, models.vae_decoder]):
+        units += [vae.encoder, vae.decoder]
+    for encoder in _unique([models.reference_text_encoder, models.text_encoder]):
+        units.append(encoder.encoder)
+    if models.image_encoder is not None:
+        units.append(models.image_encoder.vision_model.encoder)
+    return _unique(units)
+
+
+class SequentialOffload:
+    """Low-memory mode: each unit's weights live in (pinned) CPU memory and are copied to the
+    device by a forward pre-hook, used, and dropped again by a forward hook; at most one unit's
+    weights (plus the small resident parts) occupy the device at a time. Weights are read-only,
+    so nothing is ever copied back. A parked weight is an empty tensor: a unit used without its
+    hook fails loudly instead of computing with stale weights.
+
+    Units may share parameters (the stage-2 motion UNet reuses the stage-1 UNet's): each weight
+    has one stored copy, whichever unit loads it.
+    """
+
+    def __init__(self, units: list[torch.nn.Module], device: torch.device):
+        self.device = device
+        pin = device.type == "cuda"
+        stored: dict[int, torch.Tensor] = {}
+        self.units: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
+        for unit in units:
+            tensors = []
+            for tensor in itertools.chain(unit.parameters(), unit.buffers()):
+                if id(tensor) not in stored:
+                    copy = tensor.data.to("cpu")
+                    stored[id(tensor)] = copy.pin_memory() if pin else copy
+                tensors.append((tensor, stored[id(tensor)]))
+            self.units[id(unit)] = tensors
+        for unit in units:
+            self._park(unit)
+            unit.register_forward_pre_hook(self._load_hook)
+            unit.register_forward_hook(self._park_hook)
+        if pin:
+            torch.cuda.empty_cache()
+
+    def _load_hook(self, unit: torch.nn.Module, args) -> None:
+        for tensor, stored in self.units[id(unit)]:
+            tensor.data = stored.to(self.device, non_blocking=True)
+
+    def _park_hook(self, unit: torch.nn.Module, args, output) -> None:
+        self._park(unit)
+
+    def _park(self, unit: torch.nn.Module) -> None:
+        for tensor, stored in self.units[id(unit)]:
+            tensor.data = torch.empty(0, dtype=stored.dtype)
 
 
 def _image_encoder(folder: Path, dtype: torch.dtype, device: torch.device) -> CLIPVisionModelWithProjection:

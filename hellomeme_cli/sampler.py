@@ -406,9 +406,10 @@ class VideoSampler:
         for start in range(0, num_frames, batch):
             stop = min(start + batch, num_frames)
             z = latents[0, :, start:stop].transpose(0, 1).to(self.device, self.vae_decoder.dtype)
-            images = self.vae_decoder.decode(z).sample.float()
-            yield (images / 2 + 0.5).clamp(0, 1)
+            images = (self.vae_decoder.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+            # Reported before the batch is handed on, so the consumer's time is not counted as decoding.
             progress(ProgressEvent("decode", stop, num_frames, "frames"))
+            yield images
 
     def decode(
         self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress

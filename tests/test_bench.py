@@ -1,0 +1,134 @@
+"""`hellomeme bench` and the speed options: what they report and that they change no result.
+No timing is asserted, only that every number is there and positive."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from typer.testing import CliRunner
+
+from conftest import MEDIA, require
+from hellomeme_cli.bench import STAGES, StageClock, count_flops
+from hellomeme_cli.cli import app
+from hellomeme_cli.engine import ModelOptions, compile_blocks, load_models
+from hellomeme_cli.progress import ProgressEvent
+from hellomeme_cli.sampler import SamplerInputs, SamplerSettings, VideoSampler, control_from_tensors
+from hellomeme_cli.tiny import TEXT_DIM
+from hellomeme_cli.weights import WeightCache
+
+SIZE = 128
+
+
+def test_bench_command_writes_every_stage_with_positive_numbers(tiny_cache, tmp_path, monkeypatch):
+    reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
+    monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
+    arguments = ["bench", "--json", tmp_path / "bench.json", "--reference", reference, "--drive", clip,
+                 "--size", "128", "--steps", "1", "--max-frames", "3", "--frames", "4"]
+    result = CliRunner().invoke(app, [str(a) for a in arguments])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "bench.json").read_text())
+
+    clip_run = report["cpu_tiny"]
+    assert clip_run["frames"] == 3
+    assert set(clip_run["seconds_per_frame"]) == set(STAGES)
+    assert all(value > 0 for value in clip_run["seconds_per_frame"].values()), clip_run["seconds_per_frame"]
+    assert clip_run["peak_rss_mb"] >= clip_run["rss_after_loading_mb"] > 0
+    assert [run["frames"] for run in report["memory"]] == [4]
+    assert report["tracking"]["overall_fps"] > 0
+    assert "skipped" in report["gpu_full_size"]
+    machine = report["machine"]
+    assert machine["cpu_cores"] > 0 and machine["torch"] == torch.__version__ and machine["hellomeme"]
+    assert "face tracking" in result.output and "peak RSS" in result.output
+
+
+def test_stage_clock_gives_the_time_before_stage_1_to_the_reference_and_the_tail_to_encoding():
+    clock = StageClock()
+    for task, completed in (("tracking", 1), ("driving signals", 0), ("stage 1", 0), ("stage 1", 1), ("decode", 1), ("writing", 1)):
+        clock(ProgressEvent(task, completed, 1))
+    seconds = clock.finish()
+    assert set(seconds) == set(STAGES) and seconds["stage2"] == 0
+    assert all(seconds[stage] > 0 for stage in ("tracking", "signals", "reference", "stage1", "decode", "encode"))
+
+
+def test_flop_counter_counts_a_tiny_unet_call(tiny_cache):
+    models = load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    latents, text = torch.zeros(1, 4, 2, 8, 8), torch.zeros(1, 77, TEXT_DIM)
+    flops = count_flops(models.denoiser_motion, latents, 500, text)
+    # The conv_in convolution alone: 2 FLOPs x 2 frames x 64 pixels x 32 outputs x (4 x 3 x 3) inputs.
+    assert flops > 2 * 2 * 64 * 32 * 36
+
+
+def test_every_attention_uses_pytorch_sdpa(tiny_cache):
+    """SDPA (flash / memory-efficient kernels on GPUs) in the UNets, the motion modules and the
+    Spatial Knitting blocks of the adapter and control net alike."""
+    models = load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    networks = [models.denoiser_motion, models.control_net, models.vae_decoder]
+    attentions = [module for network in networks for module in network.modules() if isinstance(module, Attention)]
+    assert len(attentions) > 20
+    assert all(isinstance(attention.processor, AttnProcessor2_0) for attention in attentions)
+
+
+def _latents(models) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(3)
+    frames = 3
+    inputs = SamplerInputs(
+        ref_image=torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1,
+        text_embeds=torch.randn(1, 77, TEXT_DIM, generator=generator),
+        negative_text_embeds=torch.randn(1, 77, TEXT_DIM, generator=generator),
+        control=control_from_tensors(
+            torch.rand(1, 3, frames, SIZE, SIZE, generator=generator) * 2 - 1,
+            torch.rand(1, frames, 52, generator=generator),
+            torch.randn(1, frames, 3, 1024, generator=generator),
+        ),
+        num_frames=frames,
+    )
+    sampler = VideoSampler(
+        models.reference_net, models.denoiser_2d, models.denoiser_motion, models.control_net, models.vae_encoder, models.vae_decoder
+    )
+    settings = SamplerSettings(steps=1, stage1_steps=1, guidance=1.5, window=2, overlap=1)
+    latents = sampler.sample(inputs, settings, torch.Generator().manual_seed(0))
+    frames_out = torch.cat(list(sampler.decode_tensors(latents, batch=2)))
+    return torch.cat([latents.flatten(), frames_out.flatten()])
+
+
+def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+@pytest.fixture(scope="module")
+def default_latents(tiny_cache) -> torch.Tensor:
+    return _latents(load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache)))
+
+
+@pytest.mark.parametrize("option", ["channels_last", "low_memory"])
+def test_speed_options_give_the_default_latents_and_frames(tiny_cache, default_latents, option):
+    options = dataclasses.replace(ModelOptions(device="cpu"), **{option: True})
+    models = load_models(options, WeightCache(tiny_cache))
+    assert _relative(_latents(models), default_latents) < 1e-5
+
+
+def test_low_memory_parks_every_block_between_calls(tiny_cache):
+    """A parked weight is empty, so a block run without being loaded fails instead of using
+    stale weights; between calls only the small resident parts hold their weights."""
+    models = load_models(ModelOptions(device="cpu", low_memory=True), WeightCache(tiny_cache))
+    _latents(models)
+    unet = models.denoiser_motion.unet
+    assert all(p.numel() == 0 for p in unet.down_blocks.parameters())
+    assert all(p.numel() == 0 for p in models.vae_decoder.decoder.parameters())
+    assert unet.conv_in.weight.numel() > 0 and unet.device == models.device
+
+
+def test_compile_keeps_the_hooks_and_the_result(tiny_cache, default_latents):
+    """The compiled regions are the blocks inside the UNets; the HelloMeme hooks around them
+    still run. Checked with the `eager` backend: inductor's code generation on a 2-core CPU
+    takes minutes, and the graph capture is what could break the hooks."""
+    models = load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    torch._dynamo.reset()
+    assert compile_blocks(models, backend="eager") > 10
+    assert _relative(_latents(models), default_latents) < 1e-5
+
