@@ -105,11 +105,13 @@ def default_latents(tiny_cache) -> torch.Tensor:
     return _latents(load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache)))
 
 
-@pytest.mark.parametrize("option", ["channels_last", "low_memory"])
-def test_speed_options_give_the_default_latents_and_frames(tiny_cache, default_latents, option):
+# Offloading runs the same kernels on the same weights: the same numbers. Channels-last picks other
+# float32 convolution kernels (another summation order), and guidance amplifies the rounding.
+@pytest.mark.parametrize("option, tolerance", [("channels_last", 1e-4), ("low_memory", 1e-7)])
+def test_speed_options_give_the_default_latents_and_frames(tiny_cache, default_latents, option, tolerance):
     options = dataclasses.replace(ModelOptions(device="cpu"), **{option: True})
     models = load_models(options, WeightCache(tiny_cache))
-    assert _relative(_latents(models), default_latents) < 1e-5
+    assert _relative(_latents(models), default_latents) < tolerance
 
 
 def test_low_memory_parks_every_block_between_calls(tiny_cache):
