@@ -162,8 +162,12 @@ def write_video(
     command = [ffmpeg_exe(), "-y", "-nostdin", "-v", "error"]
     command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(rate), "-i", "pipe:0"]
     if with_audio:
-        command += ["-i", str(audio_from), "-map", "0:v:0", "-map", "1:a:0"]
-        command += ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", "apad", "-shortest"]
+        # With the frame count known the audio is cut and padded to the exact video duration;
+        # `-shortest` alone overshoots by what the muxer buffered (worse on a busy machine).
+        duration = [] if total is None else ["-t", f"{float(total / rate):.6f}"]
+        command += [*duration, "-i", str(audio_from), "-map", "0:v:0", "-map", "1:a:0"]
+        padding = "apad" if total is None else f"apad=whole_dur={float(total / rate):.6f}"
+        command += ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", padding, *([] if total else ["-shortest"])]
     command += ["-fps_mode", "passthrough", "-vf", TO_BT709_YUV420P]
     command += ["-c:v", "libx264", "-crf", str(VIDEO_CRF), "-preset", "medium"]
     command += ["-movflags", "+faststart+use_metadata_tags"]
