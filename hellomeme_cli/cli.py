@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import inspect
 import platform
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
@@ -25,6 +28,10 @@ from rich.table import Table
 from . import __version__
 from .errors import HellomemeError
 from .progress import ProgressCallback, ProgressEvent
+
+if TYPE_CHECKING:
+    from .batch import BatchReport
+    from .pipeline import AnimateSettings
 
 app = typer.Typer(
     name="hellomeme",
@@ -110,13 +117,7 @@ def info() -> None:
     print(f"devices     {', '.join(devices + ['cpu'])}")
 
 
-@app.command()
-def animate(
-    reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
-    drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes.")],
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE.mp4 in the current folder).")
-    ] = None,
+def _generation_settings(
     steps: Annotated[int, typer.Option(help="Denoising steps (stage 2; stage 1 uses at most 10).")] = 25,
     guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 turns it off).")] = 2.0,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: a new one, printed and stored in the video).")] = None,
@@ -131,7 +132,6 @@ def animate(
     ] = None,
     lora: Annotated[list[str] | None, typer.Option(help="LoRA file, FILE or FILE:SCALE; repeat for several.")] = None,
     vae: Annotated[Path | None, typer.Option(help="Replacement VAE for decoding (file or diffusers folder).")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (float16 on GPUs, float32 on CPU), float32, float16 or bfloat16.")] = "auto",
     window: Annotated[int, typer.Option(help="Frames per motion-module window in stage 2.")] = 12,
     overlap: Annotated[int, typer.Option(help="Frames shared by neighbouring windows in stage 2.")] = 4,
@@ -139,33 +139,74 @@ def animate(
     face_index: Annotated[int, typer.Option(help="Which face of the driving clip to follow (0: the largest).")] = 0,
     smooth: Annotated[bool, typer.Option(help="Smooth the driving landmarks and pose over time.")] = True,
     size: Annotated[int, typer.Option(help="Working size in pixels (multiple of 64); the released weights are trained at 512.")] = 512,
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
-) -> None:
-    """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
+) -> AnimateSettings:
+    """The generation options `animate` and `batch` share, as the (validated) settings they make; the
+    device is each command's own option."""
     from .checkpoints import parse_lora_option
-    from .engine import ModelOptions, check_options, load_models, required_components
-    from .pipeline import AnimateSettings, animate as run_animate, default_output, load_reference
-    from .tracking import MODEL_FILE
-    from .video import check_destination, probe_video
+    from .engine import ModelOptions
+    from .pipeline import AnimateSettings
 
     models = ModelOptions(
         control=control,
         checkpoint=checkpoint,
         vae=vae,
         loras=tuple(parse_lora_option(value) for value in lora or []),
-        device=device,
         dtype=dtype,
     )
-    settings = AnimateSettings(
+    return AnimateSettings(
         models=models, steps=steps, guidance=guidance, seed=seed, fps=fps, max_frames=max_frames, trans_ratio=trans_ratio,
         prompt=prompt, negative_prompt=negative_prompt, window=window, overlap=overlap, crop=crop, face_index=face_index,
         smoothing=smooth, size=size,
-    ).with_seed()
+    )
+
+
+# Resolving annotations: `AnimateSettings` is imported where it is used (it pulls in torch); here any class will do.
+_LAZY_NAMES = {"AnimateSettings": object}
+
+
+def _with_generation_options(command: Callable[..., None]) -> Callable[..., None]:
+    """Give a command the generation options too: typer sees one flat list of options, the command
+    gets the settings they make as its `settings` argument."""
+    shared = inspect.signature(_generation_settings, eval_str=True, locals=_LAZY_NAMES).parameters
+    own = inspect.signature(command, eval_str=True, locals=_LAZY_NAMES).parameters
+    parameters = [parameter for name, parameter in own.items() if name != "settings"] + list(shared.values())
+
+    @functools.wraps(command, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
+    def run(**values: Any) -> None:
+        settings = _generation_settings(**{name: values.pop(name) for name in shared})
+        command(**values, settings=settings)
+
+    run.__signature__ = inspect.Signature(parameters)
+    run.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
+    return run
+
+
+@app.command()
+@_with_generation_options
+def animate(
+    reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
+    drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE.mp4 in the current folder).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    *,
+    settings: AnimateSettings,
+) -> None:
+    """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
+    from .engine import check_options, load_models, required_components
+    from .pipeline import animate as run_animate, default_output, load_reference
+    from .tracking import MODEL_FILE
+    from .video import check_destination, probe_video
+
+    models = dataclasses.replace(settings.models, device=device)
+    settings = dataclasses.replace(settings, models=models).with_seed()
     output = output or default_output(reference, drive)
     check_destination(output, force, [reference, drive])
     check_options(models)
     cache = _cache()
-    face_model = cache.require(required_components(control))["face_landmarker"] / MODEL_FILE
+    face_model = cache.require(required_components(models.control))["face_landmarker"] / MODEL_FILE
     probe_video(drive)
     source = load_reference(reference, settings, face_model)
     console.print(f"seed {settings.seed}", highlight=False)
@@ -178,6 +219,75 @@ def animate(
         f"{result.faceless_frames} driving frames without a face (filled), {result.seconds:.0f} s",
         highlight=False,
     )
+
+
+@app.command()
+@_with_generation_options
+def batch(
+    input_dir: Annotated[
+        Path | None, typer.Argument(help="Folder of driving clips: each video directly in it (other files are reported as failed).")
+    ] = None,
+    ref: Annotated[Path | None, typer.Option("--ref", help="The portrait to animate with every clip (or every --pairs row without one).")] = None,
+    pairs: Annotated[
+        Path | None, typer.Option(help="CSV with columns reference,driving[,output,seed,steps,...] instead of a folder (docs/batch.md).")
+    ] = None,
+    output_dir: Annotated[
+        Path | None, typer.Option("--output-dir", "-o", help="Where outputs and the report go (default: a hellomeme folder in INPUT_DIR, or beside the CSV).")
+    ] = None,
+    report: Annotated[Path | None, typer.Option(help="The JSON report to write (default: OUTPUT_DIR/batch-report.json).")] = None,
+    devices: Annotated[
+        str, typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process each; one device runs in this process.")
+    ] = "auto",
+    force: Annotated[bool, typer.Option(help="Remake every clip, replacing finished outputs too.")] = False,
+    *,
+    settings: AnimateSettings,
+) -> None:
+    """Animate many clips with models loaded once; re-running skips finished clips. Exit code 1 if any clip failed."""
+    from .batch import plan_folder, plan_pairs, run_batch, sigterm_interrupts
+
+    if pairs and input_dir:
+        raise HellomemeError("give a folder of clips or --pairs, not both")
+    if pairs:
+        plan = plan_pairs(pairs, settings, reference=ref, output_dir=output_dir, report=report)
+    elif input_dir and ref:
+        plan = plan_folder(input_dir, ref, settings, output_dir=output_dir, report=report)
+    else:
+        raise HellomemeError("give a folder of clips and --ref REF, or --pairs FILE.csv")
+    _quiet_libraries()
+    with _progress_bars() as bars, sigterm_interrupts():
+        result = run_batch(plan, devices.split(","), force=force, cache=_cache(), progress=bars)
+    out.print(_batch_table(result))
+    out.print(f"report {result.path}", highlight=False)
+    if not result.finished:
+        console.print("[yellow]interrupted[/yellow]: run the same command again to finish", highlight=False)
+        raise typer.Exit(130)
+    if result.failed:
+        raise typer.Exit(1)
+
+
+def _batch_table(result: BatchReport) -> Table:
+    """One row per clip: how it went, and its output or why it failed (the clip's name said once)."""
+    from .batch import STATUSES
+
+    references = {clip.reference for clip in result.clips}
+    counts = ", ".join(f"{result.count(status)} {status}" for status in STATUSES)
+    table = Table(title=f"{len(result.clips)} clips: {counts}")
+    columns = ["clip", *(["reference"] if len(references) > 1 else []), "status", "frames", "seconds", "seed", "output or reason"]
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    styles = {"ok": "green", "failed": "red", "skipped": "yellow"}
+    for clip in result.clips:
+        reason = clip.reason.removeprefix(f"{clip.driving}: ")
+        table.add_row(
+            clip.driving.name,
+            *([clip.reference.name if clip.reference else ""] if len(references) > 1 else []),
+            Text(clip.status, style=styles[clip.status]),
+            "" if clip.frames is None else str(clip.frames),
+            "" if clip.seconds is None else f"{clip.seconds:.1f}",
+            "" if clip.seed is None else str(clip.seed),
+            reason if clip.status == "failed" else f"{clip.output.name} ({reason})" if reason else clip.output.name,
+        )
+    return table
 
 
 @app.command()

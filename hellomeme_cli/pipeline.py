@@ -13,7 +13,7 @@ import dataclasses
 import math
 import secrets
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,6 +30,7 @@ from .tracking import FaceTrack, Smoothing, track_image, track_video
 from .video import check_destination, probe_video, read_frames, read_image, write_image, write_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
+SEED_TAG = "hellomeme_seed"  # the output's metadata key holding the seed it was made with
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,8 +109,10 @@ def animate(
     *,
     force: bool = False,
     progress: ProgressCallback = no_progress,
+    extra_tags: Mapping[str, str] | None = None,
 ) -> AnimateResult:
-    """Give the reference portrait the driving clip's motion; write `output` (mp4 with the clip's audio)."""
+    """Give the reference portrait the driving clip's motion; write `output` (mp4 with the clip's audio,
+    its metadata naming the seed, plus `extra_tags`)."""
     started = time.monotonic()
     settings = settings.with_seed()
     check_destination(output, force, [reference.path, driving])
@@ -124,12 +127,8 @@ def animate(
         model_path=models.face_model,
         progress=progress,
     )
-    fps: float | Fraction = info.rate
-    shown = np.arange(len(track))
-    if settings.fps is not None and not math.isclose(settings.fps, info.fps, rel_tol=1e-6):
-        fps = Fraction(settings.fps).limit_denominator(1001)
-        shown = resample_indices(len(track), info.fps, float(fps))
-        track = select_frames(track, shown, float(fps))
+    fps, shown = output_timing(len(track), info.rate, settings)
+    track = select_frames(track, shown, float(fps))
 
     # 2. Driving signals: head pose, expression, face-part embeddings (frames read a second time, streamed).
     signals = build_driving_signals(
@@ -156,7 +155,7 @@ def animate(
 
     # 5. Decode straight into the encoder, with the driving clip's audio.
     frames = (frame for batch in sampler.decode(latents, progress=progress) for frame in batch)
-    metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", "hellomeme_seed": str(settings.seed)}
+    metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed), **(extra_tags or {})}
     write_video(
         frames, output, fps, audio_from=driving, metadata=metadata, force=force, protect=[reference.path, driving],
         progress=progress, total=len(signals),
@@ -226,6 +225,15 @@ def _sampler_inputs(
         reference_text_embeds=prompt.reference,
         reference_negative_text_embeds=prompt.reference_negative,
     )
+
+
+def output_timing(frame_count: int, rate: Fraction, settings: AnimateSettings) -> tuple[Fraction, np.ndarray]:
+    """The output's exact frame rate, and which of the clip's `frame_count` frames shows at each of
+    its frames (all of them, unless `settings.fps` asks for another rate)."""
+    if settings.fps is None or math.isclose(settings.fps, float(rate), rel_tol=1e-6):
+        return rate, np.arange(frame_count)
+    fps = Fraction(settings.fps).limit_denominator(1001)
+    return fps, resample_indices(frame_count, float(rate), float(fps))
 
 
 def select_frames(track: FaceTrack, indices: np.ndarray, fps: float) -> FaceTrack:

@@ -174,7 +174,7 @@ def write_video(
     for key, value in (metadata or {}).items():
         command += ["-metadata", f"{key}={value}"]
 
-    temporary = _temporary_beside(path)
+    temporary = temporary_beside(path)
     command += ["-f", muxer, str(temporary)]
     try:
         with tempfile.TemporaryFile() as errors:
@@ -207,7 +207,7 @@ def write_image(image: np.ndarray, path: Path, force: bool = False, protect: Ite
         ok = False
     if not ok:
         raise HellomemeError(f"{path}: cannot write an image with extension {path.suffix or '(none)'}")
-    temporary = _temporary_beside(path)
+    temporary = temporary_beside(path)
     try:
         with temporary.open("xb") as file:
             file.write(encoded.tobytes())
@@ -363,10 +363,19 @@ def check_destination(path: Path, force: bool, protect: Iterable[Path]) -> None:
         raise HellomemeError(f"{path}: already exists (use --force to overwrite it)")
 
 
-def _temporary_beside(path: Path) -> Path:
+def temporary_beside(path: Path) -> Path:
     """A fresh hidden name in the destination's folder (so the final rename is atomic); the file is
     created by whoever writes it, with the user's usual permissions."""
     return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.partial{path.suffix}")
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """Temporary files that writes of `path` left behind in a process that was killed (SIGKILL,
+    power loss), as `temporary_beside` names them."""
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.[0-9a-f]{{12}}\.partial{re.escape(path.suffix)}")
+    if not path.parent.is_dir():
+        return []
+    return sorted(entry for entry in path.parent.iterdir() if pattern.fullmatch(entry.name))
 
 
 def _same_path(a: Path, b: Path) -> bool:

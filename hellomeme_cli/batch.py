@@ -1,0 +1,611 @@
+"""Batch: many driving clips through one set of loaded models, as numbered steps.
+
+1. plan: the clips of a folder (one reference) or the rows of a CSV (reference, driving, output and
+   per-row options); files in the folder that are not videos are recorded as failed
+2. check the setup (options valid on every device, weights present) before any work
+3. remove temporary files a killed run left; skip outputs already made with the same settings
+   (each output carries a digest of what made it in its metadata); read every reference once
+4. make the clips, grouped by the models they need: in this process on one device, or in one
+   spawned worker process per device; each loads the models once (again only for a clip that needs
+   another control). A clip that fails is recorded with its reason and the batch goes on.
+5. the JSON report, rewritten after every clip, so a killed run leaves one too
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import gc
+import hashlib
+import json
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from . import __version__
+from .engine import HelloMemeModels, ModelOptions, check_options, load_models, required_components, resolve_device
+from .errors import HellomemeError
+from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, output_timing
+from .progress import ProgressCallback, ProgressEvent, no_progress
+from .tracking import MODEL_FILE
+from .video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
+from .video import VideoInfo, leftover_temporaries, probe_video, temporary_beside
+from .weights import WeightCache, sha256_of
+
+DIGEST_TAG = "hellomeme_batch"  # the output's metadata key holding the digest of what made it
+OUTPUT_FOLDER = "hellomeme"  # default output folder, inside the clips' folder (or beside the CSV)
+REPORT_NAME = "batch-report.json"
+STATUSES = ("ok", "failed", "skipped")
+DONE = "already done with the same settings"
+NOT_RUN = "not run: the batch stopped first"
+FOREIGN = "already exists and was not made by hellomeme (--force replaces it)"
+
+# What a --pairs row may set besides its files, and how its text is read; a blank cell keeps the command line's value.
+ROW_OPTIONS: dict[str, Callable[[str], object]] = {
+    "seed": int,
+    "steps": int,
+    "guidance": float,
+    "trans_ratio": float,
+    "fps": float,
+    "max_frames": int,
+    "face_index": int,
+    "prompt": str,
+    "negative_prompt": str,
+    "control": str,
+}
+ROW_FILES = ("reference", "driving", "output")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchJob:
+    """One clip to make. `settings.seed` None: a new seed for this clip; the device is the batch's."""
+
+    reference: Path
+    driving: Path
+    output: Path
+    settings: AnimateSettings
+
+
+@dataclasses.dataclass(frozen=True)
+class ClipReport:
+    """What became of one clip: status ok, failed or skipped, and why it failed or was skipped."""
+
+    driving: Path
+    reference: Path | None
+    output: Path | None
+    status: str
+    reason: str = ""
+    frames: int | None = None
+    seconds: float | None = None
+    seed: int | None = None
+    device: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        return {key: str(value.absolute()) if isinstance(value, Path) else value for key, value in dataclasses.asdict(self).items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchPlan:
+    """The clips to make, the files of the folder that are not clips, and where the report goes."""
+
+    jobs: tuple[BatchJob, ...]
+    rejected: tuple[ClipReport, ...]
+    report: Path
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchReport:
+    clips: tuple[ClipReport, ...]
+    finished: bool  # False when the batch was interrupted: the clips it did not reach are skipped, NOT_RUN
+    path: Path
+
+    def count(self, status: str) -> int:
+        return sum(clip.status == status for clip in self.clips)
+
+    @property
+    def failed(self) -> bool:
+        return self.count("failed") > 0
+
+
+# -- 1. plan -----------------------------------------------------------------
+
+
+def plan_folder(
+    folder: Path, reference: Path, settings: AnimateSettings, output_dir: Path | None = None, report: Path | None = None
+) -> BatchPlan:
+    """Every file directly in `folder` as a driving clip of `reference`, output `REF_CLIP.mp4` in
+    `output_dir` (default: `folder/hellomeme`). Hidden files, subfolders, the reference and this
+    batch's own outputs and report are left out; files without a video suffix are rejected as failed."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise HellomemeError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
+    output_dir = Path(output_dir) if output_dir else folder / OUTPUT_FOLDER
+    report = Path(report) if report else output_dir / REPORT_NAME
+    files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
+    outputs = {clip: default_output(reference, clip, folder=output_dir) for clip in files if clip.suffix.lower() in VIDEO_SUFFIXES}
+    ours = {_identity(path) for path in (reference, report, *outputs.values())}
+    jobs = [BatchJob(reference, clip, output, settings) for clip, output in outputs.items() if _identity(clip) not in ours]
+    rejected = [
+        ClipReport(path, reference, None, "failed", f"{path}: not a video (clips end in {', '.join(VIDEO_SUFFIXES)})")
+        for path in files
+        if path.suffix.lower() not in VIDEO_SUFFIXES and _identity(path) not in ours
+    ]
+    _check_outputs(jobs, [str(job.driving) for job in jobs], "rename one, or name the outputs in a --pairs CSV")
+    return BatchPlan(tuple(jobs), tuple(rejected), report)
+
+
+def plan_pairs(
+    table: Path,
+    settings: AnimateSettings,
+    reference: Path | None = None,
+    output_dir: Path | None = None,
+    report: Path | None = None,
+) -> BatchPlan:
+    """One clip per row of a CSV whose header names its columns: `driving`, `reference` (blank: the
+    `reference` given here), `output` (blank: `REF_CLIP.mp4` in `output_dir`, default `hellomeme/`
+    beside the CSV) and any of ROW_OPTIONS. Relative paths are relative to the CSV's folder.
+    Any bad row refuses the whole table, naming its line."""
+    table = Path(table)
+    try:
+        with table.open(newline="", encoding="utf-8-sig") as file:
+            rows = _read_rows(table, file)
+    except OSError as error:
+        raise HellomemeError(f"{table}: cannot read ({error.strerror})") from None
+    except (UnicodeDecodeError, csv.Error) as error:
+        raise HellomemeError(f"{table}: not a CSV file ({error})") from None
+    output_dir = Path(output_dir) if output_dir else table.parent / OUTPUT_FOLDER
+    origins = [f"{table}:{line}" for line, _ in rows]
+    jobs = [_row_job(origin, values, table.parent, reference, settings, output_dir) for origin, (_, values) in zip(origins, rows)]
+    if not jobs:
+        raise HellomemeError(f"{table}: no rows under the header")
+    _check_outputs(jobs, origins, "give each row its own output")
+    return BatchPlan(tuple(jobs), (), Path(report) if report else output_dir / REPORT_NAME)
+
+
+def _read_rows(table: Path, file) -> list[tuple[int, dict[str, str]]]:
+    """(line number, {column: stripped text}) per row; column names lower-cased, `-` read as `_`."""
+    reader = csv.DictReader(file)
+    columns = [name.strip().lower().replace("-", "_") for name in reader.fieldnames or []]
+    unknown = [name for name in columns if name not in (*ROW_FILES, *ROW_OPTIONS)]
+    if unknown:
+        raise HellomemeError(
+            f"{table}: unknown column(s) {', '.join(map(repr, unknown))} (known: {', '.join((*ROW_FILES, *ROW_OPTIONS))})"
+        )
+    if "driving" not in columns:
+        raise HellomemeError(f"{table}: no 'driving' column (the first row names the columns, e.g. reference,driving,output)")
+    reader.fieldnames = columns
+    rows = []
+    for row in reader:
+        if None in row:
+            raise HellomemeError(f"{table}:{reader.line_num}: more cells than the header has columns")
+        rows.append((reader.line_num, {name: (text or "").strip() for name, text in row.items()}))
+    return rows
+
+
+def _row_job(
+    where: str, values: dict[str, str], base: Path, reference: Path | None, settings: AnimateSettings, output_dir: Path
+) -> BatchJob:
+    if not values.get("driving"):
+        raise HellomemeError(f"{where}: no driving clip")
+    driving = base / Path(values["driving"]).expanduser()
+    if values.get("reference"):
+        reference = base / Path(values["reference"]).expanduser()
+    if reference is None:
+        raise HellomemeError(f"{where}: no reference (name one in the row, or give --ref for all rows)")
+    output = base / Path(values["output"]).expanduser() if values.get("output") else default_output(reference, driving, folder=output_dir)
+    options = {}
+    for name, read in ROW_OPTIONS.items():
+        if text := values.get(name):
+            try:
+                options[name] = read(text)
+            except ValueError:
+                raise HellomemeError(f"{where}: {name} {text!r} is not a {'whole number' if read is int else 'number'}") from None
+    models = dataclasses.replace(settings.models, control=options.pop("control", settings.models.control))
+    try:
+        required_components(models.control)
+        return BatchJob(reference, driving, output, dataclasses.replace(settings, models=models, **options))
+    except HellomemeError as error:
+        raise HellomemeError(f"{where}: {error}") from None
+
+
+def _check_outputs(jobs: Sequence[BatchJob], origins: Sequence[str], advice: str) -> None:
+    """Outputs the writer can make, none over an input, no two clips to one file; an error names
+    where the job comes from (its clip, or its CSV line)."""
+    inputs = {_identity(path) for job in jobs for path in (job.reference, job.driving)}
+    taken: dict[Path, str] = {}
+    for job, origin in zip(jobs, origins):
+        key = _identity(job.output)
+        if job.output.suffix.lower() not in WRITABLE_SUFFIXES:
+            raise HellomemeError(f"{origin}: {job.output}: outputs are written as {', '.join(WRITABLE_SUFFIXES)}")
+        if key in inputs:
+            raise HellomemeError(f"{origin}: {job.output}: refusing to write over an input file")
+        if key in taken:
+            raise HellomemeError(f"{origin}: {job.output} is also the output of {taken[key]} ({advice})")
+        taken[key] = origin
+
+
+def _identity(path: Path) -> Path:
+    return Path(path).expanduser().resolve()
+
+
+# -- 2 to 5. run -------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Task:
+    """A clip to make, with what the parent prepared: its reference read, its digest, whether an
+    old output is replaced."""
+
+    index: int
+    job: BatchJob
+    reference: Reference
+    digest: str
+    replace: bool
+
+
+def run_batch(
+    plan: BatchPlan,
+    devices: Sequence[str] = ("auto",),
+    *,
+    force: bool = False,
+    cache: WeightCache | None = None,
+    progress: ProgressCallback = no_progress,
+) -> BatchReport:
+    """Make the plan's clips; `force` remakes finished ones too. Several devices: one worker process
+    each. Setup problems raise before any work; a clip's own problem goes into its report. On
+    KeyboardInterrupt (Ctrl-C, or SIGTERM under `sigterm_interrupts`) it stops the workers, leaves no
+    partial file under a final name, records the clips not made as skipped and returns."""
+    cache = cache or WeightCache()
+    workers = _worker_labels(devices)
+    _check_setup(plan.jobs, [device for _, device in workers], cache)
+    for folder in {plan.report.parent, *(job.output.parent for job in plan.jobs)}:
+        folder.mkdir(parents=True, exist_ok=True)
+    for path in (plan.report, *(job.output for job in plan.jobs)):
+        for leftover in leftover_temporaries(path):
+            leftover.unlink(missing_ok=True)
+    ledger = _Ledger(plan, progress)
+    try:
+        tasks = _prepare(plan.jobs, ledger, force, cache.path("face_landmarker") / MODEL_FILE, progress)
+        if len(workers) == 1 or len(tasks) <= 1:
+            _run_here(tasks, workers[0], cache, ledger, progress)
+        else:
+            _run_in_workers(tasks, workers, cache, ledger, progress)
+    except KeyboardInterrupt:
+        return ledger.close(finished=False)
+    return ledger.close(finished=True)
+
+
+def _worker_labels(devices: Sequence[str]) -> list[tuple[str, str]]:
+    """(label, device) per worker: devices resolved (`auto`), a device named twice labelled `cpu#1`, `cpu#2`."""
+    if not devices:
+        raise HellomemeError("no devices given")
+    resolved = [str(resolve_device(device.strip())) for device in devices]
+    numbers: dict[str, int] = {}
+    labels = []
+    for device in resolved:
+        numbers[device] = numbers.get(device, 0) + 1
+        labels.append((f"{device}#{numbers[device]}" if resolved.count(device) > 1 else device, device))
+    return labels
+
+
+def _check_setup(jobs: Sequence[BatchJob], devices: Sequence[str], cache: WeightCache) -> None:
+    """What would fail every clip, found before any work: options invalid on a device, weights missing."""
+    for options in {job.settings.models for job in jobs}:
+        for device in devices:
+            check_options(dataclasses.replace(options, device=device))
+    components = {name for job in jobs for name in required_components(job.settings.models.control)}
+    cache.require(sorted(components))
+
+
+def _prepare(
+    jobs: Sequence[BatchJob], ledger: _Ledger, force: bool, face_model: Path, progress: ProgressCallback
+) -> list[_Task]:
+    """Step 3 (after the leftovers): finished clips recorded as skipped, each reference read once; the clips left to make,
+    grouped by the models they need (in order of first use)."""
+    references: dict[tuple[Path, int, bool], Reference | str] = {}
+    tasks = []
+    for index, job in enumerate(jobs):
+        digest = settings_digest(job)
+        state, info = _existing_output(job, digest, force)
+        if state == "done":
+            seed = info.tags.get(SEED_TAG, "")
+            skipped = ClipReport(job.driving, job.reference, job.output, "skipped", DONE, frames=info.frame_count)
+            ledger.record(index, dataclasses.replace(skipped, seed=int(seed) if seed.isdigit() else None))
+        elif state == "foreign":
+            ledger.record(index, _failed(job, f"{job.output}: {FOREIGN}"))
+        else:
+            key = (job.reference, job.settings.size, job.settings.crop)
+            if key not in references:
+                try:
+                    references[key] = load_reference(job.reference, job.settings, face_model)
+                except Exception as error:
+                    references[key] = _reason(error)
+            reference = references[key]
+            if isinstance(reference, str):
+                ledger.record(index, _failed(job, reference))
+            else:
+                tasks.append(_Task(index, job, reference, digest or "", replace=state != "missing"))
+        progress(ProgressEvent("checking", index + 1, len(jobs), "clips"))
+    first_use: dict[ModelOptions, int] = {}
+    return sorted(tasks, key=lambda task: first_use.setdefault(task.job.settings.models, len(first_use)))
+
+
+def settings_digest(job: BatchJob) -> str | None:
+    """16 hex digits naming what makes a clip: its settings as asked (the seed only if one was
+    given), the models (not the device) and the contents of the reference and the driving clip.
+    None when an input cannot be read."""
+    settings = dataclasses.replace(job.settings, models=dataclasses.replace(job.settings.models, device=""))
+    try:
+        contents = [sha256_of(Path(job.reference)), sha256_of(Path(job.driving))]
+    except OSError:
+        return None
+    text = json.dumps({"settings": dataclasses.asdict(settings), "inputs": contents}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _existing_output(job: BatchJob, digest: str | None, force: bool) -> tuple[str, VideoInfo | None]:
+    """('missing' | 'done' | 'stale' | 'foreign', the output's VideoInfo when read). Done: it decodes,
+    carries this digest and has the frames the clip and settings give. Stale: remade (forced,
+    unreadable, cut short, or made by hellomeme otherwise). Foreign: a video hellomeme did not make."""
+    if not job.output.exists():
+        return "missing", None
+    if force:
+        return "stale", None
+    try:
+        info = probe_video(job.output)
+    except HellomemeError:
+        return "stale", None
+    if DIGEST_TAG not in info.tags and SEED_TAG not in info.tags:
+        return "foreign", info
+    if digest is None or info.tags.get(DIGEST_TAG) != digest or info.frame_count != _expected_frames(job):
+        return "stale", info
+    return "done", info
+
+
+def _expected_frames(job: BatchJob) -> int | None:
+    """How many frames the clip's output has: one per driving frame (up to --max-frames), resampled by --fps."""
+    try:
+        clip = probe_video(job.driving)
+    except HellomemeError:
+        return None
+    count = min(clip.frame_count, job.settings.max_frames or clip.frame_count)
+    return len(output_timing(count, clip.rate, job.settings)[1])
+
+
+class _Ledger:
+    """The report as it grows, in plan order; saved after every entry, so a killed run leaves one."""
+
+    def __init__(self, plan: BatchPlan, progress: ProgressCallback):
+        self.plan = plan
+        self.progress = progress
+        self.entries: list[ClipReport | None] = [None] * len(plan.jobs)
+
+    def record(self, index: int, entry: ClipReport) -> None:
+        self.entries[index] = entry
+        done = sum(entry is not None for entry in self.entries)
+        self.progress(ProgressEvent("clips", done, len(self.entries), "clips"))
+        self._save(finished=False)
+
+    def close(self, finished: bool) -> BatchReport:
+        self._save(finished)
+        return BatchReport(self._clips(), finished, self.plan.report)
+
+    def _clips(self) -> tuple[ClipReport, ...]:
+        not_run = (ClipReport(job.driving, job.reference, job.output, "skipped", NOT_RUN) for job in self.plan.jobs)
+        return (*self.plan.rejected, *(entry or missing for entry, missing in zip(self.entries, not_run)))
+
+    def _save(self, finished: bool) -> None:
+        clips = self._clips()
+        data = {
+            "hellomeme": __version__,
+            "finished": finished,
+            "counts": {status: sum(clip.status == status for clip in clips) for status in STATUSES},
+            "clips": [clip.to_json() for clip in clips],
+        }
+        temporary = temporary_beside(self.plan.report)
+        try:
+            temporary.write_text(json.dumps(data, indent=1) + "\n")
+            os.replace(temporary, self.plan.report)
+        except BaseException:
+            temporary.unlink(missing_ok=True)
+            raise
+
+
+class _ClipMaker:
+    """Makes clips on one device, keeping the last clip's models loaded (clips come grouped by the
+    models they need, so each set loads once)."""
+
+    def __init__(self, label: str, device: str, cache: WeightCache):
+        self.label = label
+        self.device = device
+        self.cache = cache
+        self.options: ModelOptions | None = None
+        self.models: HelloMemeModels | None = None
+        self.load_failure = ""
+
+    def make(self, task: _Task, progress: ProgressCallback) -> ClipReport:
+        started = time.monotonic()
+        job = task.job
+        settings = job.settings.with_seed()
+        made = ClipReport(job.driving, job.reference, job.output, "ok", seed=settings.seed, device=self.label)
+        try:
+            models = self._models(job.settings.models, progress)
+            result = animate(
+                task.reference, job.driving, job.output, settings, models,
+                force=task.replace, progress=progress, extra_tags={DIGEST_TAG: task.digest},
+            )
+        except Exception as error:
+            return dataclasses.replace(made, status="failed", reason=_reason(error), seconds=round(time.monotonic() - started, 2))
+        return dataclasses.replace(made, frames=result.frames, seconds=round(result.seconds, 2))
+
+    def _models(self, options: ModelOptions, progress: ProgressCallback) -> HelloMemeModels:
+        options = dataclasses.replace(options, device=self.device)
+        if options != self.options:
+            self.options, self.models, self.load_failure = options, None, ""
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            try:
+                self.models = load_models(options, self.cache, progress)
+            except Exception as error:  # every clip that needs these models fails the same way, without a retry
+                self.load_failure = f"cannot load the models: {_reason(error)}"
+        if self.models is None:
+            raise HellomemeError(self.load_failure)
+        return self.models
+
+
+def _failed(job: BatchJob, reason: str) -> ClipReport:
+    return ClipReport(job.driving, job.reference, job.output, "failed", reason)
+
+
+def _reason(error: Exception) -> str:
+    """A project error says it in one line; anything else is named by its type."""
+    return str(error) if isinstance(error, HellomemeError) else f"{type(error).__name__}: {error}"
+
+
+def _run_here(tasks: Sequence[_Task], worker: tuple[str, str], cache: WeightCache, ledger: _Ledger, progress: ProgressCallback) -> None:
+    maker = _ClipMaker(*worker, cache)
+    for task in tasks:
+        ledger.record(task.index, maker.make(task, progress))
+
+
+def _run_in_workers(
+    tasks: Sequence[_Task], workers: Sequence[tuple[str, str]], cache: WeightCache, ledger: _Ledger, progress: ProgressCallback
+) -> None:
+    """One spawned process per device, each sent a clip whenever it is free. A worker that dies
+    fails its clip; the others go on."""
+    context = multiprocessing.get_context("spawn")
+    outbox = context.Queue()
+    cpu_workers = sum(device == "cpu" for _, device in workers)
+    threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
+    inboxes = [context.Queue() for _ in workers]
+    processes = [
+        context.Process(
+            target=_work,
+            args=(number, label, device, cache.home, threads if device == "cpu" else None, _log_levels(), inboxes[number], outbox),
+            name=f"hellomeme {label}",
+            daemon=True,
+        )
+        for number, (label, device) in enumerate(workers)
+    ]
+    pending = deque(tasks)
+    busy: dict[int, _Task] = {}
+
+    def hand_out(number: int) -> None:
+        if pending:
+            busy[number] = pending.popleft()
+            inboxes[number].put(busy[number])
+
+    try:
+        with _sigint_ignored():  # inherited: a worker must not die of Ctrl-C before it can ignore it itself
+            for process in processes:
+                process.start()
+        for number in range(len(processes)):
+            hand_out(number)
+        while busy:
+            try:
+                kind, number, payload = outbox.get(timeout=1.0)
+            except queue.Empty:
+                for number in [number for number in busy if not processes[number].is_alive()]:
+                    task = busy.pop(number)
+                    reason = f"the worker on {workers[number][0]} stopped (exit code {processes[number].exitcode})"
+                    ledger.record(task.index, _failed(task.job, reason))
+                continue
+            if kind == "progress":
+                progress(dataclasses.replace(payload, task=f"{workers[number][0]} {payload.task}"))
+            else:
+                ledger.record(busy.pop(number).index, payload)
+                hand_out(number)
+    except BaseException:
+        for process in processes:
+            if process.is_alive():
+                process.terminate()  # SIGTERM: the worker stops as on Ctrl-C, removing its temporary file
+        raise
+    finally:
+        for inbox in inboxes:
+            inbox.put(None)
+        for process in processes:
+            if process.pid is not None:
+                process.join(timeout=60)
+            if process.is_alive():
+                process.kill()
+                process.join()
+        for inbox in inboxes:
+            inbox.cancel_join_thread()  # what a dead worker did not read must not keep this process from exiting
+    for task in pending:
+        ledger.record(task.index, _failed(task.job, "no worker left to make it"))
+
+
+def _work(
+    number: int, label: str, device: str, cache_home: Path, threads: int | None, log_levels: tuple[int, int], inbox, outbox
+) -> None:
+    """A worker process: make each clip it is sent until it is sent None. It ignores Ctrl-C (which
+    reaches the whole process group): the parent stops it with SIGTERM."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _raise_interrupt)
+    if threads:
+        torch.set_num_threads(threads)
+    _set_log_levels(log_levels)
+    maker = _ClipMaker(label, device, WeightCache(cache_home))
+
+    def forward(event: ProgressEvent) -> None:
+        outbox.put(("progress", number, event))
+
+    try:
+        while (task := inbox.get()) is not None:
+            outbox.put(("done", number, maker.make(task, forward)))
+    except KeyboardInterrupt:
+        outbox.cancel_join_thread()  # the parent may no longer read: exit without waiting on the queue
+
+
+def _log_levels() -> tuple[int, int]:
+    """diffusers' and transformers' log levels here, for the workers to use the same (the CLI quiets them)."""
+    import diffusers
+    import transformers
+
+    return diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
+
+
+def _set_log_levels(levels: tuple[int, int]) -> None:
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.set_verbosity(levels[0])
+    transformers.utils.logging.set_verbosity(levels[1])
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """Within, Ctrl-C is ignored (only the main thread can change that; elsewhere this does nothing)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within: SIGTERM (`kill`) stops the batch as Ctrl-C does, report written and no partial file left."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
