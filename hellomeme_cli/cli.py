@@ -139,6 +139,14 @@ def _generation_settings(
     face_index: Annotated[int, typer.Option(help="Which face of the driving clip to follow (0: the largest).")] = 0,
     smooth: Annotated[bool, typer.Option(help="Smooth the driving landmarks and pose over time.")] = True,
     size: Annotated[int, typer.Option(help="Working size in pixels (multiple of 64); the released weights are trained at 512.")] = 512,
+    paste_back: Annotated[
+        bool, typer.Option(help="Blend the generated face back into the whole reference picture, at its full size.")
+    ] = False,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network blocks (slow first clip, faster after).")] = False,
+    low_memory: Annotated[
+        bool, typer.Option("--low-memory", help="Keep networks on the CPU, each on the GPU only while it runs (8-12 GB cards).")
+    ] = False,
+    channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last memory format (faster convolutions on recent GPUs).")] = False,
 ) -> AnimateSettings:
     """The generation options `animate` and `batch` share, as the (validated) settings they make; the
     device is each command's own option."""
@@ -152,11 +160,14 @@ def _generation_settings(
         vae=vae,
         loras=tuple(parse_lora_option(value) for value in lora or []),
         dtype=dtype,
+        compile=compile,
+        low_memory=low_memory,
+        channels_last=channels_last,
     )
     return AnimateSettings(
         models=models, steps=steps, guidance=guidance, seed=seed, fps=fps, max_frames=max_frames, trans_ratio=trans_ratio,
         prompt=prompt, negative_prompt=negative_prompt, window=window, overlap=overlap, crop=crop, face_index=face_index,
-        smoothing=smooth, size=size,
+        smoothing=smooth, size=size, paste_back=paste_back,
     )
 
 
@@ -195,30 +206,70 @@ def animate(
     settings: AnimateSettings,
 ) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
-    from .engine import check_options, load_models, required_components
-    from .pipeline import animate as run_animate, default_output, load_reference
-    from .tracking import MODEL_FILE
-    from .video import check_destination, probe_video
+    from .pipeline import animate as run_animate, default_output
+    from .video import probe_video
 
-    models = dataclasses.replace(settings.models, device=device)
-    settings = dataclasses.replace(settings, models=models).with_seed()
     output = output or default_output(reference, drive)
-    check_destination(output, force, [reference, drive])
-    check_options(models)
-    cache = _cache()
-    face_model = cache.require(required_components(models.control))["face_landmarker"] / MODEL_FILE
-    probe_video(drive)
-    source = load_reference(reference, settings, face_model)
-    console.print(f"seed {settings.seed}", highlight=False)
-    _quiet_libraries()
+    source, settings, cache = _prepare_run(reference, drive, output, device, force, settings, probe_video)
     with _progress_bars() as report:
-        loaded = load_models(models, cache, progress=report)
-        result = run_animate(source, drive, output, settings, loaded, force=force, progress=report)
+        result = run_animate(source, drive, output, settings, _load_models(settings, cache, report), force=force, progress=report)
     out.print(
         f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, seed {result.seed}, "
         f"{result.faceless_frames} driving frames without a face (filled), {result.seconds:.0f} s",
         highlight=False,
     )
+
+
+@app.command()
+@_with_generation_options
+def image(
+    reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
+    drive_image: Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes.")],
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE.png in the current folder).")
+    ] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    *,
+    settings: AnimateSettings,
+) -> None:
+    """One picture: the portrait with the head pose and expression of another picture."""
+    from .pipeline import default_output, render_image
+    from .video import read_image
+
+    output = output or default_output(reference, drive_image, ".png")
+    source, settings, cache = _prepare_run(reference, drive_image, output, device, force, settings, read_image)
+    with _progress_bars() as report:
+        seed = render_image(source, drive_image, output, settings, _load_models(settings, cache, report), force=force, progress=report)
+    out.print(f"wrote {output}, seed {seed}", highlight=False)
+
+
+def _prepare_run(
+    reference: Path, drive: Path, output: Path, device: str, force: bool, settings: AnimateSettings, check_drive: Callable[[Path], object]
+):
+    """Everything that can fail fast, before any model loads: the output path, the options, the
+    weight cache, the driving input (`check_drive` reads or probes it) and the reference's face."""
+    from .engine import check_options, required_components
+    from .pipeline import load_reference
+    from .tracking import MODEL_FILE
+    from .video import check_destination
+
+    settings = dataclasses.replace(settings, models=dataclasses.replace(settings.models, device=device)).with_seed()
+    check_destination(output, force, [reference, drive])
+    check_options(settings.models)
+    cache = _cache()
+    face_model = cache.require(required_components(settings.models.control))["face_landmarker"] / MODEL_FILE
+    check_drive(drive)
+    source = load_reference(reference, settings, face_model)
+    console.print(f"seed {settings.seed}", highlight=False)
+    _quiet_libraries()
+    return source, settings, cache
+
+
+def _load_models(settings: AnimateSettings, cache, report: ProgressCallback):
+    from .engine import load_models
+
+    return load_models(settings.models, cache, progress=report)
 
 
 @app.command()

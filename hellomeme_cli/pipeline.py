@@ -23,6 +23,7 @@ import torch
 from . import __version__
 from .engine import HelloMemeModels, ModelOptions
 from .errors import HellomemeError
+from .pasteback import PasteBack, head_travel
 from .progress import ProgressCallback, no_progress
 from .sampler import DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
 from .signals import DrivingSignals, ReferenceFace, build_driving_signals, prepare_reference
@@ -52,6 +53,7 @@ class AnimateSettings:
     face_index: int = 0
     smoothing: bool = True
     size: int = 512
+    paste_back: bool = False
 
     def __post_init__(self) -> None:
         problems = [
@@ -64,7 +66,7 @@ class AnimateSettings:
             (not 0 <= self.overlap < self.window, f"--overlap must be in [0, window) = [0, {self.window}) (got {self.overlap})"),
             (self.seed is not None and not 0 <= self.seed < 2**32, f"--seed must be in [0, 2^32) (got {self.seed})"),
             (self.face_index < 0, f"--face-index must be at least 0 (got {self.face_index})"),
-            (self.size < 64 or self.size % 64, f"--size must be a multiple of 64, at least 64 (got {self.size})"),
+            (self.size < 128 or self.size % 64, f"--size must be a multiple of 64, at least 128 (got {self.size})"),
         ]
         for bad, message in problems:
             if bad:
@@ -92,12 +94,13 @@ class Reference:
 
     path: Path
     face: ReferenceFace
+    picture: np.ndarray  # the whole picture, for --paste-back
 
 
 def load_reference(path: Path, settings: AnimateSettings, face_model: Path) -> Reference:
     image = read_image(path)
     track = track_image(image, name=str(path), model_path=face_model)
-    return Reference(path, prepare_reference(image, track, settings.size, settings.crop))
+    return Reference(path, prepare_reference(image, track, settings.size, settings.crop), image)
 
 
 def animate(
@@ -155,6 +158,8 @@ def animate(
 
     # 5. Decode straight into the encoder, with the driving clip's audio.
     frames = (frame for batch in sampler.decode(latents, progress=progress) for frame in batch)
+    if settings.paste_back:
+        frames = PasteBack.from_reference(reference.picture, reference.face, travel=head_travel(signals))(frames)
     metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed), **(extra_tags or {})}
     write_video(
         frames, output, fps, audio_from=driving, metadata=metadata, force=force, protect=[reference.path, driving],
@@ -190,7 +195,10 @@ def render_image(
         torch.Generator().manual_seed(settings.seed),
         progress,
     )
-    write_image(next(sampler.decode(latents))[0], output, force=force, protect=[reference.path, driving_image])
+    frame = next(sampler.decode(latents))[0]
+    if settings.paste_back:
+        frame = PasteBack.from_reference(reference.picture, reference.face).paste(frame)
+    write_image(frame, output, force=force, protect=[reference.path, driving_image])
     return settings.seed
 
 

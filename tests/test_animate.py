@@ -137,3 +137,25 @@ def test_missing_weights_stop_before_any_work(tmp_path, monkeypatch):
     assert result.returncode == 1
     assert "missing weights" in result.stderr and "hellomeme weights fetch" in result.stderr
     assert not (tmp_path / "x.mp4").exists()
+
+
+def test_paste_back_writes_the_whole_picture_and_keeps_it_away_from_the_face(workdir):
+    reference, clip = require(MEDIA / "cg1.jpg", "1024 portrait"), require(MEDIA / "qie.mp4", "clip")
+    animate(reference, clip, *FAST, "--max-frames", "3", "--paste-back", "-o", "pasted.mp4")
+    written = frames(workdir / "pasted.mp4")
+    assert written.shape == (3, 1024, 1024, 3)
+    from hellomeme_cli.video import read_image
+
+    picture = read_image(reference).astype(int)
+    corner = (slice(0, 96), slice(0, 96))  # far from the face: only the codec's rounding changes it
+    assert np.abs(written[0][corner] - picture[corner]).mean() < 3
+
+
+def test_image_command_writes_one_picture(workdir):
+    reference, drive = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "chillout.jpg", "portrait")
+    result = runner.invoke(app, ["image", str(reference), str(drive), *FAST, "--seed", "5"])
+    assert result.exit_code == 0, result.output
+    from hellomeme_cli.video import read_image
+
+    assert read_image(workdir / "majicmix1_chillout.png").shape == (128, 128, 3)
+    assert "seed 5" in result.stdout
