@@ -235,10 +235,10 @@ def full_size_models(face_model: Path, device: torch.device, dtype: torch.dtype,
 
     from .engine import HelloMemeModels, apply_speed_options
     from .models import HMControlNet, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
-    from .tiny import _write_tokenizer
+    from .tiny import write_tokenizer
 
     with tempfile.TemporaryDirectory() as folder:
-        vocab_size = _write_tokenizer(Path(folder))
+        vocab_size = write_tokenizer(Path(folder))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
     with torch.device(device):
         unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)

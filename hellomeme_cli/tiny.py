@@ -57,7 +57,7 @@ def tiny_vae() -> AutoencoderKL:
     )
 
 
-def _write_tokenizer(folder: Path) -> int:
+def write_tokenizer(folder: Path) -> int:
     """A byte-level CLIP tokenizer with one merge ("h i</w>" -> "hi</w>"), in the four
     files of the SD1.5 tokenizer folder, written locally; returns its vocabulary size."""
     from transformers.convert_slow_tokenizer import bytes_to_unicode
@@ -102,7 +102,7 @@ def write_sd15(folder: Path, variant: str | None = "fp16", **unet_shape: int) ->
     """A complete diffusers SD1.5 folder; variant "fp16" writes half weights under the
     `.fp16.` file names of the official download, None full weights under plain names."""
     dtype = torch.float16 if variant == "fp16" else torch.float32
-    vocab_size = _write_tokenizer(folder / "tokenizer")
+    vocab_size = write_tokenizer(folder / "tokenizer")
     models = {"unet": _randomize(tiny_unet(**unet_shape)), "vae": tiny_vae(), "text_encoder": _text_encoder(vocab_size)}
     for name, model in models.items():
         model.to(dtype).save_pretrained(folder / name, variant=variant, safe_serialization=True)

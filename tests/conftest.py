@@ -74,3 +74,11 @@ def audio_duration(path: Path) -> float:
     command = [ffmpeg_exe(), "-v", "error", "-i", str(path), "-map", "0:a:0", "-f", "null", "-", "-progress", "pipe:1", "-nostats"]
     out = subprocess.run(command, capture_output=True, text=True, check=True).stdout
     return int(re.findall(r"^out_time_us=(\d+)$", out, re.MULTILINE)[-1]) / 1e6
+
+
+@pytest.fixture
+def workdir(tiny_cache, monkeypatch, tmp_path) -> Path:
+    """A fresh current folder, with HELLOMEME_HOME pointing at the tiny cache."""
+    monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
+    monkeypatch.chdir(tmp_path)
+    return tmp_path

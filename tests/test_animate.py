@@ -20,13 +20,6 @@ FAST = ["--size", "128", "--steps", "2"]
 runner = CliRunner()
 
 
-@pytest.fixture
-def workdir(tiny_cache, monkeypatch, tmp_path) -> Path:
-    monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def animate(*arguments: str) -> str:
     result = runner.invoke(app, ["animate", *[str(a) for a in arguments]])
     assert result.exit_code == 0, result.output

@@ -32,13 +32,6 @@ FAST = ["--size", "128", "--steps", "1", "--guidance", "1", "--window", "3", "--
 runner = CliRunner()
 
 
-@pytest.fixture
-def workdir(tiny_cache, monkeypatch, tmp_path) -> Path:
-    monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
 def media(name: str) -> Path:
     return require(MEDIA / name, "test media")
 

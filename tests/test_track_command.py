@@ -18,32 +18,25 @@ from hellomeme_cli.video import probe_video
 runner = CliRunner()
 
 
-@pytest.fixture
-def in_cache(tiny_cache, monkeypatch, tmp_path):
-    monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def test_track_saves_one_row_per_frame_and_a_preview_with_the_audio(in_cache):
+def test_track_saves_one_row_per_frame_and_a_preview_with_the_audio(workdir):
     clip = require(MEDIA / "tndtc.mp4", "test clip")
     result = runner.invoke(app, ["track", str(clip), "--preview", "preview.mp4"])
     assert result.exit_code == 0, result.output
-    saved = np.load(in_cache / "tndtc.track.npz")
+    saved = np.load(workdir / "tndtc.track.npz")
     assert saved["landmarks"].shape == (34, 478, 3) and saved["blendshapes"].shape == (34, 52)
     assert saved["pose_angles"].shape == (34, 3) and saved["filled"].shape == (34,)
     assert tuple(saved["blendshape_names"]) == BLENDSHAPE_NAMES and float(saved["fps"]) == 15
-    assert len(load_track(in_cache / "tndtc.track.npz")) == 34
-    preview = probe_video(in_cache / "preview.mp4")
+    assert len(load_track(workdir / "tndtc.track.npz")) == 34
+    preview = probe_video(workdir / "preview.mp4")
     assert (preview.frame_count, preview.fps, preview.width, preview.has_audio) == (34, 15, 512, True)
     assert "34 frames at 15 fps, 0 without a face" in result.stdout
 
 
-def test_track_max_frames_and_no_smoothing(in_cache):
+def test_track_max_frames_and_no_smoothing(workdir):
     clip = require(MEDIA / "jue.mp4", "test clip")
     result = runner.invoke(app, ["track", str(clip), "--max-frames", "10", "--no-smooth", "-o", "short.npz"])
     assert result.exit_code == 0, result.output
-    assert np.load(in_cache / "short.npz")["landmarks"].shape[0] == 10
+    assert np.load(workdir / "short.npz")["landmarks"].shape[0] == 10
 
 
 @pytest.mark.parametrize(
@@ -56,13 +49,13 @@ def test_track_max_frames_and_no_smoothing(in_cache):
         (["{media}/qie.mp4", "-o", "{tmp}/taken.npz"], "already exists"),
     ],
 )
-def test_bad_input_is_one_line_and_exit_code_1(in_cache, tiny_cache, arguments, message):
+def test_bad_input_is_one_line_and_exit_code_1(workdir, tiny_cache, arguments, message):
     require(MEDIA / "qie.mp4", "test clip")
-    (in_cache / "notes.mp4").write_text("not a video")
-    (in_cache / "taken.npz").write_bytes(b"")
-    arguments = [a.format(media=MEDIA, tmp=in_cache) for a in arguments]
+    (workdir / "notes.mp4").write_text("not a video")
+    (workdir / "taken.npz").write_bytes(b"")
+    arguments = [a.format(media=MEDIA, tmp=workdir) for a in arguments]
     result = subprocess.run(
-        [sys.executable, "-m", "hellomeme_cli", "track", *arguments], capture_output=True, text=True, cwd=in_cache
+        [sys.executable, "-m", "hellomeme_cli", "track", *arguments], capture_output=True, text=True, cwd=workdir
     )
     assert result.returncode == 1, result.stderr
     lines = result.stderr.strip().splitlines()

@@ -9,7 +9,7 @@ import cv2
 import numpy as np
 import pytest
 
-from conftest import MEDIA, SHARED, require
+from conftest import MEDIA, require
 from hellomeme_cli import tracking, video
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.progress import ProgressEvent
