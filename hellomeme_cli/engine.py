@@ -134,13 +134,18 @@ def required_components(control: str) -> list[str]:
     return ["sd15", "hm_reference", "hm_animatediff_frame12", *_CONTROL_COMPONENTS[control], "face_landmarker"]
 
 
+def _is_repo_id(value: str) -> bool:
+    """`owner/name`, as Hugging Face names a repository."""
+    return re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
+
+
 def resolve_checkpoint(value: str, cache: WeightCache) -> Path:
     """A local folder or file as it is; an `owner/name` Hugging Face repo id downloaded (diffusers
     layout, safetensors only) under the cache's `checkpoints/` folder."""
     path = Path(value).expanduser()
     if path.exists():
         return path
-    if not re.fullmatch(r"[\w.-]+/[\w.-]+", value):
+    if not _is_repo_id(value):
         raise HellomemeError(f"checkpoint not found: {value} (give a folder, a .safetensors/.ckpt file or a Hugging Face repo id)")
     from huggingface_hub import snapshot_download
 
@@ -158,7 +163,7 @@ def check_options(options: ModelOptions) -> None:
     resolve_dtype(options.dtype, resolve_device(options.device))
     required_components(options.control)
     local = [(path, "LoRA") for path, _ in options.loras] + ([(options.vae, "VAE")] if options.vae else [])
-    if options.checkpoint and (Path(options.checkpoint).expanduser().exists() or not re.fullmatch(r"[\w.-]+/[\w.-]+", options.checkpoint)):
+    if options.checkpoint and (Path(options.checkpoint).expanduser().exists() or not _is_repo_id(options.checkpoint)):
         local.append((Path(options.checkpoint), "checkpoint"))
     for path, what in local:
         path = Path(path).expanduser()

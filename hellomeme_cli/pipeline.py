@@ -134,18 +134,8 @@ def animate(
     track = select_frames(track, shown, float(fps))
 
     # 2. Driving signals: head pose, expression, face-part embeddings (frames read a second time, streamed).
-    signals = build_driving_signals(
-        track,
-        frames_at(read_frames(driving, settings.max_frames), shown),
-        reference.face,
-        image_encoder=models.image_encoder,
-        fan_encoder=models.fan_encoder,
-        device=models.device,
-        dtype=models.dtype,
-        crop=settings.crop,
-        trans_ratio=settings.trans_ratio,
-        progress=progress,
-    )
+    shown_frames = frames_at(read_frames(driving, settings.max_frames), shown)
+    signals = _driving_signals(track, shown_frames, reference, settings, models, progress)
 
     # 3 and 4. Prompt, reference cache and the two-stage sampler.
     sampler = _sampler(models)
@@ -184,10 +174,7 @@ def render_image(
     check_destination(output, force, [reference.path, driving_image])
     image = read_image(driving_image)
     track = track_image(image, face_index=settings.face_index, name=str(driving_image), model_path=models.face_model)
-    signals = build_driving_signals(
-        track, [image], reference.face, image_encoder=models.image_encoder, fan_encoder=models.fan_encoder,
-        device=models.device, dtype=models.dtype, crop=settings.crop,
-    )
+    signals = _driving_signals(track, [image], reference, settings, models, progress)
     sampler = _sampler(models)
     latents = sampler.sample_image(
         _sampler_inputs(reference.face, signals, settings, models),
@@ -200,6 +187,28 @@ def render_image(
         frame = PasteBack.from_reference(reference.picture, reference.face).paste(frame)
     write_image(frame, output, force=force, protect=[reference.path, driving_image])
     return settings.seed
+
+
+def _driving_signals(
+    track: FaceTrack,
+    frames: Iterable[np.ndarray],
+    reference: Reference,
+    settings: AnimateSettings,
+    models: HelloMemeModels,
+    progress: ProgressCallback,
+) -> DrivingSignals:
+    return build_driving_signals(
+        track,
+        frames,
+        reference.face,
+        image_encoder=models.image_encoder,
+        fan_encoder=models.fan_encoder,
+        device=models.device,
+        dtype=models.dtype,
+        crop=settings.crop,
+        trans_ratio=settings.trans_ratio,
+        progress=progress,
+    )
 
 
 def _sampler(models: HelloMemeModels) -> VideoSampler:

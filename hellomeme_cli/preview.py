@@ -12,7 +12,7 @@ import numpy as np
 from .progress import ProgressCallback, no_progress
 from .signals import POSE_EDGES, SquareCrop, clip_crop, crop_track, head_pose, pose_square
 from .tracking import BLENDSHAPE_NAMES, FaceTrack
-from .video import check_destination, write_video
+from .video import check_destination, temporary_beside, write_video
 
 TRACK_FORMAT = 1
 # The scores drawn as bars: the ones that move most in speech and memes.
@@ -25,21 +25,22 @@ def save_track(track: FaceTrack, path: Path, *, force: bool = False, protect: It
     path = Path(path)
     check_destination(path, force, protect)
     angles, translations = head_pose(track)
-    temporary = path.with_name(f".{path.name}.partial.npz")
+    temporary = temporary_beside(path)
     try:
-        np.savez_compressed(
-            temporary,
-            format=TRACK_FORMAT,
-            landmarks=track.landmarks,
-            blendshapes=track.blendshapes,
-            blendshape_names=np.array(BLENDSHAPE_NAMES),
-            matrices=track.matrices,
-            pose_angles=angles.astype(np.float32),
-            pose_translations=translations.astype(np.float32),
-            filled=track.filled,
-            fps=track.fps,
-            size=np.array(track.size),
-        )
+        with temporary.open("xb") as file:  # a file object: np.savez would add ".npz" to a name
+            np.savez_compressed(
+                file,
+                format=TRACK_FORMAT,
+                landmarks=track.landmarks,
+                blendshapes=track.blendshapes,
+                blendshape_names=np.array(BLENDSHAPE_NAMES),
+                matrices=track.matrices,
+                pose_angles=angles.astype(np.float32),
+                pose_translations=translations.astype(np.float32),
+                filled=track.filled,
+                fps=track.fps,
+                size=np.array(track.size),
+            )
         temporary.replace(path)
     finally:
         temporary.unlink(missing_ok=True)

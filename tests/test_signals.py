@@ -20,6 +20,7 @@ from hellomeme_cli import signals as S
 from hellomeme_cli.models import FanEncoder, HMControlNet, HMControlNet2
 from hellomeme_cli.progress import ProgressEvent
 from hellomeme_cli.tracking import FaceTrack
+from hellomeme_cli.video import read_frames
 
 # MediaPipe canonical face model points (cm): nose tip, the subject's left outer eye corner.
 NOSE_TIP = np.array([0.0, -1.13, 7.48])
@@ -495,15 +496,6 @@ def test_without_encoders_no_frame_is_read():
 # ----------------------------------------------------------------------------------------
 
 
-def _video_frames(path) -> list[np.ndarray]:
-    capture, frames = cv2.VideoCapture(str(path)), []
-    while True:
-        ok, frame = capture.read()
-        if not ok:
-            return frames
-        frames.append(frame[..., ::-1].copy())
-
-
 def test_reference_portrait_is_turned_to_its_right(model):
     path = require(SHARED / "media" / "majicmix1.jpg", "test portrait")
     image = cv2.imread(str(path))[..., ::-1].copy()
@@ -517,7 +509,7 @@ def test_reference_portrait_is_turned_to_its_right(model):
 def test_turned_head_clip_gives_negative_yaw_and_eye_crops_around_the_eyes(tracks):
     path = require(SHARED / "media" / "ysll.mp4", "test clip")
     track = tracks("ysll.mp4")
-    frames = _video_frames(path)
+    frames = list(read_frames(path))
     crop = S.clip_crop(track)
     working = S.crop_track(track, crop)
     angles, _ = S.head_pose(working)
