@@ -1,3 +1,24 @@
-"""hellomeme: animate a portrait with a driving video's head motion and expressions (HelloMeme v1)."""
+"""hellomeme: animate a portrait with a driving video's head motion and expressions (HelloMeme).
+
+The library: `load_pipeline`, then `animate` / `render_image` (see docs/library.md). They are
+imported on first use, so `import hellomeme_cli` (and the command line's --help) stays fast.
+"""
 
 __version__ = "0.1.0"
+__all__ = ["HellomemeError", "ProgressEvent", "animate", "load_pipeline", "render_image"]
+
+
+def __getattr__(name: str):
+    if name in ("animate", "load_pipeline", "render_image"):
+        from . import api
+
+        return getattr(api, name)
+    if name == "HellomemeError":
+        from .errors import HellomemeError
+
+        return HellomemeError
+    if name == "ProgressEvent":
+        from .progress import ProgressEvent
+
+        return ProgressEvent
+    raise AttributeError(f"module 'hellomeme_cli' has no attribute {name!r}")

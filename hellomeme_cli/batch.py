@@ -26,16 +26,17 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import torch
 
 from . import __version__
-from .engine import HelloMemeModels, ModelOptions, check_options, load_models, required_components, resolve_device
+from .engine import HelloMemeModels, ModelOptions, check_options, load_models, resolve_device
 from .errors import HellomemeError
 from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, output_timing
 from .progress import ProgressCallback, ProgressEvent, no_progress
+from .settings import Setting, all_settings, digest_values, from_values, parse_cell
 from .tracking import MODEL_FILE
 from .video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
 from .video import VideoInfo, leftover_temporaries, probe_video, temporary_beside
@@ -49,19 +50,8 @@ DONE = "already done with the same settings"
 NOT_RUN = "not run: the batch stopped first"
 FOREIGN = "already exists and was not made by hellomeme (--force replaces it)"
 
-# What a --pairs row may set besides its files, and how its text is read; a blank cell keeps the command line's value.
-ROW_OPTIONS: dict[str, Callable[[str], object]] = {
-    "seed": int,
-    "steps": int,
-    "guidance": float,
-    "trans_ratio": float,
-    "fps": float,
-    "max_frames": int,
-    "face_index": int,
-    "prompt": str,
-    "negative_prompt": str,
-    "control": str,
-}
+# What a --pairs row may set besides its files: every per-clip setting (settings.py); a blank cell keeps the command line's value.
+ROW_OPTIONS: dict[str, Setting] = {setting.column: setting for setting in all_settings() if setting.per_clip}
 ROW_FILES = ("reference", "driving", "output")
 
 
@@ -202,17 +192,9 @@ def _row_job(
     if reference is None:
         raise HellomemeError(f"{where}: no reference (name one in the row, or give --ref for all rows)")
     output = base / Path(values["output"]).expanduser() if values.get("output") else default_output(reference, driving, folder=output_dir)
-    options = {}
-    for name, read in ROW_OPTIONS.items():
-        if text := values.get(name):
-            try:
-                options[name] = read(text)
-            except ValueError:
-                raise HellomemeError(f"{where}: {name} {text!r} is not a {'whole number' if read is int else 'number'}") from None
-    models = dataclasses.replace(settings.models, control=options.pop("control", settings.models.control))
     try:
-        required_components(models.control)
-        return BatchJob(reference, driving, output, dataclasses.replace(settings, models=models, **options))
+        cells = {setting.name: parse_cell(setting, values[column]) for column, setting in ROW_OPTIONS.items() if values.get(column)}
+        return BatchJob(reference, driving, output, from_values(cells, settings))
     except HellomemeError as error:
         raise HellomemeError(f"{where}: {error}") from None
 
@@ -302,7 +284,7 @@ def _check_setup(jobs: Sequence[BatchJob], devices: Sequence[str], cache: Weight
     for options in {job.settings.models for job in jobs}:
         for device in devices:
             check_options(dataclasses.replace(options, device=device))
-    components = {name for job in jobs for name in required_components(job.settings.models.control)}
+    components = {name for job in jobs for name in job.settings.models.spec.components(job.settings.models.control)}
     cache.require(sorted(components))
 
 
@@ -340,15 +322,14 @@ def _prepare(
 
 
 def settings_digest(job: BatchJob) -> str | None:
-    """16 hex digits naming what makes a clip: its settings as asked (the seed only if one was
-    given), the models (not the device) and the contents of the reference and the driving clip.
+    """16 hex digits naming what makes a clip: the settings that change the output (`digest_values`:
+    the seed only if one was given; not the device or speed options) and the contents of the reference and the driving clip.
     None when an input cannot be read."""
-    settings = dataclasses.replace(job.settings, models=dataclasses.replace(job.settings.models, device=""))
     try:
         contents = [sha256_of(Path(job.reference)), sha256_of(Path(job.driving))]
     except OSError:
         return None
-    text = json.dumps({"settings": dataclasses.asdict(settings), "inputs": contents}, sort_keys=True, default=str)
+    text = json.dumps({"settings": digest_values(job.settings), "inputs": contents}, sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 

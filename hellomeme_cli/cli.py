@@ -28,6 +28,7 @@ from rich.table import Table
 from . import __version__
 from .errors import HellomemeError
 from .progress import ProgressCallback, ProgressEvent
+from .versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION
 
 if TYPE_CHECKING:
     from .batch import BatchReport
@@ -117,100 +118,61 @@ def info() -> None:
     print(f"devices     {', '.join(devices + ['cpu'])}")
 
 
-def _generation_settings(
-    steps: Annotated[int, typer.Option(help="Denoising steps (stage 2; stage 1 uses at most 10).")] = 25,
-    guidance: Annotated[float, typer.Option(help="Classifier-free guidance scale (1 turns it off).")] = 2.0,
-    seed: Annotated[int | None, typer.Option(help="Random seed (default: a new one, printed and stored in the video).")] = None,
-    fps: Annotated[float | None, typer.Option(help="Output frame rate (default: the driving clip's).")] = None,
-    max_frames: Annotated[int | None, typer.Option(help="Use only the first N frames of the driving clip.")] = None,
-    trans_ratio: Annotated[float, typer.Option(help="How much of the driving head's movement across the frame to follow (0..1).")] = 0.0,
-    control: Annotated[str, typer.Option(help="Expression signal: blendshapes (HMControlNet) or pdfgc (HMControlNet2).")] = "blendshapes",
-    prompt: Annotated[str, typer.Option(help="Extra prompt, put before the default portrait prompt.")] = "",
-    negative_prompt: Annotated[str, typer.Option(help="Negative prompt.")] = "",
-    checkpoint: Annotated[
-        str | None, typer.Option(help="SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id.")
-    ] = None,
-    lora: Annotated[list[str] | None, typer.Option(help="LoRA file, FILE or FILE:SCALE; repeat for several.")] = None,
-    vae: Annotated[Path | None, typer.Option(help="Replacement VAE for decoding (file or diffusers folder).")] = None,
-    dtype: Annotated[str, typer.Option(help="auto (float16 on GPUs, float32 on CPU), float32, float16 or bfloat16.")] = "auto",
-    window: Annotated[int, typer.Option(help="Frames per motion-module window in stage 2.")] = 12,
-    overlap: Annotated[int, typer.Option(help="Frames shared by neighbouring windows in stage 2.")] = 4,
-    crop: Annotated[bool, typer.Option(help="Crop the reference and the clip around the face (--no-crop: use whole frames).")] = True,
-    face_index: Annotated[int, typer.Option(help="Which face of the driving clip to follow (0: the largest).")] = 0,
-    smooth: Annotated[bool, typer.Option(help="Smooth the driving landmarks and pose over time.")] = True,
-    size: Annotated[int, typer.Option(help="Working size in pixels (multiple of 64); the released weights are trained at 512.")] = 512,
-    paste_back: Annotated[
-        bool, typer.Option(help="Blend the generated face back into the whole reference picture, at its full size.")
-    ] = False,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the network blocks (slow first clip, faster after).")] = False,
-    low_memory: Annotated[
-        bool, typer.Option("--low-memory", help="Keep networks on the CPU, each on the GPU only while it runs (8-12 GB cards).")
-    ] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="Channels-last memory format (faster convolutions on recent GPUs).")] = False,
-) -> AnimateSettings:
-    """The generation options `animate` and `batch` share, as the (validated) settings they make; the
-    device is each command's own option."""
-    from .checkpoints import parse_lora_option
-    from .engine import ModelOptions
-    from .pipeline import AnimateSettings
+def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Give a command every declared setting (settings.py) as an option: typer sees one flat list of
+    options, the command gets the settings they make as its `settings` argument."""
+    from .settings import all_settings, from_values
 
-    models = ModelOptions(
-        control=control,
-        checkpoint=checkpoint,
-        vae=vae,
-        loras=tuple(parse_lora_option(value) for value in lora or []),
-        dtype=dtype,
-        compile=compile,
-        low_memory=low_memory,
-        channels_last=channels_last,
-    )
-    return AnimateSettings(
-        models=models, steps=steps, guidance=guidance, seed=seed, fps=fps, max_frames=max_frames, trans_ratio=trans_ratio,
-        prompt=prompt, negative_prompt=negative_prompt, window=window, overlap=overlap, crop=crop, face_index=face_index,
-        smoothing=smooth, size=size, paste_back=paste_back,
-    )
+    declared = [setting for setting in all_settings() if setting.name not in skip]
+
+    def parameter(setting) -> inspect.Parameter:
+        default = setting.default
+        if setting.name == "version":
+            default = DEFAULT_VERSIONS[mode]
+        if isinstance(default, tuple):
+            default = None
+        kind = setting.cli_type if default is not None else setting.cli_type | None
+        option = typer.Option(*setting.flags, help=setting.help, show_default=setting.shown_default if setting.name != "version" else default)
+        return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+
+    def wrap(command: Callable[..., None]) -> Callable[..., None]:
+        own = inspect.signature(command, eval_str=True, locals=_LAZY_NAMES).parameters
+        parameters = [p for name, p in own.items() if name != "settings"] + [parameter(setting) for setting in declared]
+
+        @functools.wraps(command, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
+        def run(**values: Any) -> None:
+            chosen = {setting.name: values.pop(setting.name) for setting in declared}
+            command(**values, settings=from_values(chosen))
+
+        run.__signature__ = inspect.Signature(parameters)
+        run.__annotations__ = {p.name: p.annotation for p in parameters}
+        return run
+
+    return wrap
 
 
 # Resolving annotations: `AnimateSettings` is imported where it is used (it pulls in torch); here any class will do.
 _LAZY_NAMES = {"AnimateSettings": object}
-
-
-def _with_generation_options(command: Callable[..., None]) -> Callable[..., None]:
-    """Give a command the generation options too: typer sees one flat list of options, the command
-    gets the settings they make as its `settings` argument."""
-    shared = inspect.signature(_generation_settings, eval_str=True, locals=_LAZY_NAMES).parameters
-    own = inspect.signature(command, eval_str=True, locals=_LAZY_NAMES).parameters
-    parameters = [parameter for name, parameter in own.items() if name != "settings"] + list(shared.values())
-
-    @functools.wraps(command, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
-    def run(**values: Any) -> None:
-        settings = _generation_settings(**{name: values.pop(name) for name in shared})
-        command(**values, settings=settings)
-
-    run.__signature__ = inspect.Signature(parameters)
-    run.__annotations__ = {parameter.name: parameter.annotation for parameter in parameters}
-    return run
+DEFAULT_VERSIONS = {"video": DEFAULT_VIDEO_VERSION, "image": DEFAULT_IMAGE_VERSION}
 
 
 @app.command()
-@_with_generation_options
+@_with_generation_options("video")
 def animate(
     reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
     drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes.")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE.mp4 in the current folder).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
     from .pipeline import animate as run_animate, default_output
-    from .video import probe_video
 
     output = output or default_output(reference, drive)
-    source, settings, cache = _prepare_run(reference, drive, output, device, force, settings, probe_video)
+    source, settings, cache = _prepare_run(reference, drive, output, force, settings, "video")
     with _progress_bars() as report:
         result = run_animate(source, drive, output, settings, _load_models(settings, cache, report), force=force, progress=report)
     out.print(
@@ -221,46 +183,33 @@ def animate(
 
 
 @app.command()
-@_with_generation_options
+@_with_generation_options("image")
 def image(
     reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
     drive_image: Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes.")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE.png in the current folder).")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:N or mps.")] = "auto",
     force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """One picture: the portrait with the head pose and expression of another picture."""
     from .pipeline import default_output, render_image
-    from .video import read_image
 
     output = output or default_output(reference, drive_image, ".png")
-    source, settings, cache = _prepare_run(reference, drive_image, output, device, force, settings, read_image)
+    source, settings, cache = _prepare_run(reference, drive_image, output, force, settings, "image")
     with _progress_bars() as report:
         seed = render_image(source, drive_image, output, settings, _load_models(settings, cache, report), force=force, progress=report)
     out.print(f"wrote {output}, seed {seed}", highlight=False)
 
 
-def _prepare_run(
-    reference: Path, drive: Path, output: Path, device: str, force: bool, settings: AnimateSettings, check_drive: Callable[[Path], object]
-):
-    """Everything that can fail fast, before any model loads: the output path, the options, the
-    weight cache, the driving input (`check_drive` reads or probes it) and the reference's face."""
-    from .engine import check_options, required_components
-    from .pipeline import load_reference
-    from .tracking import MODEL_FILE
-    from .video import check_destination
+def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings, mode: str):
+    """Everything that can fail fast, before any model loads (`pipeline.prepare_run`); the seed is said at once."""
+    from .pipeline import prepare_run
 
-    settings = dataclasses.replace(settings, models=dataclasses.replace(settings.models, device=device)).with_seed()
-    check_destination(output, force, [reference, drive])
-    check_options(settings.models)
     cache = _cache()
-    face_model = cache.require(required_components(settings.models.control))["face_landmarker"] / MODEL_FILE
-    check_drive(drive)
-    source = load_reference(reference, settings, face_model)
+    source, settings = prepare_run(reference, drive, output, settings, mode=mode, force=force, cache=cache)
     console.print(f"seed {settings.seed}", highlight=False)
     _quiet_libraries()
     return source, settings, cache
@@ -273,7 +222,7 @@ def _load_models(settings: AnimateSettings, cache, report: ProgressCallback):
 
 
 @app.command()
-@_with_generation_options
+@_with_generation_options("video", skip=("device",))
 def batch(
     input_dir: Annotated[
         Path | None, typer.Argument(help="Folder of driving clips: each video directly in it (other files are reported as failed).")

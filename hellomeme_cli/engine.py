@@ -26,6 +26,7 @@ from .models import FanEncoder, HMControlNet, HMControlNet2, HMDenoisingNet, HMR
 from .models.unet import load_folder
 from .tracking import MODEL_FILE
 from .progress import ProgressCallback, ProgressEvent, no_progress
+from .settings import ModelOptions
 from .weights import WeightCache
 
 # The prompt the official v1 scripts give every clip; a user's prompt is put before it.
@@ -33,26 +34,9 @@ DEFAULT_PROMPT = (
     "(best quality), highly detailed, ultra-detailed, headshot, person, well-placed five sense organs, "
     "looking at the viewer, centered composition, sharp focus, realistic skin texture"
 )
-CONTROLS = ("blendshapes", "pdfgc")
-_CONTROL_COMPONENTS = {"blendshapes": ("hm_control", "image_encoder"), "pdfgc": ("hm_control2", "pd_fgc_motion")}
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CHECKPOINT_PATTERNS = ["model_index.json", "*/*.json", "tokenizer/*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
-
-
-@dataclasses.dataclass(frozen=True)
-class ModelOptions:
-    """What to load: the control signal, the base-model swaps, and where to run."""
-
-    control: str = "blendshapes"
-    checkpoint: str | None = None
-    vae: Path | None = None
-    loras: tuple[tuple[Path, float], ...] = ()
-    device: str = "auto"
-    dtype: str = "auto"
-    channels_last: bool = False  # convolution networks in NHWC memory order (faster convolutions on recent GPUs)
-    compile: bool = False  # torch.compile the repeated UNet/VAE blocks (slow first call, faster after)
-    low_memory: bool = False  # networks wait on the CPU, each block goes to the device only while it runs
 
 
 @dataclasses.dataclass
@@ -82,6 +66,8 @@ class HelloMemeModels:
     control: str
     device: torch.device
     dtype: torch.dtype
+    options: ModelOptions  # what was asked for (a batch or app reuses the models while these stay equal)
+    cache: WeightCache  # where the weights came from (the face model of later runs too)
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str = "", negative_prompt: str = "") -> PromptEmbeddings:
@@ -127,13 +113,6 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
-def required_components(control: str) -> list[str]:
-    """Cache components `animate` needs with this control signal."""
-    if control not in CONTROLS:
-        raise HellomemeError(f"unknown control {control!r} (use {' or '.join(CONTROLS)})")
-    return ["sd15", "hm_reference", "hm_animatediff_frame12", *_CONTROL_COMPONENTS[control], "face_landmarker"]
-
-
 def _is_repo_id(value: str) -> bool:
     """`owner/name`, as Hugging Face names a repository."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
@@ -161,7 +140,6 @@ def resolve_checkpoint(value: str, cache: WeightCache) -> Path:
 def check_options(options: ModelOptions) -> None:
     """Everything about the options that can be wrong, found before any loading starts."""
     resolve_dtype(options.dtype, resolve_device(options.device))
-    required_components(options.control)
     local = [(path, "LoRA") for path, _ in options.loras] + ([(options.vae, "VAE")] if options.vae else [])
     if options.checkpoint and (Path(options.checkpoint).expanduser().exists() or not _is_repo_id(options.checkpoint)):
         local.append((Path(options.checkpoint), "checkpoint"))
@@ -180,7 +158,7 @@ def load_models(
     cache = cache or WeightCache()
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    folders = cache.require(required_components(options.control))
+    folders = cache.require(options.spec.components(options.control))
     checkpoint = resolve_checkpoint(options.checkpoint, cache) if options.checkpoint else None
     steps = ["SD1.5", "LoRAs" if options.loras else None, "checkpoint" if checkpoint else None, "HelloMeme modules"]
     steps = [step for step in steps if step]
@@ -210,7 +188,7 @@ def load_models(
 
     adapter = component(HMReferenceAdapter, "hm_reference")
     motion_adapter = load_folder(MotionAdapter, folders["hm_animatediff_frame12"], dtype=dtype)
-    blendshapes = options.control == "blendshapes"
+    blendshapes = options.control_kind.name == "blendshapes"
     models = HelloMemeModels(
         tokenizer=base.tokenizer,
         reference_text_encoder=base.text_encoder,
@@ -224,9 +202,11 @@ def load_models(
         image_encoder=_image_encoder(folders["image_encoder"], dtype, device) if blendshapes else None,
         fan_encoder=None if blendshapes else component(FanEncoder, "pd_fgc_motion"),
         face_model=folders["face_landmarker"] / MODEL_FILE,
-        control=options.control,
+        control=options.control_kind.name,
         device=device,
         dtype=dtype,
+        options=options,
+        cache=cache,
     )
     loaded("HelloMeme modules")
     apply_speed_options(models, options)

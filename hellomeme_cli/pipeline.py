@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import secrets
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
@@ -21,60 +20,20 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import HelloMemeModels, ModelOptions
+from .engine import HelloMemeModels, check_options
 from .errors import HellomemeError
 from .pasteback import PasteBack, head_travel
 from .progress import ProgressCallback, no_progress
 from .sampler import DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
+from .settings import AnimateSettings
 from .signals import DrivingSignals, ReferenceFace, build_driving_signals, prepare_reference
-from .tracking import FaceTrack, Smoothing, track_image, track_video
+from .tracking import MODEL_FILE, FaceTrack, Smoothing, track_image, track_video
+from .versions import get_version
+from .weights import WeightCache
 from .video import check_destination, probe_video, read_frames, read_image, write_image, write_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 SEED_TAG = "hellomeme_seed"  # the output's metadata key holding the seed it was made with
-
-
-@dataclasses.dataclass(frozen=True)
-class AnimateSettings:
-    """Everything a run depends on besides its inputs; the CLI builds it from its options."""
-
-    models: ModelOptions = ModelOptions()
-    steps: int = 25
-    guidance: float = 2.0
-    seed: int | None = None
-    fps: float | None = None
-    max_frames: int | None = None
-    trans_ratio: float = 0.0
-    prompt: str = ""
-    negative_prompt: str = ""
-    window: int = 12
-    overlap: int = 4
-    crop: bool = True
-    face_index: int = 0
-    smoothing: bool = True
-    size: int = 512
-    paste_back: bool = False
-
-    def __post_init__(self) -> None:
-        problems = [
-            (self.steps < 1, f"--steps must be at least 1 (got {self.steps})"),
-            (not math.isfinite(self.guidance) or self.guidance < 1, f"--guidance must be at least 1 (got {self.guidance})"),
-            (self.fps is not None and not (0 < self.fps <= 240), f"--fps must be in (0, 240] (got {self.fps})"),
-            (self.max_frames is not None and self.max_frames < 1, f"--max-frames must be at least 1 (got {self.max_frames})"),
-            (not 0 <= self.trans_ratio <= 1, f"--trans-ratio must be in [0, 1] (got {self.trans_ratio})"),
-            (self.window < 2, f"--window must be at least 2 (got {self.window})"),
-            (not 0 <= self.overlap < self.window, f"--overlap must be in [0, window) = [0, {self.window}) (got {self.overlap})"),
-            (self.seed is not None and not 0 <= self.seed < 2**32, f"--seed must be in [0, 2^32) (got {self.seed})"),
-            (self.face_index < 0, f"--face-index must be at least 0 (got {self.face_index})"),
-            (self.size < 128 or self.size % 64, f"--size must be a multiple of 64, at least 128 (got {self.size})"),
-        ]
-        for bad, message in problems:
-            if bad:
-                raise HellomemeError(message)
-
-    def with_seed(self) -> "AnimateSettings":
-        """The same settings with a seed chosen now if none was given, so it can be reported."""
-        return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbelow(2**32))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +54,23 @@ class Reference:
     path: Path
     face: ReferenceFace
     picture: np.ndarray  # the whole picture, for --paste-back
+
+
+def prepare_run(
+    reference: Path, driving: Path, output: Path, settings: AnimateSettings, *, mode: str, force: bool = False, cache: WeightCache | None = None
+) -> tuple[Reference, AnimateSettings]:
+    """Everything about a run that can fail fast, checked before any model loads: the version can
+    do `mode`, the output path, the model options, the weights, the driving input and the
+    reference's face. Returns the reference and the settings with their seed chosen."""
+    settings = settings.with_seed()
+    options = settings.models
+    get_version(options.version, mode)
+    check_destination(output, force, [reference, driving])
+    check_options(options)
+    cache = cache or WeightCache()
+    face_model = cache.require(options.spec.components(options.control, mode))["face_landmarker"] / MODEL_FILE
+    (probe_video if mode == "video" else read_image)(driving)
+    return load_reference(reference, settings, face_model), settings
 
 
 def load_reference(path: Path, settings: AnimateSettings, face_model: Path) -> Reference:
@@ -218,7 +194,8 @@ def _sampler(models: HelloMemeModels) -> VideoSampler:
 
 
 def _sampler_settings(settings: AnimateSettings) -> SamplerSettings:
-    return SamplerSettings(steps=settings.steps, guidance=settings.guidance, window=settings.window, overlap=settings.overlap)
+    names = ("steps", "guidance", "window", "overlap", "stage1_steps")
+    return SamplerSettings(**{name: settings.resolved(name) for name in names})
 
 
 def _sampler_inputs(

@@ -1,0 +1,99 @@
+"""The library entry points: load a pipeline once, then make videos and pictures with it.
+
+    import hellomeme_cli as hm
+    pipe = hm.load_pipeline(version="v1", device="cuda")
+    result = hm.animate(pipe, "ref.jpg", "drive.mp4", "out.mp4", seed=1)
+
+Settings are the command line's (settings.py), by their names; the ones that choose networks
+(version, control, checkpoint, ...) are given to `load_pipeline`, the others to each call.
+Nothing here prints: pass `progress=` a callback to follow the stages.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+from .engine import HelloMemeModels, load_models
+from .errors import HellomemeError
+from .pipeline import AnimateResult, Reference, prepare_run
+from .pipeline import animate as _animate
+from .pipeline import render_image as _render_image
+from .progress import ProgressCallback, no_progress
+from .settings import AnimateSettings, ModelOptions, from_values
+from .weights import WeightCache
+
+_MODEL_SETTINGS = {field.name for field in dataclasses.fields(ModelOptions)}
+
+
+def load_pipeline(
+    version: str | None = None,
+    *,
+    cache: WeightCache | None = None,
+    progress: ProgressCallback = no_progress,
+    **options: Any,
+) -> HelloMemeModels:
+    """Every network of `version` (default: the video default) loaded once onto `device`
+    (`auto`: a CUDA GPU, else MPS, else the CPU). `options` are the model settings: control,
+    checkpoint, vae, lora (list of FILE[:SCALE]), device, dtype, channels_last, compile, low_memory.
+    Raises HellomemeError when weights are missing (`hellomeme weights fetch`)."""
+    unknown = sorted(set(options) - _MODEL_SETTINGS - {"lora"})
+    if unknown:
+        raise HellomemeError(f"load_pipeline: unknown option(s) {', '.join(unknown)} (model options: {', '.join(sorted(_MODEL_SETTINGS))})")
+    if "lora" in options:
+        options["loras"] = options.pop("lora")
+    if version is not None:
+        options["version"] = version
+    settings = from_values(options)
+    return load_models(settings.models, cache or WeightCache(), progress=progress)
+
+
+def animate(
+    pipe: HelloMemeModels,
+    reference: str | Path,
+    driving: str | Path,
+    output: str | Path,
+    *,
+    force: bool = False,
+    progress: ProgressCallback = no_progress,
+    **settings: Any,
+) -> AnimateResult:
+    """Give the portrait `reference` the motion of `driving` and write the mp4 `output` (with the
+    clip's audio). `settings` are the generation settings by name (seed, steps, guidance, fps,
+    max_frames, trans_ratio, prompt, ...); the result names the seed used."""
+    run = _settings(pipe, settings)
+    prepared, run = prepare_run(Path(reference), Path(driving), Path(output), run, mode="video", force=force, cache=_cache_of(pipe))
+    return _animate(prepared, Path(driving), Path(output), run, pipe, force=force, progress=progress)
+
+
+def render_image(
+    pipe: HelloMemeModels,
+    reference: str | Path,
+    driving_image: str | Path,
+    output: str | Path,
+    *,
+    force: bool = False,
+    progress: ProgressCallback = no_progress,
+    **settings: Any,
+) -> int:
+    """One picture: `reference` with the head pose and expression of `driving_image`, written to
+    `output`; returns the seed used."""
+    run = _settings(pipe, settings)
+    prepared, run = prepare_run(Path(reference), Path(driving_image), Path(output), run, mode="image", force=force, cache=_cache_of(pipe))
+    return _render_image(prepared, Path(driving_image), Path(output), run, pipe, force=force, progress=progress)
+
+
+def _settings(pipe: HelloMemeModels, values: dict[str, Any]) -> AnimateSettings:
+    """The call's generation settings on top of the pipeline's model options (which a call cannot change)."""
+    model_values = sorted(set(values) & (_MODEL_SETTINGS | {"lora"}))
+    if model_values:
+        raise HellomemeError(f"{', '.join(model_values)}: model settings are chosen by load_pipeline, not per call")
+    return from_values(values, AnimateSettings(models=pipe.options))
+
+
+def _cache_of(pipe: HelloMemeModels) -> WeightCache:
+    return pipe.cache
+
+
+__all__ = ["AnimateResult", "Reference", "animate", "load_pipeline", "render_image"]

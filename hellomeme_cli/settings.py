@@ -1,0 +1,313 @@
+"""Every generation setting, declared once: name, type, default, help and check.
+
+The command-line options of animate, image and batch, the batch CSV columns, the resume digest
+and the options table of docs/usage.md are all made from these declarations. Defaults that
+belong to a HelloMeme version (steps, guidance, windows, control) are None here and filled from
+the version's registry entry (`resolved`), so a version can change them without touching this file.
+This module imports no torch: the command line reads it to build its options.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import secrets
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .errors import HellomemeError
+from .versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, VERSIONS, get_version
+
+DTYPES = ("auto", "float32", "float16", "bfloat16")
+WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """One declared setting, as the command line, the batch CSV and the docs see it."""
+
+    name: str
+    default: Any
+    help: str
+    cli_type: Any  # the type typer parses the option as
+    flags: tuple[str, ...]  # option names; `--x/--no-x` for switches
+    parse: Callable[[Any], Any]  # command-line or CSV value -> the setting's value
+    check: Callable[[Any], str | None] | None  # the value -> what is wrong with it, or None
+    shown_default: str  # the default as the docs and --help say it
+    per_clip: bool  # may differ per batch CSV row
+    in_digest: bool  # changes what is generated (so a finished batch clip made otherwise is redone)
+    group: str  # "models" (which networks load) or "generation"
+
+    @property
+    def column(self) -> str:
+        """Its name as a batch CSV column: the option's, without dashes (`--no-smooth` -> smooth)."""
+        return self.flags[0].split("/")[0].removeprefix("--").replace("-", "_")
+
+
+def _setting(
+    default: Any,
+    help: str,
+    *,
+    cli_type: Any = None,
+    flags: tuple[str, ...] = (),
+    parse: Callable[[Any], Any] | None = None,
+    check: Callable[[Any], str | None] | None = None,
+    shown: str | None = None,
+    per_clip: bool = True,
+    in_digest: bool = True,
+) -> Any:
+    """A dataclass field carrying its declaration (read back by `settings`)."""
+    meta = dict(help=help, cli_type=cli_type, flags=flags, parse=parse, check=check, shown=shown, per_clip=per_clip, in_digest=in_digest)
+    return dataclasses.field(default=default, metadata=meta)
+
+
+def _at_least(low: float, option: str) -> Callable[[Any], str | None]:
+    return lambda value: None if value is None or value >= low else f"--{option} must be at least {low:g} (got {value})"
+
+
+def _within(low: float, high: float, option: str, *, open_low: bool = False) -> Callable[[Any], str | None]:
+    def check(value: Any) -> str | None:
+        if value is None:
+            return None
+        inside = (low < value if open_low else low <= value) and value <= high and math.isfinite(value)
+        return None if inside else f"--{option} must be in {'(' if open_low else '['}{low:g}, {high:g}] (got {value})"
+
+    return check
+
+
+def _one_of(choices: tuple[str, ...], option: str) -> Callable[[Any], str | None]:
+    return lambda value: None if value is None or value in choices else f"--{option} must be one of {', '.join(choices)} (got {value!r})"
+
+
+def _known_version(value: str | None) -> str | None:
+    if value is None or value in VERSIONS:
+        return None
+    return f"--version must be one of {', '.join(VERSIONS)} (got {value!r})"
+
+
+def _known_control(value: str | None) -> str | None:
+    controls = sorted({name for version in VERSIONS.values() for name in version.controls})
+    return _one_of(tuple(controls), "control")(value)
+
+
+def _size(value: int) -> str | None:
+    return None if value >= 128 and value % 64 == 0 else f"--size must be a multiple of 64, at least 128 (got {value})"
+
+
+def _seed(value: int | None) -> str | None:
+    return None if value is None or 0 <= value < 2**32 else f"--seed must be in [0, 2^32) (got {value})"
+
+
+def _optional_path(value: Any) -> Path | None:
+    return None if value in (None, "") else Path(value).expanduser()
+
+
+def parse_lora(value: str) -> tuple[Path, float]:
+    """`FILE` or `FILE:SCALE` (scale 1 when not given)."""
+    path, separator, scale = str(value).rpartition(":")
+    if separator and path and not scale.startswith(("\\", "/")):
+        try:
+            return Path(path).expanduser(), float(scale)
+        except ValueError:
+            pass
+    return Path(value).expanduser(), 1.0
+
+
+def _loras(values: Any) -> tuple[tuple[Path, float], ...]:
+    """A list from the command line, or a CSV cell with `;` between LoRAs."""
+    if isinstance(values, str):
+        values = [part for part in values.split(";") if part.strip()]
+    return tuple(value if isinstance(value, tuple) else parse_lora(value.strip()) for value in values or ())
+
+
+def _check(instance: Any) -> None:
+    for field in dataclasses.fields(instance):
+        check = field.metadata.get("check")
+        problem = check(getattr(instance, field.name)) if check else None
+        if problem:
+            raise HellomemeError(problem)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelOptions:
+    """What to load: the version, the control signal, the base-model swaps, and how to run it.
+    Two runs with equal options share loaded models (batch, app)."""
+
+    version: str = _setting(
+        DEFAULT_VIDEO_VERSION, "HelloMeme version (docs/versions.md).", cli_type=str, check=_known_version,
+        shown=f"{DEFAULT_VIDEO_VERSION} (image: {DEFAULT_IMAGE_VERSION})",
+    )
+    control: str | None = _setting(
+        None, "Expression signal: blendshapes (ARKit + face parts) or pdfgc (PD-FGC motion).", cli_type=str,
+        check=_known_control, shown="the version's (v1: blendshapes)",
+    )
+    checkpoint: str | None = _setting(
+        None, "SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id.",
+        cli_type=str, shown="SD1.5",
+    )
+    vae: Path | None = _setting(
+        None, "Replacement VAE for decoding (file or diffusers folder).", cli_type=Path, parse=_optional_path,
+        shown="the checkpoint's",
+    )
+    loras: tuple[tuple[Path, float], ...] = _setting(
+        (), "LoRA file, FILE or FILE:SCALE; repeat for several (CSV: separated by ;).", cli_type=list[str],
+        flags=("--lora",), parse=_loras, shown="none",
+    )
+    device: str = _setting("auto", "auto, cpu, cuda, cuda:N or mps.", cli_type=str, per_clip=False, in_digest=False)
+    dtype: str = _setting(
+        "auto", "auto (float16 on GPUs, float32 on CPUs), float32, float16 or bfloat16.", cli_type=str,
+        check=_one_of(DTYPES, "dtype"),
+    )
+    channels_last: bool = _setting(
+        False, "Channels-last memory format (faster convolutions on recent GPUs).", flags=("--channels-last",),
+        per_clip=False, in_digest=False,
+    )
+    compile: bool = _setting(
+        False, "torch.compile the network blocks (slow first clip, faster after).", flags=("--compile",),
+        per_clip=False, in_digest=False,
+    )
+    low_memory: bool = _setting(
+        False, "Keep networks on the CPU, each block on the GPU only while it runs (8-12 GB cards).",
+        flags=("--low-memory",), per_clip=False, in_digest=False,
+    )
+
+    def __post_init__(self) -> None:
+        _check(self)
+        self.spec.control(self.control)
+
+    @property
+    def spec(self):
+        """The registry entry of this version."""
+        return VERSIONS[self.version]
+
+    @property
+    def control_kind(self):
+        return self.spec.control(self.control)
+
+
+@dataclasses.dataclass(frozen=True)
+class AnimateSettings:
+    """Everything a run depends on besides its inputs; None means the version's default."""
+
+    models: ModelOptions = ModelOptions()
+    steps: int | None = _setting(None, "Denoising steps.", check=_at_least(1, "steps"), shown="the version's (v1: 25)")
+    guidance: float | None = _setting(
+        None, "Classifier-free guidance scale (1 turns it off).", check=_at_least(1, "guidance"), shown="the version's (v1: 2)"
+    )
+    seed: int | None = _setting(None, "Random seed (default: a new one, printed and stored in the output).", check=_seed, shown="random")
+    fps: float | None = _setting(None, "Output frame rate (default: the driving clip's).", check=_within(0, 240, "fps", open_low=True), shown="the clip's")
+    max_frames: int | None = _setting(None, "Use only the first N frames of the driving clip.", check=_at_least(1, "max-frames"), shown="all")
+    trans_ratio: float = _setting(0.0, "How much of the driving head's movement across the frame to follow (0..1).", check=_within(0, 1, "trans-ratio"))
+    prompt: str = _setting("", "Extra prompt, put before the version's portrait prompt.", shown="empty")
+    negative_prompt: str = _setting("", "Negative prompt.", shown="empty")
+    window: int | None = _setting(None, "Frames per motion-module window.", check=_at_least(2, "window"), shown="the version's (v1: 12)")
+    overlap: int | None = _setting(None, "Frames shared by neighbouring windows.", check=_at_least(0, "overlap"), shown="the version's (v1: 4)")
+    crop: bool = _setting(True, "Crop the reference and the clip around the face (--no-crop: whole frames).", flags=("--crop/--no-crop",))
+    face_index: int = _setting(0, "Which face of the driving clip to follow (0: the largest).", check=_at_least(0, "face-index"))
+    smoothing: bool = _setting(True, "Smooth the driving landmarks and pose over time.", flags=("--smooth/--no-smooth",))
+    size: int = _setting(512, "Working size in pixels (multiple of 64); the released weights are trained at 512.", check=_size)
+    paste_back: bool = _setting(False, "Blend the generated face back into the whole reference picture, at its full size.", flags=("--paste-back",))
+
+    def __post_init__(self) -> None:
+        _check(self)
+        window, overlap = self.resolved("window"), self.resolved("overlap")
+        if not 0 <= overlap < window:
+            raise HellomemeError(f"--overlap must be in [0, window) = [0, {window}) (got {overlap})")
+
+    def resolved(self, name: str) -> Any:
+        """The value of a setting, the version's default where it was left None."""
+        value = getattr(self, name, None)
+        return getattr(self.models.spec.defaults, name) if value is None else value
+
+    def with_seed(self) -> "AnimateSettings":
+        """The same settings with a seed chosen now if none was given, so it can be reported."""
+        return self if self.seed is not None else dataclasses.replace(self, seed=secrets.randbelow(2**32))
+
+
+def all_settings() -> Iterator[Setting]:
+    """Every declared setting: the model options first, then the generation settings."""
+    for owner in (ModelOptions, AnimateSettings):
+        for field in dataclasses.fields(owner):
+            if not field.metadata:
+                continue
+            meta = field.metadata
+            cli_type = meta["cli_type"] or (field.type if not isinstance(field.type, str) else _TYPES[field.type])
+            default = field.default
+            flags = meta["flags"] or (f"--{field.name.replace('_', '-')}",)
+            shown = meta["shown"] or (("on" if default else "off") if isinstance(default, bool) else str(default))
+            yield Setting(
+                name=field.name, default=default, help=meta["help"], cli_type=cli_type, flags=flags,
+                parse=meta["parse"] or (lambda value: value), check=meta["check"], shown_default=shown,
+                per_clip=meta["per_clip"], in_digest=meta["in_digest"], group="models" if owner is ModelOptions else "generation",
+            )
+
+
+# The annotations as strings (from __future__), to the types the command line parses.
+_TYPES = {"int | None": int | None, "float | None": float | None, "str | None": str | None, "int": int, "float": float, "str": str, "bool": bool}
+
+
+def from_values(values: Mapping[str, Any], base: AnimateSettings | None = None) -> AnimateSettings:
+    """Settings from `{setting name: value}` (command line or CSV, already typed), other settings
+    as in `base`; each value goes through its setting's parser and check."""
+    base = base or AnimateSettings()
+    declared = {setting.name: setting for setting in all_settings()}
+    unknown = sorted(set(values) - set(declared))
+    if unknown:
+        raise HellomemeError(f"unknown setting(s) {', '.join(unknown)}")
+    parsed = {name: declared[name].parse(value) for name, value in values.items()}
+    model_names = {field.name for field in dataclasses.fields(ModelOptions)}
+    models = dataclasses.replace(base.models, **{k: v for k, v in parsed.items() if k in model_names})
+    return dataclasses.replace(base, models=models, **{k: v for k, v in parsed.items() if k not in model_names})
+
+
+def flat_values(settings_: AnimateSettings) -> dict[str, Any]:
+    """`{setting name: value}` of every declared setting (the inverse of `from_values`)."""
+    values = {field.name: getattr(settings_.models, field.name) for field in dataclasses.fields(ModelOptions)}
+    values.update({field.name: getattr(settings_, field.name) for field in dataclasses.fields(AnimateSettings) if field.metadata})
+    return values
+
+
+def digest_values(settings_: AnimateSettings) -> dict[str, Any]:
+    """What of the settings changes the output: every setting declared `in_digest`, as given
+    (version defaults resolved, so a default that later changes redoes the clip)."""
+    values = flat_values(settings_)
+    result = {}
+    for setting in all_settings():
+        if setting.in_digest:
+            value = values[setting.name]
+            if setting.group == "generation" and value is None and setting.name in _VERSION_DEFAULTS:
+                value = settings_.resolved(setting.name)
+            result[setting.name] = value
+    result["control"] = settings_.models.control_kind.name
+    return result
+
+
+_VERSION_DEFAULTS = {field.name for field in dataclasses.fields(get_version(DEFAULT_VIDEO_VERSION).defaults)}
+
+
+def parse_cell(setting: Setting, text: str) -> Any:
+    """A batch CSV cell as the setting's value ("" is never passed here: blank keeps the default)."""
+    kind = setting.cli_type
+    try:
+        if kind in (int, int | None):
+            return int(text)
+        if kind in (float, float | None):
+            return float(text)
+        if kind is bool:
+            lowered = text.lower()
+            if lowered not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError
+            return lowered in ("1", "true", "yes", "on")
+    except ValueError:
+        kinds = {int: "whole number", int | None: "whole number", bool: "yes/no value"}
+        raise HellomemeError(f"{setting.name} {text!r} is not a {kinds.get(kind, 'number')}") from None
+    return text
+
+
+def options_markdown() -> str:
+    """The options table of docs/usage.md (a test checks the page holds it as made here)."""
+    rows = ["| option | default | meaning |", "|---|---|---|"]
+    for setting in all_settings():
+        rows.append(f"| `{', '.join(setting.flags)}` | {setting.shown_default} | {setting.help} |")
+    return "\n".join(rows)
