@@ -25,6 +25,7 @@ import queue
 import signal
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -39,12 +40,13 @@ from .progress import ProgressCallback, ProgressEvent, no_progress
 from .settings import Setting, all_settings, digest_values, from_values, parse_cell
 from .tracking import MODEL_FILE
 from .video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
-from .video import VideoInfo, leftover_temporaries, probe_video, temporary_beside
+from .files import write_atomically
+from .video import VideoInfo, leftover_temporaries, probe_video
 from .weights import WeightCache, sha256_of
 
 DIGEST_TAG = "hellomeme_batch"  # the output's metadata key holding the digest of what made it
 OUTPUT_FOLDER = "hellomeme"  # default output folder, inside the clips' folder (or beside the CSV)
-REPORT_NAME = "batch-report.json"
+REPORT_NAME = "batch-report.json"  # and beside it batch-report.log: the traceback of every failure
 STATUSES = ("ok", "failed", "skipped")
 DONE = "already done with the same settings"
 NOT_RUN = "not run: the batch stopped first"
@@ -78,9 +80,12 @@ class ClipReport:
     seconds: float | None = None
     seed: int | None = None
     device: str | None = None
+    traceback: str = ""  # of a failure, for the log beside the report (not in the JSON)
 
     def to_json(self) -> dict[str, object]:
-        return {key: str(value.absolute()) if isinstance(value, Path) else value for key, value in dataclasses.asdict(self).items()}
+        fields = dataclasses.asdict(self)
+        fields.pop("traceback")
+        return {key: str(value.absolute()) if isinstance(value, Path) else value for key, value in fields.items()}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -392,13 +397,10 @@ class _Ledger:
             "counts": {status: sum(clip.status == status for clip in clips) for status in STATUSES},
             "clips": [clip.to_json() for clip in clips],
         }
-        temporary = temporary_beside(self.plan.report)
-        try:
-            temporary.write_text(json.dumps(data, indent=1) + "\n")
-            os.replace(temporary, self.plan.report)
-        except BaseException:
-            temporary.unlink(missing_ok=True)
-            raise
+        write_atomically(self.plan.report, json.dumps(data, indent=1) + "\n")
+        failures = [f"== {clip.driving}: {clip.reason}\n{clip.traceback}" for clip in clips if clip.traceback]
+        if failures:
+            write_atomically(log_path(self.plan.report), "\n".join(failures))
 
 
 class _ClipMaker:
@@ -425,7 +427,10 @@ class _ClipMaker:
                 force=task.replace, progress=progress, extra_tags={DIGEST_TAG: task.digest},
             )
         except Exception as error:
-            return dataclasses.replace(made, status="failed", reason=_reason(error), seconds=round(time.monotonic() - started, 2))
+            return dataclasses.replace(
+                made, status="failed", reason=_reason(error), seconds=round(time.monotonic() - started, 2),
+                traceback="".join(traceback.format_exception(error)),
+            )
         return dataclasses.replace(made, frames=result.frames, seconds=round(result.seconds, 2))
 
     def _models(self, options: ModelOptions, progress: ProgressCallback) -> HelloMemeModels:
@@ -442,6 +447,11 @@ class _ClipMaker:
         if self.models is None:
             raise HellomemeError(self.load_failure)
         return self.models
+
+
+def log_path(report: Path) -> Path:
+    """The failures' tracebacks are kept beside the JSON report."""
+    return report.with_suffix(".log")
 
 
 def _failed(job: BatchJob, reason: str) -> ClipReport:

@@ -6,7 +6,9 @@ import contextlib
 import dataclasses
 import functools
 import inspect
+import os
 import platform
+import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -26,7 +28,7 @@ from rich.text import Text
 from rich.table import Table
 
 from . import __version__
-from .errors import HellomemeError
+from .errors import HellomemeError, first_line as _first_line
 from .progress import ProgressCallback, ProgressEvent
 from .versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION
 
@@ -44,7 +46,8 @@ app = typer.Typer(
 weights_app = typer.Typer(help="List, download, verify and import model weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 console = Console(stderr=True, soft_wrap=True)
-out = Console(soft_wrap=True)
+# Written to a pipe or file, tables take the width they need: an identifier is never cut or folded.
+out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
 
 
 class _AmountColumn(ProgressColumn):
@@ -98,8 +101,11 @@ def _root(
     version: Annotated[
         bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
     ] = False,
+    debug: Annotated[
+        bool, typer.Option("--debug", help="Show the full traceback of an error (also HELLOMEME_DEBUG=1; may follow any command).")
+    ] = False,
 ) -> None:
-    """Make meme videos: give a portrait the head motion and expressions of a driving video (HelloMeme v1)."""
+    """Make meme videos: give a portrait the head motion and expressions of a driving video (HelloMeme)."""
 
 
 @app.command()
@@ -462,10 +468,27 @@ def bench(
 
 
 def main() -> None:
+    """Errors end as one red line and exit code 1; `--debug` anywhere on the line (or HELLOMEME_DEBUG=1)
+    shows the traceback too. An unexpected error (a bug) says so and how to see its traceback."""
+    debug = "--debug" in sys.argv[1:] or os.environ.get("HELLOMEME_DEBUG", "") not in ("", "0")
+    arguments = [argument for argument in sys.argv[1:] if argument != "--debug"]
     try:
-        app()
+        app(args=arguments)
     except HellomemeError as error:
+        if debug:
+            console.print_exception()
         console.print(f"[red]error:[/red] {error}", highlight=False)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/yellow]", highlight=False)
+        raise SystemExit(130) from None
+    except Exception as error:
+        if debug:
+            raise
+        console.print(
+            f"[red]error:[/red] unexpected {type(error).__name__}: {_first_line(error)} (run again with --debug for the traceback)",
+            highlight=False,
+        )
         raise SystemExit(1) from None
 
 

@@ -17,6 +17,8 @@ from collections.abc import Iterable, Iterator
 import cv2
 import numpy as np
 
+from .errors import HellomemeError
+
 from .signals import DrivingSignals, ReferenceFace, SquareCrop, pose_square
 
 # MediaPipe's face oval (FACE_LANDMARKS_FACE_OVAL), in order round the face; 10 is the top of
@@ -89,7 +91,7 @@ class PasteBack:
         inner = _inner_part(crop, work, inset)
         confined[inner] = allowed[inner]
         if not confined.any():
-            raise ValueError(f"the face lies outside the inner part of the crop {crop}")
+            raise HellomemeError("--paste-back: the face is too close to the picture's edge to blend it back (crop it with more margin, or leave --paste-back out)")
         outside = cv2.distanceTransform(1 - confined, cv2.DIST_L2, cv2.DIST_MASK_PRECISE)
         alpha = _smoothstep(1.0 - outside / self.feather)
 

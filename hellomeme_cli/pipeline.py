@@ -67,16 +67,24 @@ def prepare_run(
     get_version(options.version, mode)
     check_destination(output, force, [reference, driving])
     check_options(options)
+    read_image(reference)  # an unreadable picture is said before missing weights
+    (probe_video if mode == "video" else read_image)(driving)
     cache = cache or WeightCache()
     face_model = cache.require(options.spec.components(options.control, mode))["face_landmarker"] / MODEL_FILE
-    (probe_video if mode == "video" else read_image)(driving)
     return load_reference(reference, settings, face_model), settings
 
 
 def load_reference(path: Path, settings: AnimateSettings, face_model: Path) -> Reference:
+    """The picture read, its face found and cropped; with --paste-back, checked that it can be blended back."""
     image = read_image(path)
     track = track_image(image, name=str(path), model_path=face_model)
-    return Reference(path, prepare_reference(image, track, settings.size, settings.crop), image)
+    reference = Reference(path, prepare_reference(image, track, settings.size, settings.crop), image)
+    if settings.paste_back:
+        try:
+            PasteBack.from_reference(image, reference.face)
+        except HellomemeError as error:
+            raise HellomemeError(f"{path}: {error}") from None
+    return reference
 
 
 def animate(

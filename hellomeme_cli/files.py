@@ -1,0 +1,56 @@
+"""Writing files atomically: every output appears under its final name only once complete.
+
+One scheme for the whole tool: a hidden temporary name beside the destination (so the final
+rename stays on one filesystem and is atomic), removed again on any failure; a full disk is the
+one-line error it is to a user.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import HellomemeError
+
+
+def temporary_beside(path: Path) -> Path:
+    """A fresh hidden name in the destination's folder; the file is created by whoever writes it,
+    with the user's usual permissions."""
+    return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.partial{path.suffix}")
+
+
+def leftover_temporaries(path: Path) -> list[Path]:
+    """Temporary files that writes of `path` left behind in a process that was killed (SIGKILL,
+    power loss), as `temporary_beside` names them."""
+    pattern = re.compile(rf"\.{re.escape(path.stem)}\.[0-9a-f]{{12}}\.partial{re.escape(path.suffix)}")
+    if not path.parent.is_dir():
+        return []
+    return sorted(entry for entry in path.parent.iterdir() if pattern.fullmatch(entry.name))
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path) -> Iterator[Path]:
+    """Yields a temporary path to write; on success it becomes `path`, on any failure it is removed."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_beside(path)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    except BaseException as error:
+        temporary.unlink(missing_ok=True)
+        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+            raise HellomemeError(f"{path}: disk full (no space left on device)") from None
+        raise
+
+
+def write_atomically(path: Path, data: bytes | str) -> Path:
+    """`path` holding `data` (text as UTF-8), never a half-written file."""
+    with atomic_output(path) as temporary:
+        temporary.write_bytes(data.encode() if isinstance(data, str) else data)
+    return Path(path)
