@@ -17,6 +17,7 @@ from typing import Any
 
 from .engine import HelloMemeModels, load_models
 from .errors import HellomemeError
+from .logs import libraries_quiet
 from .pipeline import AnimateResult, Reference, prepare_run
 from .pipeline import animate as _animate
 from .pipeline import render_image as _render_image
@@ -46,7 +47,8 @@ def load_pipeline(
     if version is not None:
         options["version"] = version
     settings = from_values(options)
-    return load_models(settings.models, cache or WeightCache(), progress=progress)
+    with libraries_quiet():
+        return load_models(settings.models, cache or WeightCache(), progress=progress)
 
 
 def animate(

@@ -1,0 +1,33 @@
+"""The libraries we load networks with log warnings and draw their own progress bars; the library
+never prints (it reports through its progress callback), so loading runs with them quiet."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+
+@contextlib.contextmanager
+def libraries_quiet() -> Iterator[None]:
+    """Within: diffusers, transformers and huggingface_hub log errors only and draw no bars."""
+    import diffusers
+    import huggingface_hub.utils
+    import transformers
+
+    loggers = (diffusers.utils.logging, transformers.utils.logging)
+    levels = [logging.get_verbosity() for logging in loggers]
+    bars = [not diffusers.utils.logging.is_progress_bar_enabled(), not transformers.utils.logging.is_progress_bar_enabled()]
+    hub_bars = huggingface_hub.utils.are_progress_bars_disabled()
+    for logging in loggers:
+        logging.set_verbosity_error()
+        logging.disable_progress_bar()
+    huggingface_hub.utils.disable_progress_bars()
+    try:
+        yield
+    finally:
+        for logging, level, disabled in zip(loggers, levels, bars):
+            logging.set_verbosity(level)
+            if not disabled:
+                logging.enable_progress_bar()
+        if not hub_bars:
+            huggingface_hub.utils.enable_progress_bars()
