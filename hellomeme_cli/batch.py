@@ -41,6 +41,7 @@ from .settings import Setting, all_settings, digest_values, from_values, parse_c
 from .tracking import MODEL_FILE
 from .video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
 from .files import write_atomically
+from .logs import libraries_quiet
 from .video import VideoInfo, leftover_temporaries, probe_video
 from .weights import WeightCache, sha256_of
 
@@ -441,7 +442,8 @@ class _ClipMaker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             try:
-                self.models = load_models(options, self.cache, progress)
+                with libraries_quiet():
+                    self.models = load_models(options, self.cache, progress)
             except Exception as error:  # every clip that needs these models fails the same way, without a retry
                 self.load_failure = f"cannot load the models: {_reason(error)}"
         if self.models is None:
@@ -482,7 +484,7 @@ def _run_in_workers(
     processes = [
         context.Process(
             target=_work,
-            args=(number, label, device, cache.home, threads if device == "cpu" else None, _log_levels(), inboxes[number], outbox),
+            args=(number, label, device, cache.home, threads if device == "cpu" else None, inboxes[number], outbox),
             name=f"hellomeme {label}",
             daemon=True,
         )
@@ -537,7 +539,7 @@ def _run_in_workers(
 
 
 def _work(
-    number: int, label: str, device: str, cache_home: Path, threads: int | None, log_levels: tuple[int, int], inbox, outbox
+    number: int, label: str, device: str, cache_home: Path, threads: int | None, inbox, outbox
 ) -> None:
     """A worker process: make each clip it is sent until it is sent None. It ignores Ctrl-C (which
     reaches the whole process group): the parent stops it with SIGTERM."""
@@ -545,7 +547,6 @@ def _work(
     signal.signal(signal.SIGTERM, _raise_interrupt)
     if threads:
         torch.set_num_threads(threads)
-    _set_log_levels(log_levels)
     maker = _ClipMaker(label, device, WeightCache(cache_home))
 
     def forward(event: ProgressEvent) -> None:
@@ -556,23 +557,6 @@ def _work(
             outbox.put(("done", number, maker.make(task, forward)))
     except KeyboardInterrupt:
         outbox.cancel_join_thread()  # the parent may no longer read: exit without waiting on the queue
-
-
-def _log_levels() -> tuple[int, int]:
-    """diffusers' and transformers' log levels here, for the workers to use the same (the CLI quiets them)."""
-    import diffusers
-    import transformers
-
-    return diffusers.utils.logging.get_verbosity(), transformers.utils.logging.get_verbosity()
-
-
-def _set_log_levels(levels: tuple[int, int]) -> None:
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity(levels[0])
-    transformers.utils.logging.set_verbosity(levels[1])
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:

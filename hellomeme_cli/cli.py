@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import functools
 import inspect
 import os
@@ -78,16 +77,6 @@ def _progress_bars() -> Iterator[ProgressCallback]:
             bars.update(tasks[event.task], completed=event.completed, total=event.total)
 
         yield report
-
-
-def _quiet_libraries() -> None:
-    """diffusers and transformers log warnings and draw their own bars while loading; we draw ours."""
-    import diffusers
-    import transformers
-
-    diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def _print_version(value: bool) -> None:
@@ -217,14 +206,15 @@ def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settin
     cache = _cache()
     source, settings = prepare_run(reference, drive, output, settings, mode=mode, force=force, cache=cache)
     console.print(f"seed {settings.seed}", highlight=False)
-    _quiet_libraries()
     return source, settings, cache
 
 
 def _load_models(settings: AnimateSettings, cache, report: ProgressCallback):
     from .engine import load_models
+    from .logs import libraries_quiet
 
-    return load_models(settings.models, cache, progress=report)
+    with libraries_quiet():
+        return load_models(settings.models, cache, progress=report)
 
 
 @app.command()
@@ -259,7 +249,6 @@ def batch(
         plan = plan_folder(input_dir, ref, settings, output_dir=output_dir, report=report)
     else:
         raise HellomemeError("give a folder of clips and --ref REF, or --pairs FILE.csv")
-    _quiet_libraries()
     with _progress_bars() as bars, sigterm_interrupts():
         result = run_batch(plan, devices.split(","), force=force, cache=_cache(), progress=bars)
     out.print(_batch_table(result))
@@ -458,7 +447,6 @@ def bench(
         memory_frames=tuple(frames or (100, 1000)), full_size=full_size, full_size_frames=tuple(full_size_frames or (24, 96)),
         full_size_options=ModelOptions(device="cuda", compile=compile, channels_last=channels_last, low_memory=low_memory),
     )
-    _quiet_libraries()
     with _progress_bars() as report:
         result = run_benchmarks(settings, progress=report)
     out.print(format_table(result), highlight=False)

@@ -306,7 +306,7 @@ def test_a_bad_pairs_row_refuses_the_table_naming_its_line(tmp_path, text, messa
 def test_batch_builds_the_settings_from_the_options_it_shares_with_animate(tmp_path, monkeypatch):
     commands = typer.main.get_command(app).commands
     shared = {parameter.name for parameter in commands["animate"].params} - {"reference", "drive", "output", "device", "force"}
-    assert {"steps", "seed", "control", "lora", "size", "window"} <= shared <= {p.name for p in commands["batch"].params}
+    assert {"steps", "seed", "control", "loras", "size", "window", "version"} <= shared <= {p.name for p in commands["batch"].params}
     seen = {}
 
     def run_batch(plan, devices, **options):
