@@ -55,6 +55,7 @@ class FakeHub(http.server.ThreadingHTTPServer):
         self.files = files
         self.requests: list[tuple[str, str]] = []
         self.corrupt: set[str] = set()
+        self.authorizations: set[str | None] = set()
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
     @property
@@ -82,6 +83,7 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
     def _answer(self, with_body: bool) -> None:
         hub: FakeHub = self.server
         hub.requests.append((self.command, self.path))
+        hub.authorizations.add(self.headers.get("Authorization") if "/resolve/" in self.path else "")
         path = urllib.parse.unquote(self.path)
         resolve = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         key = (f"{resolve[1]}/{resolve[3]}" if resolve[2] in ("main", COMMIT) else "") if resolve else path[1:]
@@ -143,7 +145,8 @@ def _snapshot(tmp_path: Path, repo: str) -> Path:
     return tmp_path / "hf" / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
 
 
-def test_fetch_lands_files_in_the_hf_cache_and_require_returns_their_folders(hub, tmp_path):
+def test_fetch_lands_files_in_the_hf_cache_and_require_returns_their_folders(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_TOKEN", "hf_secret")
     cache = WeightCache(lock=_lock(hub))
     events = []
     cache.fetch(progress=events.append)
@@ -162,6 +165,7 @@ def test_fetch_lands_files_in_the_hf_cache_and_require_returns_their_folders(hub
         ["/org/thing/resolve/main/a.safetensors", "/org/thing/resolve/main/sub/config.json", "/plain/face.task"]
         + ["/org/deep/resolve/main/models/enc/config.json", "/org/deep/resolve/main/models/enc/model.safetensors"]
     )
+    assert hub.authorizations == {"Bearer hf_secret", ""}  # HF_TOKEN goes to the hub, not to the plain URL
     finished = {e.task for e in events if e.total and e.completed == e.total}
     assert {"thing/a.safetensors", "deep/model.safetensors", "face/face.task"} <= finished
     # Every hash was checked and recorded, so verify re-checks each file against it.
@@ -170,6 +174,14 @@ def test_fetch_lands_files_in_the_hf_cache_and_require_returns_their_folders(hub
     hub.requests.clear()
     WeightCache(lock=_lock(hub)).fetch()
     assert hub.requests == []  # everything there and checked: not one request
+
+
+def test_the_hf_cache_is_where_hf_hub_cache_or_hf_home_say_when_asked(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    assert WeightCache(tmp_path).hub_cache == tmp_path / "hf_home" / "hub"
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "elsewhere"))
+    assert WeightCache(tmp_path).hub_cache == tmp_path / "elsewhere"
 
 
 def test_repos_already_in_the_hf_cache_are_checked_not_downloaded(hub, tmp_path):
