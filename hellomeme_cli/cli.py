@@ -395,8 +395,8 @@ def weights_list() -> None:
     """Show every component, its source, and where each of its files is (HELLOMEME_HOME, the Hugging Face cache) or that it is missing."""
     cache = _cache()
     states: dict[str, list] = {}
-    for state in cache.states():
-        states.setdefault(state.component, []).append(state)
+    for file_state in cache.states():
+        states.setdefault(file_state.component, []).append(file_state)
     places = {"home": "HELLOMEME_HOME", "hub": "HF cache"}
     rows = [("component", "state", "files", "source / location", "needed for")]
     for name, component in cache.lock.items():
