@@ -226,6 +226,8 @@ def _hub_errors(what: str) -> Iterator[None]:
         response = getattr(error, "response", None)
         if response is not None and getattr(response, "status_code", None):
             reason = f"HTTP {response.status_code} {getattr(response, 'reason_phrase', '')}".rstrip()
+            if response.status_code in (401, 403):
+                reason += " (a private or gated repo needs HF_TOKEN)"
         else:
             reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
         raise HellomemeError(f"{what}: {reason}") from None
