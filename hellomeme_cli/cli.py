@@ -336,47 +336,56 @@ def _cache():
 
 @weights_app.command("list")
 def weights_list() -> None:
-    """Show every component, where it comes from, and its state in the cache."""
+    """Show every component, its source, and where each of its files is (HELLOMEME_HOME, the Hugging Face cache) or that it is missing."""
     cache = _cache()
-    states: dict[str, list[str]] = {}
-    for state in cache.states():
-        states.setdefault(state.component, []).append(state.state)
-    table = Table(title=f"weights in {cache.home}")
-    for column in ("component", "state", "files", "source", "needed for"):
-        table.add_column(column)
+    states: dict[str, list] = {}
+    for file_state in cache.states():
+        states.setdefault(file_state.component, []).append(file_state)
+    places = {"home": "HELLOMEME_HOME", "hub": "HF cache"}
+    rows = [("component", "state", "files", "source / location", "needed for")]
     for name, component in cache.lock.items():
-        found = states[name]
+        found = [s.state for s in states[name]]
         state = "ok" if all(s == "ok" for s in found) else "missing" if all(s == "missing" for s in found) else "incomplete"
         present = sum(s == "ok" for s in found)
-        table.add_row(name, state, f"{present}/{len(found)}", component.source, ", ".join(component.needed_for))
-    out.print(table)
+        rows.append((name, state, f"{present}/{len(found)}", component.source, ", ".join(component.needed_for)))
+        rows += [(f"  {s.path}", places.get(s.where, "missing"), "", str(s.location or ""), s.detail) for s in states[name]]
+    # Plain aligned text: a table drawn to the console's width would cut names in a pipe or a narrow terminal.
+    typer.echo(f"HELLOMEME_HOME {cache.home}\nHF cache {cache.hub_cache}\n")
+    for row in _aligned(rows):
+        typer.echo(row)
+
+
+def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
+    """Rows as lines whose columns start at the same place; nothing is cut."""
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
 @weights_app.command("fetch")
 def weights_fetch(
     names: Annotated[list[str] | None, typer.Argument(help="Components to fetch (default: all).")] = None,
 ) -> None:
-    """Download missing components (resumable, sha256-checked before use)."""
+    """Download missing components into the Hugging Face cache (sha256-checked before use)."""
     cache = _cache()
     for name in names or []:
         cache.component(name)
     with _progress_bars() as report:
         cache.fetch(names or None, progress=report)
-    out.print(f"weights ready in {cache.home}")
+    out.print(f"weights ready in {cache.home} and the Hugging Face cache {cache.hub_cache}", highlight=False)
 
 
 @weights_app.command("verify")
 def weights_verify(
     names: Annotated[list[str] | None, typer.Argument(help="Components to check (default: all).")] = None,
 ) -> None:
-    """Re-hash the cache and name every missing or corrupt file."""
+    """Re-hash every file, wherever it is, and name every missing or corrupt one."""
     cache = _cache()
     bad = [s for s in cache.states(names or None, rehash=True) if s.state in ("missing", "corrupt")]
     for state in bad:
-        out.print(f"{state.state:8s} {cache.path(state.component) / state.path} {state.detail}".rstrip(), highlight=False)
+        out.print(f"{state.state:8s} {state.location or f'{state.component}/{state.path}'} {state.detail}".rstrip(), highlight=False)
     if bad:
-        raise HellomemeError(f"{len(bad)} file(s) missing or corrupt in {cache.home}")
-    out.print(f"all weights in {cache.home} verified")
+        raise HellomemeError(f"{len(bad)} file(s) missing or corrupt in {cache.home} and the Hugging Face cache {cache.hub_cache}")
+    out.print(f"all weights in {cache.home} and the Hugging Face cache {cache.hub_cache} verified", highlight=False)
 
 
 @weights_app.command("import")

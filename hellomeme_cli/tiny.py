@@ -98,9 +98,10 @@ def _image_encoder() -> CLIPVisionModelWithProjection:
     return CLIPVisionModelWithProjection(config)
 
 
-def write_sd15(folder: Path, variant: str | None = "fp16", **unet_shape: int) -> Path:
-    """A complete diffusers SD1.5 folder; variant "fp16" writes half weights under the
-    `.fp16.` file names of the official download, None full weights under plain names."""
+def write_sd15(folder: Path, variant: str | None = None, **unet_shape: int) -> Path:
+    """A complete diffusers SD1.5 folder; variant None writes full weights under the plain
+    file names the lock lists (diffusers' default files, which the official code loads),
+    "fp16" half weights under the repo's `.fp16.` names."""
     dtype = torch.float16 if variant == "fp16" else torch.float32
     vocab_size = write_tokenizer(folder / "tokenizer")
     models = {"unet": _randomize(tiny_unet(**unet_shape)), "vae": tiny_vae(), "text_encoder": _text_encoder(vocab_size)}

@@ -1,25 +1,34 @@
-"""The weight cache: what `weights.lock` pins, where it lives, and getting it there.
+"""The weight cache: what `weights.lock` pins, where its files are, and getting them there.
 
-Layout: `$HELLOMEME_HOME/<component>/<path>` for every file the lock lists, plus
-`<component>/.hellomeme.json` recording where the files came from and their
-sha256, so `verify` can tell a corrupt file from a good one even where the lock
-has no hash yet (and for tiny test weights, which the lock does not describe).
+Components on the Hugging Face hub download with huggingface_hub into the standard Hugging
+Face cache (`HF_HUB_CACHE`, or `HF_HOME/hub`), so a machine that already holds the
+`songkey/*` repos downloads nothing. `$HELLOMEME_HOME/<component>/<path>` holds the rest:
+imported copies (air-gapped machines), tiny test weights, and the face landmarker (a plain
+URL); a component complete there is used from there. Every file fetched is checked against
+the lock's sha256, or the hub's own hash where the lock has none, and its sha256 recorded
+(`<component>/.hellomeme.json` for HELLOMEME_HOME, `hub-files.json` for the Hugging Face
+cache) so `verify` can tell a corrupt file from a good one later.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 import tempfile
-import urllib.error
-import urllib.request
-from collections.abc import Iterable, Sequence
+import threading
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
+from huggingface_hub.file_download import http_get
 
 from .errors import HellomemeError
 from .progress import ProgressCallback, ProgressEvent, no_progress
@@ -31,8 +40,11 @@ else:  # pragma: no cover
 
 LOCK_PATH = Path(__file__).with_name("weights.lock")
 RECORD_NAME = ".hellomeme.json"
+HUB_RECORD_NAME = "hub-files.json"
 CHUNK = 1 << 20
 DOWNLOAD_WORKERS = 4
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_GIT_SHA1 = re.compile(r"[0-9a-f]{40}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,18 +66,17 @@ class Component:
     subfolder: str = ""
     url: str = ""
 
-    def source_url(self, locked: LockedFile, endpoint: str) -> str:
-        if self.url:
-            return self.url
-        prefix = f"{self.subfolder}/" if self.subfolder else ""
-        return f"{endpoint.rstrip('/')}/{self.repo}/resolve/{self.revision}/{prefix}{locked.path}"
+    def remote_path(self, locked: LockedFile) -> str:
+        """The file's path in the hub repo."""
+        return f"{self.subfolder}/{locked.path}" if self.subfolder else locked.path
 
     @property
     def source(self) -> str:
         return self.url or f"huggingface {self.repo}@{self.revision}" + (f"/{self.subfolder}" if self.subfolder else "")
 
 
-def read_lock(path: Path = LOCK_PATH) -> dict[str, Component]:
+def read_lock(path: Path | None = None) -> dict[str, Component]:
+    path = path or LOCK_PATH
     try:
         data = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError) as error:
@@ -85,7 +96,7 @@ def read_lock(path: Path = LOCK_PATH) -> dict[str, Component]:
     return components
 
 
-def write_lock(components: dict[str, Component], path: Path = LOCK_PATH) -> None:
+def write_lock(components: dict[str, Component], path: Path | None = None) -> None:
     """Write the lock back in the same format (a TOML subset: strings, ints, lists)."""
     lines = [
         "# Every component hellomeme can download. `hellomeme weights lock` (on a machine",
@@ -105,7 +116,7 @@ def write_lock(components: dict[str, Component], path: Path = LOCK_PATH) -> None
         for f in component.files:
             lines.append(f"  {{ path = {json.dumps(f.path)}, sha256 = {json.dumps(f.sha256)}, size = {f.size} }},")
         lines.append("]")
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    _atomic_write_text(path or LOCK_PATH, "\n".join(lines) + "\n")
 
 
 def default_home() -> Path:
@@ -120,8 +131,24 @@ def default_home() -> Path:
     return base / "hellomeme"
 
 
+# huggingface_hub reads HF_ENDPOINT, HF_HUB_CACHE, HF_HOME and HF_HUB_OFFLINE once, at import;
+# these read them when called, so a setting made later in the process counts too.
+
+
 def hub_endpoint() -> str:
-    return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return os.environ.get("HF_ENDPOINT", constants.ENDPOINT).rstrip("/")
+
+
+def hub_cache_dir() -> Path:
+    if os.environ.get("HF_HUB_CACHE"):
+        return Path(os.environ["HF_HUB_CACHE"]).expanduser()
+    if os.environ.get("HF_HOME"):
+        return Path(os.environ["HF_HOME"]).expanduser() / "hub"
+    return Path(constants.HF_HUB_CACHE)
+
+
+def hub_offline() -> bool:
+    return constants.HF_HUB_OFFLINE or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
 def sha256_of(path: Path) -> str:
@@ -132,18 +159,86 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _matching_sha256(path: Path, expected: str) -> str | None:
+    """The file's sha256, or None when it does not match `expected`: a sha256 (the lock's,
+    or the hub's etag of an LFS file) or the hub's etag of a file kept in git, the sha1 of
+    `blob <size>\\0<content>`. An etag of any other form checks nothing."""
+    if not _GIT_SHA1.fullmatch(expected):
+        actual = sha256_of(path)
+        return None if _SHA256.fullmatch(expected) and actual != expected else actual
+    git, digest = hashlib.sha1(f"blob {path.stat().st_size}\0".encode()), hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(CHUNK):
+            git.update(block)
+            digest.update(block)
+    return digest.hexdigest() if git.hexdigest() == expected else None
+
+
 @dataclasses.dataclass(frozen=True)
 class FileState:
     component: str
     path: str
     state: str  # "ok", "unverified" (no hash to check against), "missing", "corrupt"
     detail: str = ""
+    location: Path | None = None  # the file, None when missing
+    where: str = ""  # "home" ($HELLOMEME_HOME), "hub" (the Hugging Face cache), "" when missing
+
+
+@dataclasses.dataclass(frozen=True)
+class Location:
+    """Where a component's files are: `folder` holds them as the lock names them."""
+
+    where: str  # "home" or "hub"
+    folder: Path | None  # None: nothing of it in the Hugging Face cache
+    files: dict[str, Path]
+
+
+class _ProgressBar:
+    """What huggingface_hub drives as its tqdm bar during a transfer, told to a ProgressCallback."""
+
+    def __init__(self, task: str, progress: ProgressCallback, *, total: int | None = None, initial: int = 0, **_):
+        self.task, self.progress, self.total, self.n = task, progress, total, initial
+        progress(ProgressEvent(task, initial, total))
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        self.progress(ProgressEvent(self.task, self.n, self.total))
+
+    def __enter__(self) -> "_ProgressBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+def _bar(task: str, progress: ProgressCallback):
+    return functools.partial(_ProgressBar, task, progress)
+
+
+@contextlib.contextmanager
+def _hub_errors(what: str) -> Iterator[None]:
+    """Whatever huggingface_hub raises, as one line."""
+    try:
+        yield
+    except HellomemeError:
+        raise
+    except Exception as error:  # HTTP, network, offline and auth errors take different types across its versions
+        response = getattr(error, "response", None)
+        if response is not None and getattr(response, "status_code", None):
+            reason = f"HTTP {response.status_code} {getattr(response, 'reason_phrase', '')}".rstrip()
+            if response.status_code in (401, 403):
+                reason += " (a private or gated repo needs HF_TOKEN)"
+        else:
+            reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise HellomemeError(f"{what}: {reason}") from None
 
 
 class WeightCache:
-    def __init__(self, home: Path | None = None, lock: dict[str, Component] | None = None):
+    def __init__(self, home: Path | None = None, lock: dict[str, Component] | None = None, hub_cache: Path | None = None):
         self.home = home or default_home()
         self.lock = lock if lock is not None else read_lock()
+        self.hub_cache = hub_cache or hub_cache_dir()
+        self._record_lock = threading.Lock()
 
     def component(self, name: str) -> Component:
         if name not in self.lock:
@@ -151,7 +246,10 @@ class WeightCache:
         return self.lock[name]
 
     def path(self, name: str) -> Path:
+        """The component's folder in HELLOMEME_HOME (imports, tiny weights, non-hub downloads)."""
         return self.home / self.component(name).name
+
+    # -- records ---------------------------------------------------------------
 
     def _record(self, name: str) -> dict:
         try:
@@ -160,14 +258,58 @@ class WeightCache:
             return {"origin": "", "files": {}}
 
     def _remember(self, name: str, origin: str, hashes: dict[str, str]) -> None:
-        record = self._record(name)
-        if origin == "tiny" or record.get("origin") != "tiny":
-            record["origin"] = origin
-        record["files"].update(hashes)
-        _atomic_write_text(self.path(name) / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True))
+        with self._record_lock:
+            record = self._record(name)
+            if origin == "tiny" or record.get("origin") != "tiny":
+                record["origin"] = origin
+            record["files"].update(hashes)
+            _atomic_write_text(self.path(name) / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True))
 
-    def expected_sha256(self, name: str, locked: LockedFile) -> str:
-        """The lock's hash, except for tiny test weights, which only their record describes."""
+    def _hub_record(self) -> dict[str, str]:
+        try:
+            return json.loads((self.home / HUB_RECORD_NAME).read_text())
+        except (OSError, ValueError):
+            return {}
+
+    def _hub_key(self, component: Component, locked: LockedFile, file: Path) -> str:
+        """`repo@commit/path`: the file in the snapshot folder `snapshots/<commit>/<path>` it sits in."""
+        remote = component.remote_path(locked)
+        return f"{component.repo}@{file.parents[remote.count('/')].name}/{remote}"
+
+    def _remember_hub(self, key: str, sha256: str) -> None:
+        with self._record_lock:
+            record = self._hub_record()
+            record[key] = sha256
+            _atomic_write_text(self.home / HUB_RECORD_NAME, json.dumps(record, indent=1, sort_keys=True))
+
+    # -- where the files are ------------------------------------------------
+
+    def locate(self, name: str) -> Location:
+        """Found without network: HELLOMEME_HOME when it holds every file of the component (or
+        the component is not on the hub), otherwise the Hugging Face cache snapshot of its
+        revision (plus subfolder)."""
+        component = self.component(name)
+        home = {f.path: self.path(name) / f.path for f in component.files if (self.path(name) / f.path).is_file()}
+        if not component.repo or len(home) == len(component.files):
+            return Location("home", self.path(name), home)
+        hub, folder = {}, None
+        for locked in component.files:
+            found = try_to_load_from_cache(
+                component.repo, component.remote_path(locked), cache_dir=self.hub_cache, revision=component.revision
+            )
+            if isinstance(found, str):
+                hub[locked.path] = Path(found)
+                folder = Path(found).parents[locked.path.count("/")]
+        if home and not hub:
+            return Location("home", self.path(name), home)
+        return Location("hub", folder, hub)
+
+    def expected_sha256(self, name: str, locked: LockedFile, location: Location) -> str:
+        """The lock's hash, else the one recorded when the file was fetched or imported; tiny
+        test weights, which the lock does not describe, only by their record."""
+        if location.where == "hub":
+            file = location.files[locked.path]
+            return locked.sha256 or self._hub_record().get(self._hub_key(self.component(name), locked, file), "")
         record = self._record(name)
         if record.get("origin") == "tiny" or not locked.sha256:
             return record["files"].get(locked.path, "")
@@ -175,83 +317,132 @@ class WeightCache:
 
     def states(self, names: Iterable[str] | None = None, rehash: bool = False) -> list[FileState]:
         """Each locked file's state; `rehash` checks contents, otherwise presence and size only."""
+        return [state for name in names or self.lock for state in self._states(name, self.locate(name), rehash)]
+
+    def _states(self, name: str, location: Location, rehash: bool) -> list[FileState]:
+        tiny = location.where == "home" and self._record(name).get("origin") == "tiny"
         result = []
-        for name in names or self.lock:
-            for locked in self.component(name).files:
-                target = self.path(name) / locked.path
-                expected = self.expected_sha256(name, locked)
-                if not target.is_file():
-                    state = FileState(name, locked.path, "missing")
-                elif not rehash:
-                    size_ok = not locked.size or self._record(name).get("origin") == "tiny" or target.stat().st_size == locked.size
-                    state = FileState(name, locked.path, "ok" if size_ok else "corrupt", "" if size_ok else "wrong size")
-                elif not expected:
-                    state = FileState(name, locked.path, "unverified", "no sha256 known")
-                else:
-                    actual = sha256_of(target)
-                    ok = actual == expected
-                    state = FileState(name, locked.path, "ok" if ok else "corrupt", "" if ok else f"sha256 {actual[:12]}... != {expected[:12]}...")
-                result.append(state)
+        for locked in self.component(name).files:
+            file = location.files.get(locked.path)
+            if file is None:
+                result.append(FileState(name, locked.path, "missing"))
+                continue
+            place = {"location": file, "where": location.where}
+            expected = self.expected_sha256(name, locked, location)
+            if not rehash:
+                size_ok = not locked.size or tiny or file.stat().st_size == locked.size
+                state = FileState(name, locked.path, "ok" if size_ok else "corrupt", "" if size_ok else "wrong size", **place)
+            elif not expected:
+                state = FileState(name, locked.path, "unverified", "no sha256 known", **place)
+            else:
+                actual = sha256_of(file)
+                ok = actual == expected
+                detail = "" if ok else f"sha256 {actual[:12]}... != {expected[:12]}..."
+                state = FileState(name, locked.path, "ok" if ok else "corrupt", detail, **place)
+            result.append(state)
         return result
 
     def require(self, names: Sequence[str]) -> dict[str, Path]:
-        """The folders of these components; stops before any work when a file is missing."""
+        """The folder holding each component's files; stops before any work when a file is missing."""
+        folders: dict[str, Path] = {}
         missing: dict[str, int] = {}
-        for state in self.states(names):
-            if state.state in ("missing", "corrupt"):
-                missing[state.component] = missing.get(state.component, 0) + 1
+        for name in names:
+            location = self.locate(name)
+            bad = sum(s.state in ("missing", "corrupt") for s in self._states(name, location, rehash=False))
+            if bad:
+                missing[name] = bad
+            elif location.folder is not None:
+                folders[name] = location.folder
         if missing:
             listed = ", ".join(f"{name} ({count} file{'s' * (count > 1)})" for name, count in missing.items())
             raise HellomemeError(
-                f"missing weights in {self.home}: {listed}; run `hellomeme weights fetch {' '.join(missing)}`, "
+                f"missing weights in {self.home} and the Hugging Face cache {self.hub_cache}: {listed}; "
+                f"run `hellomeme weights fetch {' '.join(missing)}`, "
                 "or on an offline machine copy them over and run `hellomeme weights import DIR`"
             )
-        return {name: self.path(name) for name in names}
+        return folders
 
     # -- fetch ---------------------------------------------------------------
 
-    def fetch(
-        self, names: Sequence[str] | None = None, progress: ProgressCallback = no_progress, endpoint: str | None = None
-    ) -> list[FileState]:
-        """Download what is missing or wrong, in parallel, resuming partial files; every
-        file is checked against its sha256 before it is moved into place."""
-        endpoint = endpoint or hub_endpoint()
-        todo = [
-            (self.component(s.component), s.path)
-            for s in self.states(names or list(self.lock), rehash=False)
-            if s.state != "ok"
-        ]
+    def fetch(self, names: Sequence[str] | None = None, progress: ProgressCallback = no_progress) -> list[FileState]:
+        """Download what is missing, a few files at a time, and check every file new to this
+        cache (downloaded now, or found in the Hugging Face cache) against its hash; a file
+        already checked costs no request."""
+        names = list(names or self.lock)
+        todo = []
+        record = self._hub_record()
+        for name in names:
+            component, location = self.component(name), self.locate(name)
+            for state in self._states(name, location, rehash=False):
+                locked = next(f for f in component.files if f.path == state.path)
+                unchecked = state.where == "hub" and self._hub_key(component, locked, state.location) not in record
+                if state.state != "ok" or unchecked:
+                    todo.append((component, locked))
         with concurrent.futures.ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
-            jobs = [pool.submit(self._fetch_one, c, p, endpoint, progress) for c, p in todo]
+            jobs = [
+                pool.submit(self._fetch_hub_file if c.repo else self._fetch_url_file, c, f, progress) for c, f in todo
+            ]
             errors = [str(job.exception()) for job in jobs if job.exception()]
         if errors:
             raise HellomemeError(errors[0] if len(errors) == 1 else f"{errors[0]} (and {len(errors) - 1} more failures)")
-        return self.states(names or list(self.lock), rehash=False)
+        return self.states(names)
 
-    def _fetch_one(self, component: Component, path: str, endpoint: str, progress: ProgressCallback) -> None:
-        locked = next(f for f in component.files if f.path == path)
-        target = self.path(component.name) / path
-        url = component.source_url(locked, endpoint)
-        partial = target.with_name(target.name + ".part")
-        target.parent.mkdir(parents=True, exist_ok=True)
-        task = f"{component.name}/{path}"
-        for attempt in range(2):
-            digest = _download(url, partial, locked.size or None, task, progress)
-            if locked.sha256 and digest != locked.sha256:
-                partial.unlink(missing_ok=True)
-                if attempt == 0:
-                    continue  # a corrupt resume or transfer: one clean retry
-                raise HellomemeError(f"download of {task} from {url}: sha256 {digest} does not match the lock")
-            break
+    def _fetch_hub_file(self, component: Component, locked: LockedFile, progress: ProgressCallback) -> None:
+        task, offline, endpoint = f"{component.name}/{locked.path}", hub_offline(), hub_endpoint()
+        expected = locked.sha256
+        with _hub_errors(f"cannot download {task} from {component.source}"):
+            if not expected and not offline:
+                url = hf_hub_url(component.repo, component.remote_path(locked), revision=component.revision, endpoint=endpoint)
+                expected = get_hf_file_metadata(url, endpoint=endpoint).etag or ""
+            cached = try_to_load_from_cache(
+                component.repo, component.remote_path(locked), cache_dir=self.hub_cache, revision=component.revision
+            )
+            if offline and not isinstance(cached, str):
+                raise HellomemeError(f"{task} is not in the Hugging Face cache {self.hub_cache} and HF_HUB_OFFLINE is set")
+            file = Path(
+                hf_hub_download(
+                    component.repo,
+                    locked.path,
+                    subfolder=component.subfolder or None,
+                    revision=component.revision,
+                    cache_dir=self.hub_cache,
+                    endpoint=endpoint,
+                    local_files_only=offline,
+                    tqdm_class=_bar(task, progress),
+                )
+            )
+        if not expected:
+            return  # offline, and the lock has no hash: the next online fetch checks it
+        sha256 = _matching_sha256(file, expected)
+        if sha256 is None:
+            blob = file.resolve()
+            file.unlink()
+            blob.unlink(missing_ok=True)
+            against = "the sha256 in the lock" if locked.sha256 else "the hub's LFS sha256" if _SHA256.fullmatch(expected) else "the hub's git hash"
+            raise HellomemeError(
+                f"{file}: {task} does not match {against} ({expected[:12]}...); removed it from the "
+                f"Hugging Face cache, run `hellomeme weights fetch {component.name}` to download it again"
+            )
+        self._remember_hub(self._hub_key(component, locked, file), sha256)
+
+    def _fetch_url_file(self, component: Component, locked: LockedFile, progress: ProgressCallback) -> None:
+        task, target = f"{component.name}/{locked.path}", self.path(component.name) / locked.path
+        if hub_offline():
+            raise HellomemeError(f"{task} is not in {self.home} and HF_HUB_OFFLINE is set")
+        partial = _download_url(component.url, target, task, progress)
+        digest = sha256_of(partial)
+        if locked.sha256 and digest != locked.sha256:
+            partial.unlink()
+            raise HellomemeError(f"download of {task} from {component.url}: sha256 {digest[:12]}... does not match the lock")
         os.replace(partial, target)
-        self._remember(component.name, "download", {path: digest})
+        self._remember(component.name, "download", {locked.path: digest})
 
     # -- import --------------------------------------------------------------
 
     def import_path(self, source: Path, progress: ProgressCallback = no_progress) -> list[FileState]:
-        """Add files obtained elsewhere. A file is taken where its sha256 matches a locked
-        file, or, for files whose hash the lock does not know yet, where its path ends in
-        `<component>/<path>` (a copy of another machine's cache)."""
+        """Add files obtained elsewhere into HELLOMEME_HOME. A file is taken where its sha256
+        matches a locked file, or, for files whose hash the lock does not know yet, where its
+        path ends in `<component>/<path>` (a copy of another machine's HELLOMEME_HOME)."""
         if not source.exists():
             raise HellomemeError(f"{source}: no such file or folder")
         candidates = [source] if source.is_file() else sorted(p for p in source.rglob("*") if p.is_file() and p.name != RECORD_NAME)
@@ -270,7 +461,7 @@ class WeightCache:
             target = self.path(component.name) / locked.path
             _atomic_copy(candidate, target)
             self._remember(component.name, "import", {locked.path: digest})
-            imported.append(FileState(component.name, locked.path, "ok"))
+            imported.append(FileState(component.name, locked.path, "ok", location=target, where="home"))
             progress(ProgressEvent(f"import {component.name}/{locked.path}", 1, 1, unit="file"))
         if not imported:
             raise HellomemeError(f"{source}: no file matches a component of the weight lock")
@@ -283,44 +474,17 @@ class WeightCache:
         self._remember(name, "tiny", hashes)
 
 
-def _download(url: str, partial: Path, size: int | None, task: str, progress: ProgressCallback) -> str:
-    """Append to `partial` from where it stops (HTTP Range) and return the whole file's sha256."""
-    digest = hashlib.sha256()
-    have = partial.stat().st_size if partial.exists() else 0
-    if size is not None and have > size:
-        partial.unlink()
-        have = 0
-    if have:
-        with partial.open("rb") as f:
-            while block := f.read(CHUNK):
-                digest.update(block)
-    request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
+def _download_url(url: str, target: Path, task: str, progress: ProgressCallback) -> Path:
+    """`url` into a hidden file beside `target`, returned (http_get retries and resumes a cut transfer itself)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.download")
     try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            if have and response.status != 206:  # the server ignored the range: start over
-                digest, have = hashlib.sha256(), 0
-            total = size or (have + int(response.headers.get("Content-Length", 0)) or None)
-            progress(ProgressEvent(task, have, total))
-            with partial.open("ab" if have else "wb") as out:
-                while block := response.read(CHUNK):
-                    out.write(block)
-                    digest.update(block)
-                    have += len(block)
-                    progress(ProgressEvent(task, have, total))
-        if total is not None and have < total:
-            raise HellomemeError(
-                f"download of {task} from {url} stopped at {have} of {total} bytes; run the command again to resume"
-            )
-    except urllib.error.HTTPError as error:
-        if error.code == 416 and size is not None and have == size:  # already complete
-            return digest.hexdigest()
-        raise HellomemeError(f"download of {task} from {url} failed: HTTP {error.code} {error.reason}") from None
-    except (urllib.error.URLError, OSError, TimeoutError) as error:
-        reason = getattr(error, "reason", error)
-        if isinstance(error, OSError) and error.errno == 28:
-            raise HellomemeError(f"no space left on the device for {partial.parent}") from None
-        raise HellomemeError(f"download of {task} from {url} failed: {reason}") from None
-    return digest.hexdigest()
+        with _hub_errors(f"cannot download {task} from {url}"), partial.open("wb") as out:
+            http_get(url, out, displayed_filename=task, tqdm_class=_bar(task, progress))
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return partial
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -341,38 +505,38 @@ def _atomic_copy(source: Path, target: Path) -> None:
     os.replace(tmp, target)
 
 
-def resolve_lock(
-    components: dict[str, Component], endpoint: str | None = None, progress: ProgressCallback = no_progress
-) -> dict[str, Component]:
-    """Pin every Hugging Face revision to its commit id and record each file's sha256 and
-    size: from the hub's LFS metadata where it has them, otherwise by downloading the file."""
-    from huggingface_hub import HfApi
-    from huggingface_hub.errors import HfHubHTTPError
-
-    endpoint = endpoint or hub_endpoint()
-    api = HfApi(endpoint=endpoint)
+def resolve_lock(components: dict[str, Component], progress: ProgressCallback = no_progress) -> dict[str, Component]:
+    """Pin every hub revision to its commit id and record each file's sha256 and size: the
+    hub's LFS sha256 where it has one, otherwise by downloading the file (to a scratch folder)."""
+    endpoint = hub_endpoint()
     resolved = {}
     with tempfile.TemporaryDirectory() as scratch:
         for component in components.values():
-            siblings, revision = {}, component.revision
-            if component.repo:
-                try:
-                    info = api.model_info(component.repo, revision=component.revision, files_metadata=True)
-                except (HfHubHTTPError, OSError) as error:
-                    raise HellomemeError(f"cannot read {component.source}: {error}") from None
-                siblings, revision = {s.rfilename: s for s in info.siblings or []}, info.sha
-            files = []
+            revision, files = component.revision, []
             for locked in component.files:
-                remote = f"{component.subfolder}/{locked.path}" if component.subfolder else locked.path
-                sibling = siblings.get(remote)
-                if component.repo and sibling is None:
-                    raise HellomemeError(f"{component.source} has no file {remote}")
-                if sibling is not None and sibling.lfs is not None:
-                    files.append(LockedFile(locked.path, sibling.lfs.sha256, sibling.size or sibling.lfs.size))
+                task = f"{component.name}/{locked.path}"
+                if component.url:
+                    file = _download_url(component.url, Path(scratch) / task, task, progress)
+                    files.append(LockedFile(locked.path, sha256_of(file), file.stat().st_size))
                     continue
-                partial = Path(scratch) / f"{component.name}.{len(files)}"
-                url = dataclasses.replace(component, revision=revision).source_url(locked, endpoint)
-                digest = _download(url, partial, None, f"{component.name}/{locked.path}", progress)
-                files.append(LockedFile(locked.path, digest, partial.stat().st_size))
+                with _hub_errors(f"cannot read {task} from {component.source}"):
+                    url = hf_hub_url(component.repo, component.remote_path(locked), revision=revision, endpoint=endpoint)
+                    metadata = get_hf_file_metadata(url, endpoint=endpoint)
+                    revision = metadata.commit_hash or revision  # every file from the same commit
+                    if metadata.etag and _SHA256.fullmatch(metadata.etag):
+                        files.append(LockedFile(locked.path, metadata.etag, metadata.size or 0))
+                        continue
+                    file = Path(
+                        hf_hub_download(
+                            component.repo,
+                            locked.path,
+                            subfolder=component.subfolder or None,
+                            revision=revision,
+                            cache_dir=scratch,
+                            endpoint=endpoint,
+                            tqdm_class=_bar(task, progress),
+                        )
+                    )
+                files.append(LockedFile(locked.path, sha256_of(file), file.stat().st_size))
             resolved[component.name] = dataclasses.replace(component, revision=revision, files=tuple(files))
     return resolved
