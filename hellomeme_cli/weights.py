@@ -31,6 +31,7 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf
 from huggingface_hub.file_download import http_get
 
 from .errors import HellomemeError
+from .files import atomic_output, write_atomically
 from .progress import ProgressCallback, ProgressEvent, no_progress
 
 if sys.version_info >= (3, 11):
@@ -116,7 +117,7 @@ def write_lock(components: dict[str, Component], path: Path | None = None) -> No
         for f in component.files:
             lines.append(f"  {{ path = {json.dumps(f.path)}, sha256 = {json.dumps(f.sha256)}, size = {f.size} }},")
         lines.append("]")
-    _atomic_write_text(path or LOCK_PATH, "\n".join(lines) + "\n")
+    write_atomically(path or LOCK_PATH, "\n".join(lines) + "\n")
 
 
 def default_home() -> Path:
@@ -263,7 +264,7 @@ class WeightCache:
             if origin == "tiny" or record.get("origin") != "tiny":
                 record["origin"] = origin
             record["files"].update(hashes)
-            _atomic_write_text(self.path(name) / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True))
+            write_atomically(self.path(name) / RECORD_NAME, json.dumps(record, indent=1, sort_keys=True))
 
     def _hub_record(self) -> dict[str, str]:
         try:
@@ -280,7 +281,7 @@ class WeightCache:
         with self._record_lock:
             record = self._hub_record()
             record[key] = sha256
-            _atomic_write_text(self.home / HUB_RECORD_NAME, json.dumps(record, indent=1, sort_keys=True))
+            write_atomically(self.home / HUB_RECORD_NAME, json.dumps(record, indent=1, sort_keys=True))
 
     # -- where the files are ------------------------------------------------
 
@@ -487,22 +488,12 @@ def _download_url(url: str, target: Path, task: str, progress: ProgressCallback)
     return partial
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", delete=False) as tmp:
-        tmp.write(text)
-    os.replace(tmp.name, path)
-
-
 def _atomic_copy(source: Path, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.import")
     try:
-        shutil.copyfile(source, tmp)
+        with atomic_output(target) as temporary:
+            shutil.copyfile(source, temporary)
     except OSError as error:
-        tmp.unlink(missing_ok=True)
         raise HellomemeError(f"cannot copy {source} to {target}: {error.strerror}") from None
-    os.replace(tmp, target)
 
 
 def resolve_lock(components: dict[str, Component], progress: ProgressCallback = no_progress) -> dict[str, Component]:
