@@ -164,3 +164,8 @@ def test_default_config_has_exactly_the_released_tensors(name):
     assert sorted(set(ours) - set(manifest[name])) == [], "tensors the release does not have"
     assert {k: v for k, v in ours.items() if v != manifest[name][k]} == {}
     assert {k: (list(v) if isinstance(v, tuple) else v) for k, v in model.config.items() if k in config} == config
+
+
+def test_reference_adapter_rejects_an_unknown_version():
+    with pytest.raises(ValueError, match="v9"):
+        HMReferenceAdapter(block_out_channels=(16, 24, 32, 32), version="v9")
