@@ -1,7 +1,8 @@
-"""HelloMeme v1 networks, loadable from the authors' released folders."""
+"""HelloMeme v1 and v2 networks, loadable from the authors' released folders."""
 
 from .blocks import SKCrossAttention, SKReferenceAttention
 from .control import HMControlNet, HMControlNet2
+from .control_v2 import HMV2ControlNet, HMV2ControlNet2
 from .pdfgc import FanEncoder
 from .reference import HMReferenceAdapter
 from .unet import HMDenoisingNet, HMReferenceNet, motion_unet
@@ -13,6 +14,8 @@ __all__ = [
     "HMDenoisingNet",
     "HMReferenceAdapter",
     "HMReferenceNet",
+    "HMV2ControlNet",
+    "HMV2ControlNet2",
     "SKCrossAttention",
     "SKReferenceAttention",
     "motion_unet",

@@ -70,8 +70,23 @@ class _SKControlNetBase(ModelMixin, ConfigMixin):
         features = {}
         for idx, block in enumerate(self.blocks_down):
             x = block(x, tokens)
-            features[f"{self.output_prefix}{idx}"] = _batch_to_frames(x, frames)
+            features[self._output_name(idx)] = _batch_to_frames(x, frames)
         return features
+
+    def _output_name(self, block_index: int) -> str:
+        """The key of a block's output, which says where the denoiser adds it."""
+        return f"{self.output_prefix}{block_index}"
+
+    def _blendshape_tokens(self, drive_coeff: torch.Tensor, face_parts: torch.Tensor) -> torch.Tensor:
+        """3 face-part tokens, then one token per coefficient, all through `exp_proj`."""
+        b, f = drive_coeff.shape[:2]
+        face_tokens = self.face_proj(face_parts.to(self.dtype).reshape(b * f, *face_parts.shape[2:]))
+        coeff_tokens = self._embed_coefficients(drive_coeff, BLENDSHAPE_SCALE)
+        return self.exp_proj(torch.cat([face_tokens, coeff_tokens], dim=1))
+
+    def _pdfgc_tokens(self, emo_embedding: torch.Tensor) -> torch.Tensor:
+        """One token per PD-FGC value, through `emo_proj`."""
+        return self.emo_proj(self._embed_coefficients(emo_embedding, PDFGC_SCALE))
 
 
 class HMControlNet(_SKControlNetBase):
@@ -97,11 +112,7 @@ class HMControlNet(_SKControlNetBase):
 
     def forward(self, condition: torch.Tensor, drive_coeff: torch.Tensor, face_parts: torch.Tensor) -> dict[str, torch.Tensor]:
         """condition (b, 3, f, H, W) in [-1, 1]; drive_coeff (b, f, 52); face_parts (b, f, 3, 1024)."""
-        b, f = drive_coeff.shape[:2]
-        face_tokens = self.face_proj(face_parts.to(self.dtype).reshape(b * f, *face_parts.shape[2:]))
-        coeff_tokens = self._embed_coefficients(drive_coeff, BLENDSHAPE_SCALE)
-        tokens = self.exp_proj(torch.cat([face_tokens, coeff_tokens], dim=1))
-        return self._run_trunk(condition, tokens)
+        return self._run_trunk(condition, self._blendshape_tokens(drive_coeff, face_parts))
 
 
 class HMControlNet2(_SKControlNetBase):
@@ -125,5 +136,4 @@ class HMControlNet2(_SKControlNetBase):
 
     def forward(self, condition: torch.Tensor, emo_embedding: torch.Tensor) -> dict[str, torch.Tensor]:
         """condition (b, 3, f, H, W) in [-1, 1]; emo_embedding (b, f, 548)."""
-        tokens = self.emo_proj(self._embed_coefficients(emo_embedding, PDFGC_SCALE))
-        return self._run_trunk(condition, tokens)
+        return self._run_trunk(condition, self._pdfgc_tokens(emo_embedding))

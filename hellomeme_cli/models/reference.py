@@ -1,5 +1,5 @@
 """HMReferenceAdapter: the Spatial Knitting reference attentions that HMDenoisingNet
-inserts into the SD1.5 UNet (HF `songkey/hm_reference`)."""
+inserts into the SD1.5 UNet (HF `songkey/hm_reference`, v2: `songkey/hm2_reference`)."""
 
 from __future__ import annotations
 
@@ -10,10 +10,16 @@ from torch import nn
 from .blocks import SKReferenceAttention
 
 
+# Which reference attentions each official `version` builds; the denoiser skips the
+# injection points whose modules a version lacks.
+VERSIONS_WITH_DOWN_AND_MID = ("v1",)
+VERSIONS = ("v1", "v2")
+
+
 class HMReferenceAdapter(ModelMixin, ConfigMixin):
-    """One reference attention after every down block, one after the mid block and one
-    before every up block but the first. The config keys are the official ones so a
-    released `config.json` loads unchanged; only `version="v1"` exists for HelloMeme v1.
+    """v1: one reference attention after every down block, one after the mid block and
+    one before every up block but the first. v2: only the up-block ones. The config
+    keys are the official ones, so a released `config.json` loads unchanged.
     """
 
     @register_to_config
@@ -31,14 +37,15 @@ class HMReferenceAdapter(ModelMixin, ConfigMixin):
         version: str = "v1",
     ):
         super().__init__()
-        if version != "v1":
-            raise ValueError(f"HMReferenceAdapter version {version!r} is not HelloMeme v1")
+        if version not in VERSIONS:
+            raise ValueError(f"HMReferenceAdapter version {version!r} is none of {', '.join(VERSIONS)}")
         heads = (num_attention_heads,) * len(down_block_types) if isinstance(num_attention_heads, int) else tuple(num_attention_heads)
 
-        self.reference_modules_down = nn.ModuleList(
-            SKReferenceAttention(block_out_channels[i], heads[i]) for i in range(len(down_block_types))
-        )
-        self.reference_modules_mid = SKReferenceAttention(block_out_channels[-1], heads[-1])
+        if version in VERSIONS_WITH_DOWN_AND_MID:
+            self.reference_modules_down = nn.ModuleList(
+                SKReferenceAttention(block_out_channels[i], heads[i]) for i in range(len(down_block_types))
+            )
+            self.reference_modules_mid = SKReferenceAttention(block_out_channels[-1], heads[-1])
 
         # Up block i (i >= 1) receives the previous up block's output channels.
         up_channels = list(reversed(block_out_channels))

@@ -4,10 +4,15 @@ official points through forward hooks on the UNet blocks.
 
 The points (official `HMDenoising3D.forward` / `HMDenoisingMotion.forward`):
 
-- after down block i: control features `down_i` / `down2_i` are added, then the
+- after down block i: control features `down_i` / `down2_i` (v1) are added, then the
   reference attention `reference_modules_down[i]` (where `down_i` is cached);
 - after the mid block: `reference_modules_mid`;
-- before cross-attention up block i: `reference_modules_up[i - 1]` (cache `up_i`).
+- before up block i: control features `up_v2_i` / `up2_v2_i` (v2) are added, then,
+  for the cross-attention up blocks, `reference_modules_up[i - 1]` (cache `up_i`).
+
+Which control features go where is read from their keys alone, and a reference
+attention the adapter does not have (v2 has no down/mid ones) is skipped, so one
+set of hooks serves every version.
 
 The reference net caches the features at those same points (`down_i` after the
 cross-attention down blocks, `mid`, `up_i` before the cross-attention up blocks).
@@ -32,11 +37,23 @@ from .reference import HMReferenceAdapter
 ReferenceCache = dict[str, torch.Tensor]
 ControlFeatures = dict[str, torch.Tensor]
 
+# Control feature keys are `<prefix><block index>`; the prefix says where they are added.
+AFTER_DOWN_BLOCK_PREFIXES = ("down_", "down2_")
+BEFORE_UP_BLOCK_PREFIXES = ("up_v2_", "up2_v2_")
+
 
 def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
     """(b, c, f, h, w) -> (b*f, c, h, w)."""
     b, c, f, h, w = x.shape
     return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def _add_control(hidden: torch.Tensor, control: ControlFeatures | None, prefixes: tuple[str, ...], idx: int) -> torch.Tensor:
+    """`hidden` plus the control features meant for this point (`hidden` itself when none are)."""
+    for key in (f"{prefix}{idx}" for prefix in prefixes):
+        if control and key in control:
+            hidden = hidden + _frames_to_batch(control[key]).to(hidden.dtype)
+    return hidden
 
 
 @dataclasses.dataclass
@@ -65,8 +82,7 @@ class InjectionPoints:
             block.register_forward_hook(self._after_down_block(idx, _has_cross_attention(block)))
         unet.mid_block.register_forward_hook(self._after_mid_block)
         for idx, block in enumerate(unet.up_blocks):
-            if _has_cross_attention(block):
-                block.register_forward_pre_hook(self._before_up_block(idx), with_kwargs=True)
+            block.register_forward_pre_hook(self._before_up_block(idx, _has_cross_attention(block)), with_kwargs=True)
 
     @classmethod
     def of(cls, unet: nn.Module) -> "InjectionPoints":
@@ -92,17 +108,15 @@ class InjectionPoints:
             hidden, skips = output
             if call.capture is not None and cross_attention:
                 call.capture[f"down_{idx}"] = hidden
-            if call.control:
-                added = [call.control[k] for k in (f"down_{idx}", f"down2_{idx}") if k in call.control]
-                if added:
-                    for features in added:
-                        hidden = hidden + _frames_to_batch(features).to(hidden.dtype)
-                    # The official code adds the control in place, and the block's
-                    # output is also its last skip connection, so the skip sees it too.
-                    skips = skips[:-1] + (hidden,)
-            if call.adapter is not None and call.reference and f"down_{idx}" in call.reference:
-                module_ = call.adapter.reference_modules_down[idx]
-                hidden = module_(hidden, call.reference[f"down_{idx}"], call.num_frames)
+            controlled = _add_control(hidden, call.control, AFTER_DOWN_BLOCK_PREFIXES, idx)
+            if controlled is not hidden:
+                # The official code adds the control in place, and the block's
+                # output is also its last skip connection, so the skip sees it too.
+                hidden = controlled
+                skips = skips[:-1] + (hidden,)
+            modules = getattr(call.adapter, "reference_modules_down", None)
+            if modules is not None and call.reference and f"down_{idx}" in call.reference:
+                hidden = modules[idx](hidden, call.reference[f"down_{idx}"], call.num_frames)
             return hidden, skips
 
         return hook
@@ -111,24 +125,26 @@ class InjectionPoints:
         call = self._call
         if call is None:
             return None
-        if call.adapter is not None and call.reference and "mid" in call.reference:
-            output = call.adapter.reference_modules_mid(output, call.reference["mid"], call.num_frames)
+        module_ = getattr(call.adapter, "reference_modules_mid", None)
+        if module_ is not None and call.reference and "mid" in call.reference:
+            output = module_(output, call.reference["mid"], call.num_frames)
         if call.capture is not None:
             call.capture["mid"] = output
         return output
 
-    def _before_up_block(self, idx: int):
+    def _before_up_block(self, idx: int, cross_attention: bool):
         def hook(module, args, kwargs):
             call = self._call
             if call is None:
                 return None
-            hidden = kwargs["hidden_states"]
-            if call.capture is not None:
-                call.capture[f"up_{idx}"] = hidden
-            if call.adapter is not None and call.reference and f"up_{idx}" in call.reference:
-                hidden = call.adapter.reference_modules_up[idx - 1](hidden, call.reference[f"up_{idx}"], call.num_frames)
-                return args, {**kwargs, "hidden_states": hidden}
-            return None
+            entering = kwargs["hidden_states"]
+            if call.capture is not None and cross_attention:
+                call.capture[f"up_{idx}"] = entering
+            hidden = _add_control(entering, call.control, BEFORE_UP_BLOCK_PREFIXES, idx)
+            modules = getattr(call.adapter, "reference_modules_up", None)
+            if cross_attention and modules is not None and call.reference and f"up_{idx}" in call.reference:
+                hidden = modules[idx - 1](hidden, call.reference[f"up_{idx}"], call.num_frames)
+            return None if hidden is entering else (args, {**kwargs, "hidden_states": hidden})
 
         return hook
 
@@ -216,7 +232,8 @@ class HMDenoisingNet(nn.Module):
         control: ControlFeatures | None = None,
     ) -> torch.Tensor:
         """latents (b, 4, f, h, w); text_embeds (b, 77, C); reference from HMReferenceNet
-        (batch b); control from HMControlNet/HMControlNet2 (b, c, f, h', w') -> noise (b, 4, f, h, w)."""
+        (batch b); control from the control nets of one version, e.g. HMControlNet/HMControlNet2
+        or HMV2ControlNet/HMV2ControlNet2 (b, c, f, h', w') -> noise (b, 4, f, h, w)."""
         b, _, frames, h, w = latents.shape
         dtype = self.unet.dtype
         text_embeds = text_embeds.to(dtype).repeat_interleave(frames, dim=0)
