@@ -6,6 +6,16 @@ from .control_v2 import HMV2ControlNet, HMV2ControlNet2
 from .pdfgc import FanEncoder
 from .reference import HMReferenceAdapter
 from .unet import HMDenoisingNet, HMReferenceNet, motion_unet
+from .hm5 import (
+    HM5bReferenceAdapter,
+    HM5ControlNetBase,
+    HM5DenoisingNet,
+    HM5MotionAdapter,
+    HM5ReferenceAdapter,
+    HM5ReferenceNet,
+    HM5SD15ControlProj,
+    motion_pad_states,
+)
 
 __all__ = [
     "FanEncoder",
@@ -19,4 +29,12 @@ __all__ = [
     "SKCrossAttention",
     "SKReferenceAttention",
     "motion_unet",
+    "HM5bReferenceAdapter",
+    "HM5ControlNetBase",
+    "HM5DenoisingNet",
+    "HM5MotionAdapter",
+    "HM5ReferenceAdapter",
+    "HM5ReferenceNet",
+    "HM5SD15ControlProj",
+    "motion_pad_states",
 ]
