@@ -68,7 +68,8 @@ def _cases():
         return [pytest.param(None, marks=pytest.mark.skip(reason=f"no conformance data at {CONFORMANCE_DIR}"))]
     cases = sorted(p.parent for p in CONFORMANCE_DIR.rglob("case.json") if _is_v5_module_case(p))
     if not cases:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no v5/v5b/v5c module cases below {CONFORMANCE_DIR}"))]
+        reason = f"no v5/v5b/v5c module cases below {CONFORMANCE_DIR}"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
     return [pytest.param(p, id=str(p.relative_to(CONFORMANCE_DIR))) for p in cases]
 
 
@@ -163,7 +164,8 @@ def run_v5_module_case(folder: Path) -> dict[str, torch.Tensor]:
 def test_float32_matches_official(folder):
     case, io = load_case(folder)
     expected = {name: tensor for name, tensor in io.items() if name.startswith("out.")}
-    assert set(expected) == {n for n in case["tensors"] if n.startswith("out.")}, "io.safetensors and case.json disagree"
+    listed = {n for n in case["tensors"] if n.startswith("out.")}
+    assert set(expected) == listed, "io.safetensors and case.json disagree"
     assert case["final_output"] in expected
     ours = run_v5_module_case(folder)
     expected.update({name: io[name] for name in ours if name.startswith("in.motion_pad.")})
@@ -211,9 +213,8 @@ def test_v5_runs_non_square_sizes_that_are_not_multiples_of_64():
     unet = load_folder(UNet2DConditionModel, weights / "unet")
     base = load_folder(HM5ControlNetBase, weights / "hm5_control_base")
     proj = load_folder(HM5SD15ControlProj, weights / "hm5_control_proj")
-    denoiser = HM5DenoisingNet(
-        unet, load_folder(HM5ReferenceAdapter, weights / "hm5_reference"), load_folder(HM5MotionAdapter, weights / "hm5_motion")
-    )
+    adapter = load_folder(HM5ReferenceAdapter, weights / "hm5_reference")
+    denoiser = HM5DenoisingNet(unet, adapter, load_folder(HM5MotionAdapter, weights / "hm5_motion"))
     generator = torch.Generator().manual_seed(0)
     height, width, frames = 96, 160, 2
     h, w = height // 8, width // 8
@@ -229,11 +230,20 @@ def test_v5_runs_non_square_sizes_that_are_not_multiples_of_64():
     noise = denoiser(latents, 500, text, reference, control, motion_pad_states(*pads), use_motion=True)
     assert noise.shape == latents.shape and torch.isfinite(noise).all()
     # The reference attention took part (it is what fails officially on these sizes).
-    assert not torch.allclose(noise, denoiser(latents, 500, text, None, control, motion_pad_states(*pads), use_motion=True))
+    without_reference = denoiser(latents, 500, text, None, control, motion_pad_states(*pads), use_motion=True)
+    assert not torch.allclose(noise, without_reference)
 
 
-def test_denoiser_refuses_motion_without_a_motion_adapter():
+def test_denoiser_refuses_what_it_would_otherwise_silently_ignore():
+    """The official UNet skips motion and reference without a word when their modules are absent."""
     weights = require(CONFORMANCE_DIR / "hm5_weights", "v5 tiny weights")
-    denoiser = HM5DenoisingNet(load_folder(UNet2DConditionModel, weights / "unet"))
+    unet = load_folder(UNet2DConditionModel, weights / "unet")
+    denoiser = HM5DenoisingNet(unet)
+    latents, text = torch.zeros(1, 4, 1, 8, 8), torch.zeros(1, 77, unet.config.cross_attention_dim)
     with pytest.raises(ValueError, match="motion adapter"):
-        denoiser(torch.zeros(1, 4, 1, 8, 8), 0, torch.zeros(1, 77, 32), use_motion=True)
+        denoiser(latents, 0, text, use_motion=True)
+    with pytest.raises(ValueError, match="reference adapter"):
+        denoiser(latents, 0, text, reference={"up_0": torch.zeros(1, 32, 1, 1)})
+    motion = HM5DenoisingNet(unet, motion_adapter=load_folder(HM5MotionAdapter, weights / "hm5_motion"))
+    with pytest.raises(ValueError, match="motion_pad lacks up_0, up_1, up_2, up_3"):
+        motion(latents, 0, text, motion_pad={f"down_{i}": None for i in range(4)}, use_motion=True)

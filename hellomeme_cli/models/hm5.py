@@ -319,7 +319,9 @@ class SKReferenceAttentionV5(nn.Module):
     for square inputs. `time_emb_proj` is in the released weights but never used.
     """
 
-    def __init__(self, in_channels: int, num_attention_heads: int = 1, blocks_time_embed_dim: int = SD15_TIME_EMBED_DIM):
+    def __init__(
+        self, in_channels: int, num_attention_heads: int = 1, blocks_time_embed_dim: int = SD15_TIME_EMBED_DIM
+    ):
         super().__init__()
         self.time_emb_proj = nn.Linear(blocks_time_embed_dim, in_channels)
         self.attn1 = _attention(in_channels, num_attention_heads)
@@ -421,7 +423,8 @@ class SKMotionModuleV5(nn.Module):
         if pad_states is not None:
             frames = _batch_to_frames(hidden_states, num_frames)
             padded = torch.cat([pad_states[:, :, :1].to(x.dtype), frames, pad_states[:, :, -1:].to(x.dtype)], dim=2)
-            padded = _batch_to_frames(self.attn_pad(_frames_to_batch(padded), num_frames=num_frames + 2), num_frames + 2)
+            padded = self.attn_pad(_frames_to_batch(padded), num_frames=num_frames + 2)
+            padded = _batch_to_frames(padded, num_frames + 2)
             x = _frames_to_batch(padded[:, :, 1:-1]) + hidden_states
         return self.attn1(x, num_frames=num_frames)
 
@@ -600,6 +603,8 @@ class HM5DenoisingNet(nn.Module):
         (batch b); control from HM5SD15ControlProj (b, c, f, h', w'); motion_pad: all 8
         entries (b, c, 2, h', w') (see `motion_pad_states`), used with `use_motion`
         -> noise (b, 4, f, h, w)."""
+        if reference is not None and self.reference_adapter is None:
+            raise ValueError("HM5DenoisingNet: a reference cache needs a reference adapter (hm5_reference)")
         if use_motion and self.motion_adapter is None:
             raise ValueError("HM5DenoisingNet: use_motion needs a motion adapter (hm5_motion)")
         if use_motion and motion_pad is not None:
