@@ -20,3 +20,19 @@ __all__ = [
     "SKReferenceAttention",
     "motion_unet",
 ]
+
+# v3 and v4
+from .hm3 import HM3MotionAdapter, HM3ReferenceAdapter, HMV3ControlNet, SKMotionModule
+from .hm3_unet import HM3DenoisingNet, HM3ReferenceNet
+from .hm4 import HM4SD15ControlProj, HMControlNetBase
+
+__all__ += [
+    "HM3DenoisingNet",
+    "HM3MotionAdapter",
+    "HM3ReferenceAdapter",
+    "HM3ReferenceNet",
+    "HM4SD15ControlProj",
+    "HMControlNetBase",
+    "HMV3ControlNet",
+    "SKMotionModule",
+]
