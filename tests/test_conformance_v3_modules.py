@@ -207,3 +207,9 @@ def test_denoiser_rejects_motion_pads_without_a_motion_adapter():
     )
     with pytest.raises(ValueError, match="motion adapter"):
         HM3DenoisingNet(unet)(torch.zeros(1, 4, 2, 8, 8), 1, torch.zeros(1, 3, 8), motion_pads={})
+
+
+def test_v4_control_net_names_the_size_it_cannot_take():
+    net = HMControlNetBase(cross_attention_dim=16, unet_block_out_channels=(8, 8, 8, 8))
+    with pytest.raises(ValueError, match="multiples of 64, not 96x128"):
+        net(torch.zeros(1, 3, 1, 96, 128), emo_embedding=torch.zeros(1, 1, 548))

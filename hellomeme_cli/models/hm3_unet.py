@@ -53,7 +53,7 @@ class _HM3Call:
 
 
 class HM3InjectionPoints(InjectionPoints):
-    """The v3 hooks on one UNet; inert unless a call is active (see `InjectionPoints`).
+    """The v3 hooks (not the v1/v2 ones) on one UNet; inert unless a call is active.
     A UNet shared with the v1/v2 nets carries both sets, each inert outside its calls."""
 
     _registry: "weakref.WeakKeyDictionary[nn.Module, HM3InjectionPoints]" = weakref.WeakKeyDictionary()

@@ -155,6 +155,9 @@ class HMControlNetBase(ModelMixin, ConfigMixin):
         drive_coeff (b, f, 51) is given (face_parts (b, f, 3, 1024) then required), else
         PD-FGC emo_embedding (b, f, 548)."""
         b, _, f, h, w = condition.shape
+        if h % 64 or w % 64:
+            # its U-Net adds each upsampled feature to a skip of the rounded-up size
+            raise ValueError(f"HMControlNetBase needs a condition whose sides are multiples of 64, not {h}x{w}")
         if drive_coeff is not None:
             if face_parts is None:
                 raise ValueError("HMControlNetBase: drive_coeff needs face_parts")
