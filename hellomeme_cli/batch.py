@@ -32,11 +32,12 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .engine import HelloMemeModels, ModelOptions, check_options, load_models, required_components, resolve_device
+from .engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device
 from .errors import HellomemeError
 from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, output_timing
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .tracking import MODEL_FILE
+from .versions import get_version
 from .video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
 from .video import VideoInfo, leftover_temporaries, probe_video, temporary_beside
 from .weights import WeightCache, sha256_of
@@ -211,7 +212,7 @@ def _row_job(
                 raise HellomemeError(f"{where}: {name} {text!r} is not a {'whole number' if read is int else 'number'}") from None
     models = dataclasses.replace(settings.models, control=options.pop("control", settings.models.control))
     try:
-        required_components(models.control)
+        get_version(models.version).control(models.control)
         return BatchJob(reference, driving, output, dataclasses.replace(settings, models=models, **options))
     except HellomemeError as error:
         raise HellomemeError(f"{where}: {error}") from None
@@ -302,7 +303,7 @@ def _check_setup(jobs: Sequence[BatchJob], devices: Sequence[str], cache: Weight
     for options in {job.settings.models for job in jobs}:
         for device in devices:
             check_options(dataclasses.replace(options, device=device))
-    components = {name for job in jobs for name in required_components(job.settings.models.control)}
+    components = {name for job in jobs for name in get_version(job.settings.models.version).components(job.settings.models.control)}
     cache.require(sorted(components))
 
 
@@ -429,7 +430,7 @@ class _ClipMaker:
         self.device = device
         self.cache = cache
         self.options: ModelOptions | None = None
-        self.models: HelloMemeModels | None = None
+        self.models: HelloMemePipeline | None = None
         self.load_failure = ""
 
     def make(self, task: _Task, progress: ProgressCallback) -> ClipReport:
@@ -447,7 +448,7 @@ class _ClipMaker:
             return dataclasses.replace(made, status="failed", reason=_reason(error), seconds=round(time.monotonic() - started, 2))
         return dataclasses.replace(made, frames=result.frames, seconds=round(result.seconds, 2))
 
-    def _models(self, options: ModelOptions, progress: ProgressCallback) -> HelloMemeModels:
+    def _models(self, options: ModelOptions, progress: ProgressCallback) -> HelloMemePipeline:
         options = dataclasses.replace(options, device=self.device)
         if options != self.options:
             self.options, self.models, self.load_failure = options, None, ""
@@ -455,7 +456,7 @@ class _ClipMaker:
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             try:
-                self.models = load_models(options, self.cache, progress)
+                self.models = load_pipeline(options.version, options, self.cache, progress)
             except Exception as error:  # every clip that needs these models fails the same way, without a retry
                 self.load_failure = f"cannot load the models: {_reason(error)}"
         if self.models is None:

@@ -249,7 +249,8 @@ def _prepare_run(
 ):
     """Everything that can fail fast, before any model loads: the output path, the options, the
     weight cache, the driving input (`check_drive` reads or probes it) and the reference's face."""
-    from .engine import check_options, required_components
+    from .engine import check_options
+    from .versions import get_version
     from .pipeline import load_reference
     from .tracking import MODEL_FILE
     from .video import check_destination
@@ -258,7 +259,8 @@ def _prepare_run(
     check_destination(output, force, [reference, drive])
     check_options(settings.models)
     cache = _cache()
-    face_model = cache.require(required_components(settings.models.control))["face_landmarker"] / MODEL_FILE
+    components = get_version(settings.models.version).components(settings.models.control)
+    face_model = cache.require(components)["face_landmarker"] / MODEL_FILE
     check_drive(drive)
     source = load_reference(reference, settings, face_model)
     console.print(f"seed {settings.seed}", highlight=False)
@@ -267,9 +269,9 @@ def _prepare_run(
 
 
 def _load_models(settings: AnimateSettings, cache, report: ProgressCallback):
-    from .engine import load_models
+    from .engine import load_pipeline
 
-    return load_models(settings.models, cache, progress=report)
+    return load_pipeline(settings.models.version, settings.models, cache, progress=report)
 
 
 @app.command()

@@ -16,6 +16,9 @@ class HMReferenceAdapter(ModelMixin, ConfigMixin):
     released `config.json` loads unchanged; only `version="v1"` exists for HelloMeme v1.
     """
 
+    # diffusers' block-level group offloading: the mid attention is a block of its own, as the lists' entries are.
+    _group_offload_block_modules = ["reference_modules_mid"]
+
     @register_to_config
     def __init__(
         self,
