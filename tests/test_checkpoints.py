@@ -367,6 +367,14 @@ def test_lora_of_another_shape_is_refused(base, tmp_path):
     assert_one_line_error(error, "xl.safetensors", "not a LoRA for this SD1.5", "[2, 2048]", "[2, 32]")
 
 
+def test_lora_of_another_format_is_refused(base, tmp_path):
+    key = "lora_unet_" + UNET_LAYERS[0].replace(".", "_")
+    save_file({f"{key}.hada_w1_a": torch.zeros(32, 2), f"{key}.hada_w1_b": torch.zeros(2, 32)}, tmp_path / "loha.safetensors")
+    with pytest.raises(HellomemeError) as error:
+        load_sd15(base, loras=[(tmp_path / "loha.safetensors", 1.0)])
+    assert_one_line_error(error, "loha.safetensors", "LoHa", "hada_w1_a")
+
+
 @pytest.mark.parametrize(
     "value, expected",
     [

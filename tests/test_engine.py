@@ -168,7 +168,7 @@ SIZE = 128  # pixels; the smallest control level is 2x2
 def _latents_and_frames(models: HelloMemePipeline) -> torch.Tensor:
     """A short guided run through every network the pipeline has (prompt, sampler, decoder)."""
     generator = torch.Generator().manual_seed(3)
-    frames = 3
+    frames = 2
     prompt = models.encode_prompt("a portrait")
     inputs = SamplerInputs(
         ref_image=torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1,
@@ -184,7 +184,7 @@ def _latents_and_frames(models: HelloMemePipeline) -> torch.Tensor:
         reference_negative_text_embeds=prompt.reference_negative,
     )
     sampler = models.sampler()
-    settings = SamplerSettings(steps=2, stage1_steps=1, guidance=1.5, window=2, overlap=1)
+    settings = SamplerSettings(steps=1, stage1_steps=1, guidance=1.5, window=2, overlap=1)
     latents = sampler.sample(inputs, settings, torch.Generator().manual_seed(0))
     decoded = torch.cat(list(sampler.decode_tensors(latents, batch=2)))
     return torch.cat([latents.flatten(), decoded.flatten()])
