@@ -15,7 +15,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .engine import HelloMemeModels, load_models
+from .engine import HelloMemePipeline
+from .engine import load_pipeline as engine_load_pipeline
 from .errors import HellomemeError
 from .logs import libraries_quiet
 from .pipeline import AnimateResult, Reference, prepare_run
@@ -34,7 +35,7 @@ def load_pipeline(
     cache: WeightCache | None = None,
     progress: ProgressCallback = no_progress,
     **options: Any,
-) -> HelloMemeModels:
+) -> HelloMemePipeline:
     """Every network of `version` (default: the video default) loaded once onto `device`
     (`auto`: a CUDA GPU, else MPS, else the CPU). `options` are the model settings: control,
     checkpoint, vae, lora (list of FILE[:SCALE]), device, dtype, channels_last, compile, low_memory.
@@ -48,11 +49,11 @@ def load_pipeline(
         options["version"] = version
     settings = from_values(options)
     with libraries_quiet():
-        return load_models(settings.models, cache or WeightCache(), progress=progress)
+        return engine_load_pipeline(settings.models.version, settings.models, cache or WeightCache(), progress)
 
 
 def animate(
-    pipe: HelloMemeModels,
+    pipe: HelloMemePipeline,
     reference: str | Path,
     driving: str | Path,
     output: str | Path,
@@ -70,7 +71,7 @@ def animate(
 
 
 def render_image(
-    pipe: HelloMemeModels,
+    pipe: HelloMemePipeline,
     reference: str | Path,
     driving_image: str | Path,
     output: str | Path,
@@ -86,7 +87,7 @@ def render_image(
     return _render_image(prepared, Path(driving_image), Path(output), run, pipe, force=force, progress=progress)
 
 
-def _settings(pipe: HelloMemeModels, values: dict[str, Any]) -> AnimateSettings:
+def _settings(pipe: HelloMemePipeline, values: dict[str, Any]) -> AnimateSettings:
     """The call's generation settings on top of the pipeline's model options (which a call cannot change)."""
     model_values = sorted(set(values) & (_MODEL_SETTINGS | {"lora"}))
     if model_values:
@@ -94,7 +95,7 @@ def _settings(pipe: HelloMemeModels, values: dict[str, Any]) -> AnimateSettings:
     return from_values(values, AnimateSettings(models=pipe.options))
 
 
-def _cache_of(pipe: HelloMemeModels) -> WeightCache:
+def _cache_of(pipe: HelloMemePipeline) -> WeightCache:
     return pipe.cache
 
 

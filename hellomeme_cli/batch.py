@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from . import __version__
-from .engine import HelloMemeModels, ModelOptions, check_options, load_models, resolve_device
+from .engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device
 from .errors import HellomemeError
 from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, output_timing
 from .progress import ProgressCallback, ProgressEvent, no_progress
@@ -413,7 +413,7 @@ class _ClipMaker:
         self.device = device
         self.cache = cache
         self.options: ModelOptions | None = None
-        self.models: HelloMemeModels | None = None
+        self.models: HelloMemePipeline | None = None
         self.load_failure = ""
 
     def make(self, task: _Task, progress: ProgressCallback) -> ClipReport:
@@ -434,7 +434,7 @@ class _ClipMaker:
             )
         return dataclasses.replace(made, frames=result.frames, seconds=round(result.seconds, 2))
 
-    def _models(self, options: ModelOptions, progress: ProgressCallback) -> HelloMemeModels:
+    def _models(self, options: ModelOptions, progress: ProgressCallback) -> HelloMemePipeline:
         options = dataclasses.replace(options, device=self.device)
         if options != self.options:
             self.options, self.models, self.load_failure = options, None, ""
@@ -443,7 +443,7 @@ class _ClipMaker:
                 torch.cuda.empty_cache()
             try:
                 with libraries_quiet():
-                    self.models = load_models(options, self.cache, progress)
+                    self.models = load_pipeline(options.version, options, self.cache, progress)
             except Exception as error:  # every clip that needs these models fails the same way, without a retry
                 self.load_failure = f"cannot load the models: {_reason(error)}"
         if self.models is None:

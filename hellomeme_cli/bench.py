@@ -138,13 +138,13 @@ class ClipRun:
 def measure_clip(run: ClipRun, models=None) -> dict:
     """Load the models (unless given), then animate once with a `StageClock`; -> stage seconds,
     seconds per output frame, RSS after loading and at peak (this process), GPU peak on CUDA."""
-    from .engine import load_models
+    from .engine import load_pipeline
     from .pipeline import AnimateSettings, animate, load_reference
     from .weights import WeightCache
 
     options = ModelOptions(device=run.device, dtype=run.dtype)
     started = time.perf_counter()
-    models = models or load_models(options, WeightCache(Path(run.home)))
+    models = models or load_pipeline(options.version, options, WeightCache(Path(run.home)))
     loading = time.perf_counter() - started
     settings = AnimateSettings(models=options, steps=run.steps, guidance=run.guidance, seed=0, max_frames=run.max_frames, size=run.size)
     reference = load_reference(Path(run.reference), settings, models.face_model)
@@ -226,14 +226,14 @@ def tracking_speed(clips: list[Path], face_model: Path) -> dict:
 
 
 def full_size_models(face_model: Path, device: torch.device, dtype: torch.dtype, options=None):
-    """HelloMemeModels with the real architectures at their released sizes and random weights:
+    """A HelloMemePipeline with the real architectures at their released sizes and random weights:
     SD1.5 UNet, text encoder and VAE, the default HelloMeme adapter and control net, an
     AnimateDiff v1.5 (v2 module, with a motion mid block, as
     the tiny cache's) shaped motion adapter, the ViT-H image encoder. Built on the device."""
-    from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+    from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    from .engine import HelloMemeModels, apply_speed_options
+    from .engine import HelloMemePipeline, apply_speed_options
     from .models import HMControlNet, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
     from .tiny import write_tokenizer
 
@@ -263,12 +263,12 @@ def full_size_models(face_model: Path, device: torch.device, dtype: torch.dtype,
     networks = (unet, text_encoder, vae, motion_adapter, image_encoder, adapter, control_net)
     for network in networks:
         network.to(dtype=dtype).eval()
-    models = HelloMemeModels(
+    models = HelloMemePipeline(
         tokenizer=tokenizer, reference_text_encoder=text_encoder, text_encoder=text_encoder,
         reference_net=HMReferenceNet(unet), denoiser_2d=HMDenoisingNet(unet, adapter),
         denoiser_motion=HMDenoisingNet(motion_unet(unet, motion_adapter).eval(), adapter), control_net=control_net,
         vae_encoder=vae, vae_decoder=vae, image_encoder=image_encoder, fan_encoder=None, face_model=face_model,
-        control="blendshapes", device=device, dtype=dtype,
+        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
     )
     apply_speed_options(models, options or ModelOptions())
     return models

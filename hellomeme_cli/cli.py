@@ -195,7 +195,7 @@ def image(
     output = output or default_output(reference, drive_image, ".png")
     source, settings, cache = _prepare_run(reference, drive_image, output, force, settings, "image")
     with _progress_bars() as report:
-        seed = render_image(source, drive_image, output, settings, _load_models(settings, cache, report), force=force, progress=report)
+        seed = render_image(source, drive_image, output, settings, _load_models(settings, cache, report, "image"), force=force, progress=report)
     out.print(f"wrote {output}, seed {seed}", highlight=False)
 
 
@@ -209,12 +209,12 @@ def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settin
     return source, settings, cache
 
 
-def _load_models(settings: AnimateSettings, cache, report: ProgressCallback):
-    from .engine import load_models
+def _load_models(settings: AnimateSettings, cache, report: ProgressCallback, mode: str = "video"):
+    from .engine import load_pipeline
     from .logs import libraries_quiet
 
     with libraries_quiet():
-        return load_models(settings.models, cache, progress=report)
+        return load_pipeline(settings.models.version, settings.models, cache, progress=report, mode=mode)
 
 
 @app.command()

@@ -1,5 +1,6 @@
 """The models stage: every network a run needs, loaded once from the weight cache (plus a
-user's checkpoint, VAE and LoRAs) onto one device, so a batch of clips reuses them.
+user's checkpoint, VAE and LoRAs) onto one device, as a diffusers `DiffusionPipeline`, so a
+batch of clips reuses them. What to load comes from the version registry (versions.py).
 
 Checkpoint swapping follows the official "x1" recipe (`append_pipline_weights`): the
 HelloMeme modules were trained against SD1.5, so the reference net, its text encoder and
@@ -12,28 +13,26 @@ serves the reference net and both stages.
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import re
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, MotionAdapter
+from diffusers import AutoencoderKL, DiffusionPipeline, MotionAdapter
+from diffusers.hooks import apply_group_offloading
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from .checkpoints import PICKLE_SUFFIXES, load_sd15, load_vae
 from .errors import HellomemeError
-from .models import FanEncoder, HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
+from .models import FanEncoder, HMDenoisingNet, HMReferenceNet, motion_unet
 from .models.unet import load_folder
-from .tracking import MODEL_FILE
 from .progress import ProgressCallback, ProgressEvent, no_progress
+from .sampler import VideoSampler
 from .settings import ModelOptions
+from .tracking import MODEL_FILE
+from .versions import ControlKind, Version, get_version, resolve
 from .weights import WeightCache
 
-# The prompt the official v1 scripts give every clip; a user's prompt is put before it.
-DEFAULT_PROMPT = (
-    "(best quality), highly detailed, ultra-detailed, headshot, person, well-placed five sense organs, "
-    "looking at the viewer, centered composition, sharp focus, realistic skin texture"
-)
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _CHECKPOINT_PATTERNS = ["model_index.json", "*/*.json", "tokenizer/*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
@@ -49,29 +48,83 @@ class PromptEmbeddings:
     negative: torch.Tensor
 
 
-@dataclasses.dataclass
-class HelloMemeModels:
-    tokenizer: CLIPTokenizer
-    reference_text_encoder: CLIPTextModel
-    text_encoder: CLIPTextModel
-    reference_net: HMReferenceNet
-    denoiser_2d: HMDenoisingNet
-    denoiser_motion: HMDenoisingNet
-    control_net: HMControlNet | HMControlNet2
-    vae_encoder: AutoencoderKL
-    vae_decoder: AutoencoderKL
-    image_encoder: CLIPVisionModelWithProjection | None
-    fan_encoder: FanEncoder | None
-    face_model: Path
-    control: str
-    device: torch.device
-    dtype: torch.dtype
-    options: ModelOptions  # what was asked for (a batch or app reuses the models while these stay equal)
-    cache: WeightCache  # where the weights came from (the face model of later runs too)
+class HelloMemePipeline(DiffusionPipeline):
+    """Every network of one HelloMeme version, registered as diffusers pipeline components
+    (`components`, `.to()`, diffusers' offloading hooks work on them). Roles may share
+    networks: with no swap the reference net and both denoisers run one SD1.5 UNet, and the
+    two text encoders and two VAEs are one each. `denoiser_motion` is None for image runs,
+    `image_encoder`/`fan_encoder` when the control kind does not use them.
+
+    Not registered (they are no networks): `face_model` (the MediaPipe file), `control_kind`
+    (the registry's `ControlKind`), `version` (the registry entry)."""
+
+    # Order in which the networks run, for diffusers' `enable_model_cpu_offload`.
+    model_cpu_offload_seq = (
+        "reference_text_encoder->text_encoder->image_encoder->vae_encoder->reference_net->control_net"
+        "->denoiser_2d->denoiser_motion->vae_decoder"
+    )
+    _optional_components = ["denoiser_motion", "image_encoder", "fan_encoder"]
+
+    def __init__(
+        self,
+        tokenizer: CLIPTokenizer,
+        reference_text_encoder: CLIPTextModel,
+        text_encoder: CLIPTextModel,
+        reference_net: HMReferenceNet,
+        denoiser_2d: HMDenoisingNet,
+        control_net: torch.nn.Module,
+        vae_encoder: AutoencoderKL,
+        vae_decoder: AutoencoderKL,
+        scheduler: SchedulerMixin,
+        denoiser_motion: HMDenoisingNet | None = None,
+        image_encoder: CLIPVisionModelWithProjection | None = None,
+        fan_encoder: FanEncoder | None = None,
+        *,
+        face_model: Path | None = None,
+        control_kind: ControlKind | None = None,
+        version: Version | None = None,
+        options: ModelOptions | None = None,
+        cache: WeightCache | None = None,
+    ):
+        super().__init__()
+        self.register_modules(
+            tokenizer=tokenizer,
+            reference_text_encoder=reference_text_encoder,
+            text_encoder=text_encoder,
+            reference_net=reference_net,
+            denoiser_2d=denoiser_2d,
+            denoiser_motion=denoiser_motion,
+            control_net=control_net,
+            vae_encoder=vae_encoder,
+            vae_decoder=vae_decoder,
+            image_encoder=image_encoder,
+            fan_encoder=fan_encoder,
+            scheduler=scheduler,
+        )
+        self.version = version or get_version("v1")
+        self.control_kind = control_kind or self.version.control()
+        self.face_model = face_model
+        self.options = options or ModelOptions(version=self.version.name, control=self.control_kind.name)  # what was asked for: equal options reuse the pipeline
+        self.cache = cache or WeightCache()  # where the weights came from
+        self._onload_device: torch.device | None = None  # set by `enable_low_memory`
+
+    @property
+    def control(self) -> str:
+        return self.control_kind.name
+
+    @property
+    def device(self) -> torch.device:
+        """Where the networks compute, also while low-memory mode keeps their weights on the CPU."""
+        return self._onload_device or self.denoiser_2d.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.denoiser_2d.dtype
 
     @torch.no_grad()
     def encode_prompt(self, prompt: str = "", negative_prompt: str = "") -> PromptEmbeddings:
-        text = f"{prompt}, {DEFAULT_PROMPT}" if prompt else DEFAULT_PROMPT
+        """The user's prompt goes before the version's own (the official scripts' prompt)."""
+        text = f"{prompt}, {self.version.prompt}" if prompt else self.version.prompt
 
         def encode(encoder: CLIPTextModel, value: str) -> torch.Tensor:
             ids = self.tokenizer(
@@ -85,6 +138,54 @@ class HelloMemeModels:
             positive=encode(self.text_encoder, text),
             negative=encode(self.text_encoder, negative_prompt),
         )
+
+    def sampler(self) -> VideoSampler:
+        """The version's sampler on these networks and this scheduler."""
+        return resolve(self.version.sampler)(
+            self.reference_net,
+            self.denoiser_2d,
+            self.denoiser_motion,
+            self.control_net,
+            self.vae_encoder,
+            self.vae_decoder,
+            scheduler=self.scheduler,
+            control=self.control_kind,
+            device=self.device,
+        )
+
+    def enable_low_memory(self, device: torch.device) -> None:
+        """diffusers' group offloading, block by block: the weights stay on the CPU (pinned, on
+        CUDA) and each block (UNet down/mid/up block, adapter and control-net attention block,
+        VAE and text/image encoder stage) comes to `device` only while it runs, the next one
+        copied on a side CUDA stream meanwhile. The PD-FGC encoder (8.5 M values) stays on `device`."""
+        for network in self.networks():
+            if network is self.fan_encoder:
+                network.to(device)
+                continue
+            apply_group_offloading(
+                network,
+                onload_device=device,
+                offload_type="block_level",
+                num_blocks_per_group=1,
+                use_stream=device.type == "cuda",
+                block_modules=_OFFLOAD_BLOCKS.get(type(network)),
+            )
+        self._onload_device = device
+
+    def networks(self) -> list[torch.nn.Module]:
+        """Every network once (a UNet, VAE or adapter often serves several roles); the reference
+        net and the denoisers count as their UNets and reference adapters."""
+        roles = [self.reference_text_encoder, self.text_encoder, self.image_encoder, self.fan_encoder, self.control_net]
+        roles += [self.vae_encoder, self.vae_decoder]
+        for denoiser in (self.reference_net, self.denoiser_2d, self.denoiser_motion):
+            if denoiser is not None:
+                roles += [denoiser.unet, getattr(denoiser, "reference_adapter", None)]
+        return _unique(roles)
+
+
+# transformers' CLIP models: their transformer layers are offloaded one by one (diffusers'
+# models name their own blocks in `_group_offload_block_modules`).
+_OFFLOAD_BLOCKS = {CLIPTextModel: ["encoder"], CLIPVisionModelWithProjection: ["vision_model", "encoder"]}
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -151,23 +252,34 @@ def check_options(options: ModelOptions) -> None:
             raise HellomemeError(f"{path}: not a weight file for the {what} (expected {', '.join(WEIGHT_SUFFIXES)})")
 
 
-def load_models(
-    options: ModelOptions, cache: WeightCache | None = None, progress: ProgressCallback = no_progress
-) -> HelloMemeModels:
-    """Check the cache holds everything (before any loading), then load every network."""
+def load_pipeline(
+    version: Version | str,
+    options: ModelOptions,
+    cache: WeightCache | None = None,
+    progress: ProgressCallback = no_progress,
+    *,
+    mode: str = "video",
+) -> HelloMemePipeline:
+    """Check the cache holds everything the version needs for `mode` (before any loading),
+    then load every network; image runs load no motion module."""
+    version = get_version(version, mode) if isinstance(version, str) else version
+    kind = version.control(options.control)
     cache = cache or WeightCache()
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
-    folders = cache.require(options.spec.components(options.control))
+    folders = cache.require(version.components(kind.name, mode))
     checkpoint = resolve_checkpoint(options.checkpoint, cache) if options.checkpoint else None
     steps = ["SD1.5", "LoRAs" if options.loras else None, "checkpoint" if checkpoint else None, "HelloMeme modules"]
     steps = [step for step in steps if step]
+    # Low-memory mode: every network waits on the CPU, the offloading hooks bring it over block by block.
+    load_device = torch.device("cpu") if options.low_memory else device
+    base_folder = folders[version.base_component]
 
     def loaded(step: str) -> None:
         progress(ProgressEvent("loading models", steps.index(step) + 1, len(steps), unit="parts"))
 
     def sd15(**swaps):
-        return load_sd15(folders["sd15"], dtype=dtype, device=device, **swaps)
+        return load_sd15(base_folder, dtype=dtype, device=load_device, **swaps)
 
     base = sd15()
     loaded("SD1.5")
@@ -181,47 +293,73 @@ def load_models(
         stage2 = styled
     vae_decoder = stage2.vae
     if options.vae and not checkpoint:
-        vae_decoder = load_vae(Path(options.vae), folders["sd15"], dtype).to(device).eval()
+        vae_decoder = load_vae(Path(options.vae), base_folder, dtype).to(load_device).eval()
 
-    def component(cls, name: str):
-        return load_folder(cls, folders[name], dtype=dtype).to(device).eval()
+    def component(target: str, name: str):
+        return _load_component(resolve(target), folders[name], dtype).to(load_device).eval()
 
-    adapter = component(HMReferenceAdapter, "hm_reference")
-    motion_adapter = load_folder(MotionAdapter, folders["hm_animatediff_frame12"], dtype=dtype)
-    blendshapes = options.control_kind.name == "blendshapes"
-    models = HelloMemeModels(
+    adapter = component(version.reference_adapter, version.reference_component)
+    denoiser_motion = None
+    if mode == "video" and version.motion_component:
+        motion_adapter = load_folder(MotionAdapter, folders[version.motion_component], dtype=dtype)
+        denoiser_motion = HMDenoisingNet(motion_unet(stage2.unet, motion_adapter).eval(), adapter)
+    control_net_weights, encoder_weights = kind.components
+    encoder = component(_ENCODERS[kind.encoder], encoder_weights)
+    pipeline = HelloMemePipeline(
         tokenizer=base.tokenizer,
         reference_text_encoder=base.text_encoder,
         text_encoder=styled.text_encoder,
         reference_net=HMReferenceNet(base.unet),
         denoiser_2d=HMDenoisingNet(styled.unet, adapter),
-        denoiser_motion=HMDenoisingNet(motion_unet(stage2.unet, motion_adapter).eval(), adapter),
-        control_net=component(HMControlNet, "hm_control") if blendshapes else component(HMControlNet2, "hm_control2"),
+        denoiser_motion=denoiser_motion,
+        control_net=component(kind.control_net, control_net_weights),
         vae_encoder=base.vae,
         vae_decoder=vae_decoder,
-        image_encoder=_image_encoder(folders["image_encoder"], dtype, device) if blendshapes else None,
-        fan_encoder=None if blendshapes else component(FanEncoder, "pd_fgc_motion"),
+        image_encoder=encoder if kind.encoder == "face_parts" else None,
+        fan_encoder=encoder if kind.encoder == "pdfgc" else None,
+        scheduler=_scheduler(version, base_folder),
         face_model=folders["face_landmarker"] / MODEL_FILE,
-        control=options.control_kind.name,
-        device=device,
-        dtype=dtype,
+        control_kind=kind,
+        version=version,
         options=options,
         cache=cache,
     )
     loaded("HelloMeme modules")
-    apply_speed_options(models, options)
-    return models
+    apply_speed_options(pipeline, options, device)
+    return pipeline
 
 
-def apply_speed_options(models: HelloMemeModels, options: ModelOptions) -> None:
-    """The options that change how the networks run, never what they compute (beyond rounding)."""
+# The signal encoder of each `ControlKind.encoder`.
+_ENCODERS = {"face_parts": "transformers:CLIPVisionModelWithProjection", "pdfgc": "hellomeme_cli.models:FanEncoder"}
+
+
+def _scheduler(version: Version, base_folder: Path) -> SchedulerMixin:
+    """The version's scheduler class on the base model's `scheduler/scheduler_config.json` (the
+    SD1.5 download holds PNDM's config; the official v1 code runs Euler on it, as here)."""
+    folder = base_folder / "scheduler"
+    try:
+        return resolve(version.scheduler).from_config(resolve(version.scheduler).load_config(str(folder)))
+    except (OSError, ValueError) as err:
+        raise HellomemeError(f"cannot read the scheduler config in {folder}: {err}") from err
+
+
+def _load_component(cls, folder: Path, dtype: torch.dtype):
+    try:
+        return load_folder(cls, folder, dtype=dtype)
+    except (OSError, ValueError) as err:
+        raise HellomemeError(f"cannot load {cls.__name__} from {folder}: {err}") from err
+
+
+def apply_speed_options(pipeline: HelloMemePipeline, options: ModelOptions, device: torch.device | None = None) -> None:
+    """The options that change how the networks run, never what they compute (beyond rounding);
+    `device` is where low-memory mode runs the networks (default: where they are)."""
     if options.channels_last:
-        for network in _convolution_networks(models):
+        for network in _convolution_networks(pipeline):
             network.to(memory_format=torch.channels_last)
     if options.low_memory:
-        SequentialOffload(_offload_units(models), models.device)
+        pipeline.enable_low_memory(device or pipeline.device)
     if options.compile:
-        compile_blocks(models)
+        compile_blocks(pipeline)
 
 
 def _unique(modules) -> list[torch.nn.Module]:
@@ -229,15 +367,12 @@ def _unique(modules) -> list[torch.nn.Module]:
     return list({id(module): module for module in modules if module is not None}.values())
 
 
-def _unets(models: HelloMemeModels) -> list[torch.nn.Module]:
-    return _unique([models.reference_net.unet, models.denoiser_2d.unet, models.denoiser_motion.unet])
+def _convolution_networks(pipeline: HelloMemePipeline) -> list[torch.nn.Module]:
+    unets = [d.unet for d in (pipeline.reference_net, pipeline.denoiser_2d, pipeline.denoiser_motion) if d is not None]
+    return _unique([*unets, pipeline.control_net, pipeline.vae_encoder, pipeline.vae_decoder])
 
 
-def _convolution_networks(models: HelloMemeModels) -> list[torch.nn.Module]:
-    return _unique([*_unets(models), models.control_net, models.vae_encoder, models.vae_decoder])
-
-
-def compile_blocks(models: HelloMemeModels, **compile_options) -> int:
+def compile_blocks(pipeline: HelloMemePipeline, **compile_options) -> int:
     """Regional compilation: every transformer and resnet block of the UNets and VAEs is compiled
     in place (`nn.Module.compile`), so the HelloMeme hooks on the UNets' down/up blocks stay in
     eager code and one compiled graph serves every block of a shape. Returns how many were compiled."""
@@ -246,80 +381,10 @@ def compile_blocks(models: HelloMemeModels, **compile_options) -> int:
 
     blocks = _unique(
         module
-        for network in _convolution_networks(models)
+        for network in _convolution_networks(pipeline)
         for module in network.modules()
         if isinstance(module, (BasicTransformerBlock, ResnetBlock2D))
     )
     for block in blocks:
         block.compile(**compile_options)
     return len(blocks)
-
-
-def _offload_units(models: HelloMemeModels) -> list[torch.nn.Module]:
-    """The blocks low-memory mode moves: the big parts of every network, each of which uses its
-    weights only inside its own forward. What stays on the device is small (UNet stems and time
-    embeddings, text and patch embeddings, the PD-FGC encoder) and keeps `.device` true."""
-    units: list[torch.nn.Module] = []
-    for unet in _unets(models):
-        units += [*unet.down_blocks, unet.mid_block, *unet.up_blocks]
-    for adapter in _unique([models.denoiser_2d.reference_adapter, models.denoiser_motion.reference_adapter]):
-        units += [*adapter.reference_modules_down, adapter.reference_modules_mid, *adapter.reference_modules_up]
-    units += list(models.control_net.blocks_down)
-    for vae in _unique([models.vae_encoder, models.vae_decoder]):
-        units += [vae.encoder, vae.decoder]
-    for encoder in _unique([models.reference_text_encoder, models.text_encoder]):
-        units.append(encoder.encoder)
-    if models.image_encoder is not None:
-        units.append(models.image_encoder.vision_model.encoder)
-    return _unique(units)
-
-
-class SequentialOffload:
-    """Low-memory mode: each unit's weights live in (pinned) CPU memory and are copied to the
-    device by a forward pre-hook, used, and dropped again by a forward hook; at most one unit's
-    weights (plus the small resident parts) occupy the device at a time. Weights are read-only,
-    so nothing is ever copied back. A parked weight is an empty tensor: a unit used without its
-    hook fails loudly instead of computing with stale weights.
-
-    Units may share parameters (the stage-2 motion UNet reuses the stage-1 UNet's): each weight
-    has one stored copy, whichever unit loads it.
-    """
-
-    def __init__(self, units: list[torch.nn.Module], device: torch.device):
-        self.device = device
-        pin = device.type == "cuda"
-        stored: dict[int, torch.Tensor] = {}
-        self.units: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-        for unit in units:
-            tensors = []
-            for tensor in itertools.chain(unit.parameters(), unit.buffers()):
-                if id(tensor) not in stored:
-                    copy = tensor.data.to("cpu")
-                    stored[id(tensor)] = copy.pin_memory() if pin else copy
-                tensors.append((tensor, stored[id(tensor)]))
-            self.units[id(unit)] = tensors
-        for unit in units:
-            self._park(unit)
-            unit.register_forward_pre_hook(self._load_hook)
-            unit.register_forward_hook(self._park_hook)
-        if pin:
-            torch.cuda.empty_cache()
-
-    def _load_hook(self, unit: torch.nn.Module, args) -> None:
-        for tensor, stored in self.units[id(unit)]:
-            tensor.data = stored.to(self.device, non_blocking=True)
-
-    def _park_hook(self, unit: torch.nn.Module, args, output) -> None:
-        self._park(unit)
-
-    def _park(self, unit: torch.nn.Module) -> None:
-        for tensor, stored in self.units[id(unit)]:
-            tensor.data = torch.empty(0, dtype=stored.dtype)
-
-
-def _image_encoder(folder: Path, dtype: torch.dtype, device: torch.device) -> CLIPVisionModelWithProjection:
-    try:
-        return load_folder(CLIPVisionModelWithProjection, folder, dtype=dtype).to(device).eval()
-    except (OSError, ValueError) as err:
-        raise HellomemeError(f"cannot load the CLIP image encoder from {folder}: {err}") from err
-

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from . import __version__
-from .engine import HelloMemeModels, check_options
+from .engine import HelloMemePipeline, check_options
 from .errors import HellomemeError
 from .pasteback import PasteBack, head_travel
 from .progress import ProgressCallback, no_progress
@@ -92,7 +92,7 @@ def animate(
     driving: Path,
     output: Path,
     settings: AnimateSettings,
-    models: HelloMemeModels,
+    models: HelloMemePipeline,
     *,
     force: bool = False,
     progress: ProgressCallback = no_progress,
@@ -147,7 +147,7 @@ def render_image(
     driving_image: Path,
     output: Path,
     settings: AnimateSettings,
-    models: HelloMemeModels,
+    models: HelloMemePipeline,
     *,
     force: bool = False,
     progress: ProgressCallback = no_progress,
@@ -178,7 +178,7 @@ def _driving_signals(
     frames: Iterable[np.ndarray],
     reference: Reference,
     settings: AnimateSettings,
-    models: HelloMemeModels,
+    models: HelloMemePipeline,
     progress: ProgressCallback,
 ) -> DrivingSignals:
     return build_driving_signals(
@@ -195,10 +195,8 @@ def _driving_signals(
     )
 
 
-def _sampler(models: HelloMemeModels) -> VideoSampler:
-    return VideoSampler(
-        models.reference_net, models.denoiser_2d, models.denoiser_motion, models.control_net, models.vae_encoder, models.vae_decoder
-    )
+def _sampler(models: HelloMemePipeline) -> VideoSampler:
+    return models.sampler()
 
 
 def _sampler_settings(settings: AnimateSettings) -> SamplerSettings:
@@ -207,7 +205,7 @@ def _sampler_settings(settings: AnimateSettings) -> SamplerSettings:
 
 
 def _sampler_inputs(
-    reference: ReferenceFace, signals: DrivingSignals, settings: AnimateSettings, models: HelloMemeModels
+    reference: ReferenceFace, signals: DrivingSignals, settings: AnimateSettings, models: HelloMemePipeline
 ) -> SamplerInputs:
     prompt = models.encode_prompt(settings.prompt, settings.negative_prompt)
     ref_image = torch.from_numpy(reference.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0

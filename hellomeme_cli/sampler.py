@@ -8,6 +8,12 @@
    overlapping windows whose noise predictions are averaged.
 4. Decode: the VAE turns the latents into frames, batch by batch, as an iterator.
 
+The noise schedule is diffusers' scheduler built from the downloaded SD1.5
+`scheduler/scheduler_config.json` (`EulerDiscreteScheduler` for v1, as official): a fresh
+copy per stage (or per stage-1 frame), so the pipeline's own scheduler keeps no state.
+Which control inputs the control net takes, and its unconditional inputs, come from the
+version's `ControlKind`.
+
 Randomness comes from one CPU `torch.Generator`, drawn in float32 on the CPU in the
 official order (reference latent, stage-1 noise, stage-2 noise), so a seed gives the
 same video on any device. Latents stay float32 on the compute device; the networks
@@ -21,12 +27,14 @@ from collections.abc import Callable, Iterator
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler
+from diffusers import AutoencoderKL
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from .errors import HellomemeError
-from .models import HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceNet
+from .models import HMDenoisingNet, HMReferenceNet
 from .models.unet import ControlFeatures, ReferenceCache
 from .progress import ProgressCallback, ProgressEvent, no_progress
+from .versions import ControlKind
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +63,9 @@ class SamplerSettings:
 
 @dataclasses.dataclass(frozen=True)
 class DrivingFrames:
-    """Control-net inputs for n consecutive frames: condition (1, 3, n, H, W) in [-1, 1];
-    with HMControlNet drive_coeff (1, n, 52) and face_parts (1, n, 3, 1024); with
-    HMControlNet2 pd_fpg (1, n, 548)."""
+    """Control-net inputs for n consecutive frames: condition (1, 3, n, H, W) in [-1, 1], then
+    the fields the control kind's `inputs` name: drive_coeff (1, n, 52) and face_parts
+    (1, n, 3, 1024) for HMControlNet, pd_fpg (1, n, 548) for HMControlNet2."""
 
     condition: torch.Tensor
     drive_coeff: torch.Tensor | None = None
@@ -69,31 +77,12 @@ ControlSource = Callable[[int, int], DrivingFrames]
 """Gives the control inputs of frames [start, stop); asked for at most one window at a time."""
 
 
-def control_from_tensors(
-    condition: torch.Tensor,
-    drive_coeff: torch.Tensor | None = None,
-    face_parts: torch.Tensor | None = None,
-    pd_fpg: torch.Tensor | None = None,
-) -> ControlSource:
-    """A ControlSource slicing whole-clip tensors (frames on dim 2 of condition, dim 1 of the rest)."""
-
-    def frames(start: int, stop: int) -> DrivingFrames:
-        return DrivingFrames(
-            condition=condition[:, :, start:stop],
-            drive_coeff=None if drive_coeff is None else drive_coeff[:, start:stop],
-            face_parts=None if face_parts is None else face_parts[:, start:stop],
-            pd_fpg=None if pd_fpg is None else pd_fpg[:, start:stop],
-        )
-
-    return frames
-
-
 @dataclasses.dataclass(frozen=True)
 class SamplerInputs:
     """ref_image (1, 3, H, W) in [-1, 1]; prompt embeddings (1, 77, C) for the denoisers
     and, where they differ (a LoRA in the denoisers' text encoder), for the reference net
-    (default: the denoisers'); neg_pd_fpg (1, 1, 548) is HMControlNet2's unconditional
-    input (needed with guidance)."""
+    (default: the denoisers'); neg_pd_fpg (1, 1, 548) is the pdfgc control's unconditional
+    input (needed with guidance; the control kind's `unconditional` names it)."""
 
     ref_image: torch.Tensor
     text_embeds: torch.Tensor
@@ -145,38 +134,12 @@ def plan_windows(num_frames: int, window: int, overlap: int) -> WindowPlan:
     return WindowPlan(num_frames, overlap + count * stride, tuple((s, s + window) for s in starts))
 
 
-class EulerSchedule:
-    """The official Euler discrete schedule (SD1.5 betas, linspace spacing, no churn), its
-    tables taken once from diffusers' scheduler; every step then runs on the latents'
-    device with scalar factors, the same float32 arithmetic as `EulerDiscreteScheduler`."""
-
-    def __init__(self, steps: int, device: torch.device):
-        scheduler = EulerDiscreteScheduler(
-            num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"
-        )
-        scheduler.set_timesteps(steps)
-        sigmas = scheduler.sigmas.to(torch.float32)
-        self.timesteps = scheduler.timesteps.to(device)
-        self.initial_sigma = float(scheduler.init_noise_sigma)
-        self._sigmas = sigmas.tolist()
-        self._input_scales = ((sigmas**2 + 1) ** 0.5).tolist()
-        self._deltas = (sigmas[1:] - sigmas[:-1]).tolist()
-
-    def __len__(self) -> int:
-        return len(self.timesteps)
-
-    def add_noise(self, latents: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Noise the latents to the first step (`scheduler.add_noise` at timesteps[0])."""
-        return latents + noise * self._sigmas[0]
-
-    def scale_input(self, latents: torch.Tensor, index: int) -> torch.Tensor:
-        return latents / self._input_scales[index]
-
-    def step(self, noise_pred: torch.Tensor, index: int, latents: torch.Tensor) -> torch.Tensor:
-        sigma = self._sigmas[index]
-        denoised = latents - sigma * noise_pred
-        derivative = (latents - denoised) / sigma
-        return latents + derivative * self._deltas[index]
+def fresh_schedule(scheduler: SchedulerMixin, steps: int, device: torch.device) -> SchedulerMixin:
+    """A new scheduler of the same class and config, its timesteps set: diffusers' schedulers
+    count their steps internally, and every stage (every stage-1 frame) starts from step 0."""
+    schedule = type(scheduler).from_config(scheduler.config)
+    schedule.set_timesteps(steps, device=device)
+    return schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,14 +162,21 @@ class VideoSampler:
         self,
         reference_net: HMReferenceNet,
         denoiser_2d: HMDenoisingNet,
-        denoiser_motion: HMDenoisingNet,
-        control_net: HMControlNet | HMControlNet2,
+        denoiser_motion: HMDenoisingNet | None,
+        control_net: torch.nn.Module,
         vae_encoder: AutoencoderKL,
         vae_decoder: AutoencoderKL | None = None,
+        *,
+        scheduler: SchedulerMixin,
+        control: ControlKind,
+        device: torch.device | None = None,
     ):
         """`vae_encoder` encodes the reference (base SD1.5 in the official recipe);
-        `vae_decoder` (default: the same VAE) decodes the frames."""
-        if denoiser_2d.is_motion or not denoiser_motion.is_motion:
+        `vae_decoder` (default: the same VAE) decodes the frames. Without `denoiser_motion`
+        only `sample_image` works (image runs load no motion module). `control_net` takes the
+        condition and the `control.inputs`; `device` (default: the 2D UNet's) is where the
+        latents live, which offloaded networks cannot tell."""
+        if denoiser_2d.is_motion or (denoiser_motion is not None and not denoiser_motion.is_motion):
             raise ValueError("denoiser_2d must be the 2D denoiser and denoiser_motion the motion denoiser")
         self.reference_net = reference_net
         self.denoiser_2d = denoiser_2d
@@ -214,10 +184,9 @@ class VideoSampler:
         self.control_net = control_net
         self.vae_encoder = vae_encoder
         self.vae_decoder = vae_decoder or vae_encoder
-
-    @property
-    def device(self) -> torch.device:
-        return self.denoiser_2d.unet.device
+        self.scheduler = scheduler
+        self.control = control
+        self.device = device or denoiser_2d.unet.device
 
     @torch.no_grad()
     def sample(
@@ -228,6 +197,8 @@ class VideoSampler:
         progress: ProgressCallback = no_progress,
     ) -> torch.Tensor:
         """-> final latents divided by the VAE scaling factor, (1, 4, F, h, w) float32."""
+        if self.denoiser_motion is None:
+            raise ValueError("video sampling needs the motion denoiser (loaded for video runs)")
         # 1. Reference latent and the reference net's cache, once per clip, and the unconditional control.
         clip, ref_latents = self._prepare(inputs, settings, generator)
 
@@ -249,14 +220,15 @@ class VideoSampler:
         """One frame, as the official `HMImagePipeline` (strength 1): the reference latent noised to
         the first step, then every step with the 2D denoiser -> (1, 4, 1, h, w) / scaling factor."""
         clip, ref_latents = self._prepare(inputs, settings, generator)
-        schedule = EulerSchedule(settings.steps, self.device)
-        latent = schedule.add_noise(ref_latents, _draw(generator, ref_latents.shape, self.device))
+        schedule = fresh_schedule(self.scheduler, settings.steps, self.device)
+        latent = schedule.add_noise(ref_latents, _draw(generator, ref_latents.shape, self.device), schedule.timesteps[:1])
         control = self._control(clip, 0, 1)
-        progress(ProgressEvent("denoise", 0, len(schedule), "steps"))
-        for step in range(len(schedule)):
-            noise = _guide(self._predict(self.denoiser_2d, latent, schedule, step, clip, control), settings)
-            latent = schedule.step(noise, step, latent)
-            progress(ProgressEvent("denoise", step + 1, len(schedule), "steps"))
+        steps = len(schedule.timesteps)
+        progress(ProgressEvent("denoise", 0, steps, "steps"))
+        for step, timestep in enumerate(schedule.timesteps):
+            noise = _guide(self._predict(self.denoiser_2d, latent, schedule, timestep, clip, control), settings)
+            latent = schedule.step(noise, timestep, latent).prev_sample
+            progress(ProgressEvent("denoise", step + 1, steps, "steps"))
         return latent / self.vae_encoder.config.scaling_factor
 
     def _prepare(
@@ -300,18 +272,19 @@ class VideoSampler:
     ) -> torch.Tensor:
         """Each frame alone: frame 0 from the base noise, frame i from frame i-1's result
         re-noised to the first step with the same base noise."""
-        schedule = EulerSchedule(min(clip.settings.stage1_steps, clip.settings.steps), self.device)
+        steps = min(clip.settings.stage1_steps, clip.settings.steps)
         base_noise = _draw(generator, latent_shape, self.device)
-        latent = base_noise * schedule.initial_sigma
+        latent = base_noise * fresh_schedule(self.scheduler, steps, self.device).init_noise_sigma
         frames = []
         progress(ProgressEvent("stage 1", 0, clip.num_frames, "frames"))
         for index in range(clip.num_frames):
+            schedule = fresh_schedule(self.scheduler, steps, self.device)
             control = self._control(clip, index, index + 1)
             if index > 0:
-                latent = schedule.add_noise(latent, base_noise)
-            for step in range(len(schedule)):
-                noise = _guide(self._predict(self.denoiser_2d, latent, schedule, step, clip, control), clip.settings)
-                latent = schedule.step(noise, step, latent)
+                latent = schedule.add_noise(latent, base_noise, schedule.timesteps[:1])
+            for timestep in schedule.timesteps:
+                noise = _guide(self._predict(self.denoiser_2d, latent, schedule, timestep, clip, control), clip.settings)
+                latent = schedule.step(noise, timestep, latent).prev_sample
             frames.append(latent)
             progress(ProgressEvent("stage 1", index + 1, clip.num_frames, "frames"))
         return torch.cat(frames, dim=2)
@@ -322,41 +295,42 @@ class VideoSampler:
         """The stage-1 latents, padded and re-noised, denoised window by window; each
         step averages the windows' noise predictions frame by frame, then guides."""
         plan = plan_windows(clip.num_frames, clip.settings.window, clip.settings.overlap)
-        schedule = EulerSchedule(clip.settings.steps, self.device)
+        schedule = fresh_schedule(self.scheduler, clip.settings.steps, self.device)
         # The official padding repeats the second-to-last stage-1 latent (with the last frame's control).
         pad_source = max(clip.num_frames - 2, 0)
         padding = stage1[:, :, pad_source : pad_source + 1].expand(-1, -1, plan.length - clip.num_frames, -1, -1)
         latents = torch.cat([stage1, padding], dim=2)
         _, channels, _, h, w = latents.shape
         base_noise = _draw(generator, (1, channels, plan.noise_frames, h, w), self.device)[:, :, : plan.length]
-        latents = schedule.add_noise(latents, base_noise)
+        latents = schedule.add_noise(latents, base_noise, schedule.timesteps[:1])
         coverage = plan.coverage().to(self.device).view(1, 1, -1, 1, 1)
         noise_sum = torch.zeros((2 if clip.settings.uses_guidance else 1, *latents.shape[1:]), device=self.device)
 
-        progress(ProgressEvent("stage 2", 0, len(schedule), "steps"))
-        for step in range(len(schedule)):
+        steps = len(schedule.timesteps)
+        progress(ProgressEvent("stage 2", 0, steps, "steps"))
+        for step, timestep in enumerate(schedule.timesteps):
             noise_sum.zero_()
             for start, stop in plan.windows:
                 control = self._control(clip, start, stop)
                 window = latents[:, :, start:stop]
-                noise_sum[:, :, start:stop] += self._predict(self.denoiser_motion, window, schedule, step, clip, control)
+                noise_sum[:, :, start:stop] += self._predict(self.denoiser_motion, window, schedule, timestep, clip, control)
             noise = _guide(noise_sum / coverage, clip.settings)
-            latents = schedule.step(noise, step, latents)
-            progress(ProgressEvent("stage 2", step + 1, len(schedule), "steps"))
+            latents = schedule.step(noise, timestep, latents).prev_sample
+            progress(ProgressEvent("stage 2", step + 1, steps, "steps"))
         return latents
 
     @staticmethod
     def _predict(
         denoiser: HMDenoisingNet,
         latents: torch.Tensor,
-        schedule: EulerSchedule,
-        step: int,
+        schedule: SchedulerMixin,
+        timestep: torch.Tensor,
         clip: _Clip,
         control: ControlFeatures,
     ) -> torch.Tensor:
         """The (unconditional, conditional) noise predictions in one network call, float32."""
-        model_input = schedule.scale_input(_cfg_batch(latents, latents, clip.settings.uses_guidance), step)
-        return denoiser(model_input, schedule.timesteps[step], clip.text, clip.reference, control).float()
+        model_input = schedule.scale_model_input(_cfg_batch(latents, latents, clip.settings.uses_guidance), timestep)
+        return denoiser(model_input, timestep, clip.text, clip.reference, control).float()
 
     def _control(self, clip: _Clip, start: int, stop: int) -> ControlFeatures:
         """Control features of frames [start, stop) of the padded clip, computed now (only
@@ -373,28 +347,29 @@ class VideoSampler:
         return {k: torch.cat([negative[k].expand(-1, -1, stop - start, -1, -1), v], dim=0) for k, v in features.items()}
 
     def _control_features(self, frames: DrivingFrames) -> ControlFeatures:
-        condition = frames.condition.to(self.device)
-        if isinstance(self.control_net, HMControlNet2):
-            if frames.pd_fpg is None:
-                raise ValueError("HMControlNet2 needs pd_fpg in the driving frames")
-            return self.control_net(condition, frames.pd_fpg.to(self.device))
-        if frames.drive_coeff is None or frames.face_parts is None:
-            raise ValueError("HMControlNet needs drive_coeff and face_parts in the driving frames")
-        return self.control_net(condition, frames.drive_coeff.to(self.device), frames.face_parts.to(self.device))
+        """The control net on the condition and the inputs the control kind names."""
+        missing = [name for name in self.control.inputs if getattr(frames, name) is None]
+        if missing:
+            raise ValueError(f"the {self.control.name} control needs {', '.join(missing)} in the driving frames")
+        inputs = [getattr(frames, name).to(self.device) for name in self.control.inputs]
+        return self.control_net(frames.condition.to(self.device), *inputs)
 
     def _negative_control(self, inputs: SamplerInputs) -> ControlFeatures:
-        """The unconditional control of one frame: a blank (-1) condition image and zero
-        expression inputs, or HMControlNet2's `neg_pd_fpg`."""
+        """The unconditional control of one frame: a blank (-1) condition image, and each input
+        from the SamplerInputs field the control kind's `unconditional` names, else zeros."""
         first = inputs.control(0, 1)
-        blank = torch.full_like(first.condition, -1.0)
-        if isinstance(self.control_net, HMControlNet2):
-            if inputs.neg_pd_fpg is None:
-                raise ValueError("guidance with HMControlNet2 needs neg_pd_fpg")
-            return self._control_features(DrivingFrames(blank, pd_fpg=inputs.neg_pd_fpg))
-        if first.drive_coeff is None or first.face_parts is None:
-            raise ValueError("HMControlNet needs drive_coeff and face_parts in the driving frames")
-        zeros = DrivingFrames(blank, torch.zeros_like(first.drive_coeff), torch.zeros_like(first.face_parts))
-        return self._control_features(zeros)
+        given = dict(self.control.unconditional)
+        negative = {}
+        for name in self.control.inputs:
+            if name in given:
+                negative[name] = getattr(inputs, given[name])
+                if negative[name] is None:
+                    raise ValueError(f"guidance with the {self.control.name} control needs {given[name]}")
+            elif getattr(first, name) is None:
+                raise ValueError(f"the {self.control.name} control needs {name} in the driving frames")
+            else:
+                negative[name] = torch.zeros_like(getattr(first, name))
+        return self._control_features(DrivingFrames(torch.full_like(first.condition, -1.0), **negative))
 
     @torch.no_grad()
     def decode_tensors(

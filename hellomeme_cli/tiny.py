@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, MotionAdapter, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from .models import FanEncoder, HMControlNet, HMControlNet2, HMReferenceAdapter
@@ -107,11 +107,15 @@ def write_sd15(folder: Path, variant: str | None = None, **unet_shape: int) -> P
     models = {"unet": _randomize(tiny_unet(**unet_shape)), "vae": tiny_vae(), "text_encoder": _text_encoder(vocab_size)}
     for name, model in models.items():
         model.to(dtype).save_pretrained(folder / name, variant=variant, safe_serialization=True)
-    EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear").save_pretrained(folder / "scheduler")
+    # The SD1.5 download's scheduler config (PNDM's; the v1 sampler runs Euler on it).
+    scheduler = PNDMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False
+    )
+    scheduler.save_pretrained(folder / "scheduler")
     model_index = {
         "_class_name": "StableDiffusionPipeline",
         "_diffusers_version": "0.42.1",
-        "scheduler": ["diffusers", "EulerDiscreteScheduler"],
+        "scheduler": ["diffusers", "PNDMScheduler"],
         "text_encoder": ["transformers", "CLIPTextModel"],
         "tokenizer": ["transformers", "CLIPTokenizer"],
         "unet": ["diffusers", "UNet2DConditionModel"],

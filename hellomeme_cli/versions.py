@@ -31,6 +31,8 @@ class ControlKind:
     components: tuple[str, ...]  # the control net's weights, then the encoder's
     inputs: tuple[str, ...]  # DrivingFrames fields the control net takes after `condition`
     encoder: str  # which signal encoder builds them: "face_parts" (CLIP image encoder) or "pdfgc" (FanEncoder)
+    # (input, SamplerInputs field) pairs: the unconditional value of an input for guidance; other inputs get zeros.
+    unconditional: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,7 @@ class Version:
     controls: Mapping[str, ControlKind]
     sampler: str  # "module:Class"
     prompt: str
+    scheduler: str = "diffusers:EulerDiscreteScheduler"  # run on the base component's scheduler_config.json
     defaults: Defaults = Defaults()
 
     def control(self, name: str | None = None) -> ControlKind:
@@ -87,6 +90,7 @@ _V1_CONTROLS = {
         components=("hm_control2", "pd_fgc_motion"),
         inputs=("pd_fpg",),
         encoder="pdfgc",
+        unconditional=(("pd_fpg", "neg_pd_fpg"),),
     ),
 }
 

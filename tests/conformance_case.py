@@ -1,13 +1,15 @@
-"""Runs one module conformance case (format: ../shared/conformance/README.md) through
-our networks and returns every output the case holds, under the case's names."""
+"""The conformance cases (format: ../shared/conformance/README.md): finding them under a
+folder, and running the v1 module and sampler cases through our networks."""
 
 from __future__ import annotations
 
+import ast
 import json
 from pathlib import Path
 
+import diffusers
 import torch
-from diffusers import MotionAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
 from safetensors.torch import load_file
 
 from hellomeme_cli.models import (
@@ -18,19 +20,41 @@ from hellomeme_cli.models import (
     HMReferenceNet,
     motion_unet,
 )
+from hellomeme_cli.models.unet import load_folder
+from hellomeme_cli.sampler import ControlSource, DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
+from hellomeme_cli.versions import get_version, resolve
+
+CONTROL_FOLDERS = {"blendshapes": "hm_control", "pdfgc": "hm_control2"}
+
+
+def find_cases(root: Path) -> list[Path]:
+    """Every case folder (one holding a case.json) under `root`, at any depth."""
+    return sorted(path.parent for path in root.rglob("case.json"))
+
+
+def case_kind(folder: Path) -> tuple[str, str]:
+    """(kind, version) of a case: the v1 cases predate both fields ("modules" was v1's module kind)."""
+    case = json.loads((folder / "case.json").read_text())
+    kind = case.get("kind", "module")
+    return ("module" if kind == "modules" else kind), case.get("version", "v1")
 
 
 def is_module_case(folder: Path) -> bool:
-    case = folder / "case.json"
-    return case.is_file() and json.loads(case.read_text()).get("kind", "modules") == "modules"
+    return (folder / "case.json").is_file() and case_kind(folder) == ("module", "v1")
 
 
 def load_case(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads((folder / "case.json").read_text()), load_file(folder / "io.safetensors")
 
 
+def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
+    official = official.double()
+    return ((ours.double() - official).norm() / official.norm()).item()
+
+
 @torch.no_grad()
 def run_module_case(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
+    """Every output the case holds, under the case's names."""
     weights = folder / "weights"
     _, io = load_case(folder)
     inputs = {name[3:]: tensor.to(dtype) for name, tensor in io.items() if name.startswith("in.")}
@@ -69,6 +93,64 @@ def run_module_case(folder: Path, dtype: torch.dtype = torch.float32) -> dict[st
     return outputs
 
 
-def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
-    official = official.double()
-    return ((ours.double() - official).norm() / official.norm()).item()
+def control_from_tensors(
+    condition: torch.Tensor,
+    drive_coeff: torch.Tensor | None = None,
+    face_parts: torch.Tensor | None = None,
+    pd_fpg: torch.Tensor | None = None,
+) -> ControlSource:
+    """A ControlSource slicing whole-clip tensors (frames on dim 2 of condition, dim 1 of the rest)."""
+
+    def frames(start: int, stop: int) -> DrivingFrames:
+        return DrivingFrames(
+            condition=condition[:, :, start:stop],
+            drive_coeff=None if drive_coeff is None else drive_coeff[:, start:stop],
+            face_parts=None if face_parts is None else face_parts[:, start:stop],
+            pd_fpg=None if pd_fpg is None else pd_fpg[:, start:stop],
+        )
+
+    return frames
+
+
+def case_scheduler(description: str):
+    """The scheduler a case names as a call, `EulerDiscreteScheduler(beta_start=0.00085, ...)`, built
+    from the literal arguments only (nothing of the string is run)."""
+    call = ast.parse(description, mode="eval").body
+    if not isinstance(call, ast.Call) or not isinstance(call.func, ast.Name) or call.args:
+        raise ValueError(f"not a scheduler call with keyword arguments: {description!r}")
+    return getattr(diffusers, call.func.id)(**{k.arg: ast.literal_eval(k.value) for k in call.keywords})
+
+
+def sampler_case(folder: Path, dtype: torch.dtype) -> tuple[VideoSampler, SamplerInputs, SamplerSettings, dict, dict]:
+    """The v1 sampler on a sampler case's networks and scheduler, its inputs and settings, the case and its tensors."""
+    case, io = load_case(folder)
+    weights = folder / "weights"
+    unet = load_folder(UNet2DConditionModel, weights / "unet", torch_dtype=dtype)
+    adapter = load_folder(HMReferenceAdapter, weights / "hm_reference", torch_dtype=dtype)
+    motion = motion_unet(unet, load_folder(MotionAdapter, weights / "motion_adapter", torch_dtype=dtype))
+    kind = get_version("v1").control(case["control"])
+    sampler = VideoSampler(
+        HMReferenceNet(unet),
+        HMDenoisingNet(unet, adapter),
+        HMDenoisingNet(motion, adapter),
+        load_folder(resolve(kind.control_net), weights / CONTROL_FOLDERS[kind.name], torch_dtype=dtype),
+        load_folder(AutoencoderKL, weights / "vae", torch_dtype=dtype),
+        scheduler=case_scheduler(case["scheduler"]),
+        control=kind,
+    )
+    inputs = SamplerInputs(
+        ref_image=io["in.ref_image"],
+        text_embeds=io["in.text_embeds"],
+        negative_text_embeds=io["in.negative_text_embeds"],
+        control=control_from_tensors(io["in.condition"], io.get("in.drive_coeff"), io.get("in.face_parts"), io.get("in.pd_fpg")),
+        num_frames=case["frames"],
+        neg_pd_fpg=io.get("in.neg_pd_fpg"),
+    )
+    settings = SamplerSettings(
+        steps=case["steps"],
+        stage1_steps=case["stage1_steps"],
+        guidance=case["guidance_scale"],
+        window=case["window"],
+        overlap=case["overlap"],
+    )
+    return sampler, inputs, settings, case, io

@@ -12,9 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import MEDIA, audio_duration, require
-from hellomeme_cli.checkpoints import load_sd15, save_original_layout
+from hellomeme_cli.checkpoints import load_sd15
 from hellomeme_cli.cli import app
 from hellomeme_cli.video import probe_video, read_frames, write_video
+from sd15_layout import save_original_layout
 
 FAST = ["--size", "128", "--steps", "2"]
 runner = CliRunner()

@@ -163,12 +163,12 @@ def test_several_devices_share_the_clips_one_worker_each(workdir):
 
 @pytest.fixture
 def fake_models(workdir, monkeypatch):
-    """`load_models` and `animate` replaced: every call is recorded, `animate` does what
+    """`load_pipeline` and `animate` replaced: every call is recorded, `animate` does what
     `behaviour[driving name]` says (write a 2-frame video, or raise)."""
     calls: dict[str, list] = {"load": [], "animate": []}
     behaviour: dict[str, BaseException] = {}
 
-    def load_models(options, cache, progress):
+    def load_pipeline(version, options, cache, progress):
         calls["load"].append(options.control)
         return object()
 
@@ -180,7 +180,7 @@ def fake_models(workdir, monkeypatch):
         write_video(frames, output, 15, metadata={SEED_TAG: str(settings.seed), **extra_tags}, force=force)
         return AnimateResult(output, 2, 15.0, settings.seed, 0, 0.1)
 
-    monkeypatch.setattr(batch, "load_models", load_models)
+    monkeypatch.setattr(batch, "load_pipeline", load_pipeline)
     monkeypatch.setattr(batch, "animate", animate)
     return calls, behaviour
 

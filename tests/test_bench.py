@@ -11,12 +11,13 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 from typer.testing import CliRunner
 
+from conformance_case import control_from_tensors
 from conftest import MEDIA, require
 from hellomeme_cli.bench import STAGES, StageClock, count_flops
 from hellomeme_cli.cli import app
-from hellomeme_cli.engine import ModelOptions, compile_blocks, load_models
+from hellomeme_cli.engine import ModelOptions, compile_blocks, load_pipeline
 from hellomeme_cli.progress import ProgressEvent
-from hellomeme_cli.sampler import SamplerInputs, SamplerSettings, VideoSampler, control_from_tensors
+from hellomeme_cli.sampler import SamplerInputs, SamplerSettings
 from hellomeme_cli.tiny import TEXT_DIM
 from hellomeme_cli.weights import WeightCache
 
@@ -55,7 +56,7 @@ def test_stage_clock_gives_the_time_before_stage_1_to_the_reference_and_the_tail
 
 
 def test_flop_counter_counts_a_tiny_unet_call(tiny_cache):
-    models = load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    models = load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache))
     latents, text = torch.zeros(1, 4, 2, 8, 8), torch.zeros(1, 77, TEXT_DIM)
     flops = count_flops(models.denoiser_motion, latents, 500, text)
     # The conv_in convolution alone: 2 FLOPs x 2 frames x 64 pixels x 32 outputs x (4 x 3 x 3) inputs.
@@ -65,7 +66,7 @@ def test_flop_counter_counts_a_tiny_unet_call(tiny_cache):
 def test_every_attention_uses_pytorch_sdpa(tiny_cache):
     """SDPA (flash / memory-efficient kernels on GPUs) in the UNets, the motion modules and the
     Spatial Knitting blocks of the adapter and control net alike."""
-    models = load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    models = load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache))
     networks = [models.denoiser_motion, models.control_net, models.vae_decoder]
     attentions = [module for network in networks for module in network.modules() if isinstance(module, Attention)]
     assert len(attentions) > 20
@@ -86,9 +87,7 @@ def _latents(models) -> torch.Tensor:
         ),
         num_frames=frames,
     )
-    sampler = VideoSampler(
-        models.reference_net, models.denoiser_2d, models.denoiser_motion, models.control_net, models.vae_encoder, models.vae_decoder
-    )
+    sampler = models.sampler()
     settings = SamplerSettings(steps=1, stage1_steps=1, guidance=1.5, window=2, overlap=1)
     latents = sampler.sample(inputs, settings, torch.Generator().manual_seed(0))
     frames_out = torch.cat(list(sampler.decode_tensors(latents, batch=2)))
@@ -101,7 +100,7 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def default_latents(tiny_cache) -> torch.Tensor:
-    return _latents(load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache)))
+    return _latents(load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache)))
 
 
 # Offloading runs the same kernels on the same weights: the same numbers. Channels-last picks other
@@ -109,26 +108,15 @@ def default_latents(tiny_cache) -> torch.Tensor:
 @pytest.mark.parametrize("option, tolerance", [("channels_last", 1e-4), ("low_memory", 1e-7)])
 def test_speed_options_give_the_default_latents_and_frames(tiny_cache, default_latents, option, tolerance):
     options = dataclasses.replace(ModelOptions(device="cpu"), **{option: True})
-    models = load_models(options, WeightCache(tiny_cache))
+    models = load_pipeline("v1", options, WeightCache(tiny_cache))
     assert _relative(_latents(models), default_latents) < tolerance
-
-
-def test_low_memory_parks_every_block_between_calls(tiny_cache):
-    """A parked weight is empty, so a block run without being loaded fails instead of using
-    stale weights; between calls only the small resident parts hold their weights."""
-    models = load_models(ModelOptions(device="cpu", low_memory=True), WeightCache(tiny_cache))
-    _latents(models)
-    unet = models.denoiser_motion.unet
-    assert all(p.numel() == 0 for p in unet.down_blocks.parameters())
-    assert all(p.numel() == 0 for p in models.vae_decoder.decoder.parameters())
-    assert unet.conv_in.weight.numel() > 0 and unet.device == models.device
 
 
 def test_compile_keeps_the_hooks_and_the_result(tiny_cache, default_latents):
     """The compiled regions are the blocks inside the UNets; the HelloMeme hooks around them
     still run. Checked with the `eager` backend: inductor's code generation on a 2-core CPU
     takes minutes, and the graph capture is what could break the hooks."""
-    models = load_models(ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    models = load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache))
     torch._dynamo.reset()
     assert compile_blocks(models, backend="eager") > 10
     assert _relative(_latents(models), default_latents) < 1e-5

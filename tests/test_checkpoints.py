@@ -13,12 +13,15 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from hellomeme_cli.checkpoints import SD15Components, load_sd15, parse_lora_option, save_original_layout
+from hellomeme_cli.checkpoints import SD15Components, load_sd15, parse_lora_option
+from sd15_layout import save_original_layout
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.tiny import tiny_vae, write_sd15
 
 UNET_LAYERS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.1.attentions.1.proj_out")
-TEXT_LAYER = "encoder.layers.1.self_attn.v_proj"
+# A whole attention: diffusers cannot tell the format of a kohya text-encoder LoRA without an out_proj.
+TEXT_LAYERS = tuple(f"encoder.layers.1.self_attn.{name}" for name in ("q_proj", "k_proj", "v_proj", "out_proj"))
+TEXT_LAYER = TEXT_LAYERS[2]
 
 
 @dataclass
@@ -266,12 +269,12 @@ def test_vae_option_replaces_the_vae(base, fine_tune, tmp_path, form):
 
 
 def kohya_lora(components: SD15Components, rank: int = 2, alpha: float = 1.0) -> dict[str, torch.Tensor]:
-    """Random up/down pairs on two UNet layers (one 1x1 convolution) and a text-encoder layer,
+    """Random up/down pairs on two UNet layers (one 1x1 convolution) and a text-encoder attention,
     named as kohya's sd-scripts name them."""
     generator = torch.Generator().manual_seed(3)
     unet_modules, text_modules = dict(components.unet.named_modules()), dict(components.text_encoder.named_modules())
     layers = [("lora_unet_", name, unet_modules[name]) for name in UNET_LAYERS]
-    layers.append(("lora_te_text_model_", TEXT_LAYER, text_modules[TEXT_LAYER]))
+    layers += [("lora_te_text_model_", name, text_modules[name]) for name in TEXT_LAYERS]
     lora = {}
     for prefix, name, module in layers:
         weight = module.weight
@@ -286,7 +289,7 @@ def kohya_lora(components: SD15Components, rank: int = 2, alpha: float = 1.0) ->
 def peft_lora(kohya: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The same LoRA as diffusers saves it (no alpha: it is folded into the up weights)."""
     names = {"lora_unet_" + n.replace(".", "_"): "unet." + n for n in UNET_LAYERS}
-    names["lora_te_text_model_" + TEXT_LAYER.replace(".", "_")] = "text_encoder.text_model." + TEXT_LAYER
+    names.update({"lora_te_text_model_" + n.replace(".", "_"): "text_encoder.text_model." + n for n in TEXT_LAYERS})
     lora = {}
     for kohya_name, name in names.items():
         down, up = kohya[f"{kohya_name}.lora_down.weight"], kohya[f"{kohya_name}.lora_up.weight"]
@@ -352,7 +355,7 @@ def test_lora_matching_nothing_is_refused(base, tmp_path):
     )
     with pytest.raises(HellomemeError) as error:
         load_sd15(base, loras=[(tmp_path / "xl_style.safetensors", 1.0)])
-    assert_one_line_error(error, "xl_style.safetensors", "lora_unet_input_blocks_4_1_proj_in")
+    assert_one_line_error(error, "xl_style.safetensors", "not a LoRA for this SD1.5", "down_blocks.4.1.proj_in")
 
 
 def test_lora_of_another_shape_is_refused(base, tmp_path):
@@ -361,7 +364,15 @@ def test_lora_of_another_shape_is_refused(base, tmp_path):
     save_file(lora, tmp_path / "xl.safetensors")
     with pytest.raises(HellomemeError) as error:
         load_sd15(base, loras=[(tmp_path / "xl.safetensors", 1.0)])
-    assert_one_line_error(error, "xl.safetensors", "32x2048", "32x32")
+    assert_one_line_error(error, "xl.safetensors", "not a LoRA for this SD1.5", "[2, 2048]", "[2, 32]")
+
+
+def test_lora_of_another_format_is_refused(base, tmp_path):
+    key = "lora_unet_" + UNET_LAYERS[0].replace(".", "_")
+    save_file({f"{key}.hada_w1_a": torch.zeros(32, 2), f"{key}.hada_w1_b": torch.zeros(2, 32)}, tmp_path / "loha.safetensors")
+    with pytest.raises(HellomemeError) as error:
+        load_sd15(base, loras=[(tmp_path / "loha.safetensors", 1.0)])
+    assert_one_line_error(error, "loha.safetensors", "LoHa", "hada_w1_a")
 
 
 @pytest.mark.parametrize(

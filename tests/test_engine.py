@@ -1,5 +1,6 @@
-"""The models stage: devices and dtypes, early option checks, and the official "x1" recipe for
-swapped checkpoints and LoRAs (which networks share weights and which do not)."""
+"""The models stage: devices and dtypes, early option checks, the pipeline the registry entry
+builds, the official "x1" recipe for swapped checkpoints and LoRAs (which networks share
+weights and which do not), and low-memory mode."""
 
 from __future__ import annotations
 
@@ -12,19 +13,48 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from hellomeme_cli.checkpoints import load_sd15, save_original_layout
-from hellomeme_cli.engine import ModelOptions, check_options, load_models, resolve_device, resolve_dtype
+from conformance_case import control_from_tensors
+from hellomeme_cli.checkpoints import load_sd15
+from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device, resolve_dtype
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.sampler import SamplerInputs, SamplerSettings
 from hellomeme_cli.weights import WeightCache
+from sd15_layout import save_original_layout
 from test_checkpoints import kohya_lora
 
 
-def test_auto_device_and_dtype_on_this_machine():
-    device = resolve_device("auto")
-    assert device.type in ("cuda", "mps", "cpu")
+def load(tiny_cache, **options) -> HelloMemePipeline:
+    return load_pipeline("v1", ModelOptions(device="cpu", **options), WeightCache(tiny_cache))
+
+
+@pytest.mark.parametrize(
+    "cuda, mps, expected", [(True, True, "cuda"), (True, False, "cuda"), (False, True, "mps"), (False, False, "cpu")]
+)
+def test_auto_device_prefers_cuda_then_mps_then_cpu(monkeypatch, cuda, mps, expected):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
+    assert resolve_device("auto") == torch.device(expected)
+
+
+def test_absent_devices_are_one_line_errors(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    for name, message in (("cuda", "'cuda' is not available"), ("cuda:1", "'cuda:1' is not available"), ("mps", "'mps' is not available")):
+        with pytest.raises(HellomemeError, match=message) as error:
+            resolve_device(name)
+        assert "\n" not in str(error.value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert resolve_device("cuda:0") == torch.device("cuda:0")
+    with pytest.raises(HellomemeError, match="'cuda:1' is not available here \\(CUDA GPUs: 1\\)"):
+        resolve_device("cuda:1")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
+def test_dtypes():
     assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
-    assert resolve_dtype("bfloat16", device) == torch.bfloat16
+    assert resolve_dtype("bfloat16", torch.device("cpu")) == torch.bfloat16
 
 
 @pytest.mark.parametrize(
@@ -33,7 +63,8 @@ def test_auto_device_and_dtype_on_this_machine():
         (ModelOptions(device="cuda:9"), "not available"),
         (ModelOptions(device="tpu"), "unknown device"),
         (ModelOptions(dtype="float8"), "unknown dtype"),
-        (ModelOptions(control="audio"), "unknown control"),
+        (ModelOptions(control="audio"), "HelloMeme v1 has no control 'audio'"),
+        (ModelOptions(version="v9"), "unknown HelloMeme version 'v9'"),
         (ModelOptions(checkpoint="/nowhere/model.safetensors"), "checkpoint not found"),
         (ModelOptions(loras=((Path("/nowhere/style.safetensors"), 1.0),)), "LoRA not found"),
         (ModelOptions(vae=Path(__file__)), "not a weight file for the VAE"),
@@ -63,16 +94,52 @@ def _weights(module: torch.nn.Module) -> torch.Tensor:
 
 
 def test_plain_sd15_is_one_unet_for_reference_net_and_both_stages(tiny_cache):
-    models = load_models(ModelOptions(), WeightCache(tiny_cache))
+    models = load(tiny_cache)
     assert models.reference_net.unet is models.denoiser_2d.unet
     assert _weights(models.denoiser_motion.unet) is _weights(models.denoiser_2d.unet)
     assert models.vae_encoder is models.vae_decoder and models.text_encoder is models.reference_text_encoder
     assert models.image_encoder is not None and models.fan_encoder is None
 
 
+def test_the_pipeline_registers_what_the_control_kind_needs(tiny_cache):
+    from diffusers import EulerDiscreteScheduler
+
+    from hellomeme_cli.models import FanEncoder, HMControlNet, HMControlNet2
+
+    blendshapes, pdfgc = load(tiny_cache), load(tiny_cache, control="pdfgc")
+    assert isinstance(blendshapes.control_net, HMControlNet) and isinstance(pdfgc.control_net, HMControlNet2)
+    assert pdfgc.image_encoder is None and isinstance(pdfgc.fan_encoder, FanEncoder)
+    assert (blendshapes.control, pdfgc.control) == ("blendshapes", "pdfgc")
+    components = pdfgc.components
+    assert components["control_net"] is pdfgc.control_net and components["image_encoder"] is None
+    assert pdfgc.config["control_net"] == ("hellomeme_cli.models.control", "HMControlNet2")
+    # The scheduler: diffusers' Euler, on the config the SD1.5 folder holds.
+    saved = EulerDiscreteScheduler.load_config(tiny_cache / "sd15" / "scheduler")
+    assert isinstance(pdfgc.scheduler, EulerDiscreteScheduler)
+    assert {k: pdfgc.scheduler.config[k] for k in ("beta_start", "beta_end", "beta_schedule")} == {
+        k: saved[k] for k in ("beta_start", "beta_end", "beta_schedule")
+    }
+    assert pdfgc.sampler().scheduler is pdfgc.scheduler and pdfgc.sampler().control is pdfgc.control_kind
+    assert (pdfgc.device, pdfgc.dtype) == (torch.device("cpu"), torch.float32)
+    moved = pdfgc.to(torch.bfloat16)
+    assert moved.dtype == torch.bfloat16 and pdfgc.control_net.dtype == torch.bfloat16
+
+
+def test_image_runs_load_no_motion_module(tiny_cache, tmp_path):
+    """A cache without the AnimateDiff module serves image runs (and says what video runs lack)."""
+    import shutil
+
+    cache = tmp_path / "cache"
+    shutil.copytree(tiny_cache, cache, ignore=shutil.ignore_patterns("hm_animatediff_frame12"))
+    models = load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(cache), mode="image")
+    assert models.denoiser_motion is None and models.components["denoiser_motion"] is None
+    with pytest.raises(HellomemeError, match="hm_animatediff_frame12"):
+        load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(cache))
+
+
 def test_lora_goes_to_both_stages_but_not_the_reference_net(tiny_cache, tmp_path):
     save_file(kohya_lora(load_sd15(tiny_cache / "sd15")), tmp_path / "style.safetensors")
-    models = load_models(ModelOptions(loras=((tmp_path / "style.safetensors", 1.0),)), WeightCache(tiny_cache))
+    models = load(tiny_cache, loras=((tmp_path / "style.safetensors", 1.0),))
     base = load_sd15(tiny_cache / "sd15")
     layer = "up_blocks.1.attentions.1.proj_out"
     assert torch.equal(models.reference_net.unet.get_submodule(layer).weight, base.unet.get_submodule(layer).weight)
@@ -87,9 +154,48 @@ def test_checkpoint_replaces_only_the_motion_unet_and_the_decoder(tiny_cache, tm
     for parameter in [*community.unet.parameters(), *community.vae.parameters()]:
         parameter.data.mul_(1.1)
     save_original_layout(community, tmp_path / "community.safetensors")
-    models = load_models(ModelOptions(checkpoint=str(tmp_path / "community.safetensors")), WeightCache(tiny_cache))
+    models = load(tiny_cache, checkpoint=str(tmp_path / "community.safetensors"))
     base = load_sd15(tiny_cache / "sd15")
     assert torch.equal(_weights(models.denoiser_2d.unet), _weights(base.unet))
     torch.testing.assert_close(_weights(models.denoiser_motion.unet), _weights(community.unet))
     torch.testing.assert_close(models.vae_decoder.decoder.conv_out.weight, community.vae.decoder.conv_out.weight)
     assert torch.equal(models.vae_encoder.encoder.conv_in.weight, base.vae.encoder.conv_in.weight)
+
+
+SIZE = 128  # pixels; the smallest control level is 2x2
+
+
+def _latents_and_frames(models: HelloMemePipeline) -> torch.Tensor:
+    """A short guided run through every network the pipeline has (prompt, sampler, decoder)."""
+    generator = torch.Generator().manual_seed(3)
+    frames = 2
+    prompt = models.encode_prompt("a portrait")
+    inputs = SamplerInputs(
+        ref_image=torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1,
+        text_embeds=prompt.positive,
+        negative_text_embeds=prompt.negative,
+        control=control_from_tensors(
+            torch.rand(1, 3, frames, SIZE, SIZE, generator=generator) * 2 - 1,
+            torch.rand(1, frames, 52, generator=generator),
+            torch.randn(1, frames, 3, 1024, generator=generator),
+        ),
+        num_frames=frames,
+        reference_text_embeds=prompt.reference,
+        reference_negative_text_embeds=prompt.reference_negative,
+    )
+    sampler = models.sampler()
+    settings = SamplerSettings(steps=1, stage1_steps=1, guidance=1.5, window=2, overlap=1)
+    latents = sampler.sample(inputs, settings, torch.Generator().manual_seed(0))
+    decoded = torch.cat(list(sampler.decode_tensors(latents, batch=2)))
+    return torch.cat([latents.flatten(), decoded.flatten()])
+
+
+def test_low_memory_runs_through_diffusers_group_offloading_with_the_same_results(tiny_cache):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    offloaded = load(tiny_cache, low_memory=True)
+    hooked = [network for network in offloaded.networks() if _is_group_offload_enabled(network)]
+    assert hooked == offloaded.networks() and len(hooked) == 7  # text encoder, image encoder, control net, VAE, 2 UNets, adapter
+    assert offloaded.denoiser_motion.reference_adapter.reference_modules_mid._diffusers_hook is not None
+    assert offloaded.device == torch.device("cpu")
+    torch.testing.assert_close(_latents_and_frames(offloaded), _latents_and_frames(load(tiny_cache)), rtol=1e-6, atol=1e-6)

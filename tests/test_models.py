@@ -59,12 +59,14 @@ def test_official_folders_load_with_no_missing_or_unexpected_keys(folder, cls):
     assert info["missing_keys"] == [] and info["unexpected_keys"] == [] and info["mismatched_keys"] == []
 
 
-def test_wrappers_load_official_folders():
+def test_wrappers_report_their_unets_device_and_dtype():
     weights = _first_module_case() / "weights"
-    reference_net = HMReferenceNet.from_pretrained(weights / "unet")
-    stage2 = HMDenoisingNet.from_pretrained(weights / "unet", weights / "hm_reference", weights / "motion_adapter")
-    assert isinstance(reference_net.unet, UNet2DConditionModel)
-    assert stage2.is_motion and isinstance(stage2.reference_adapter, HMReferenceAdapter)
+    unet = UNet2DConditionModel.from_pretrained(weights / "unet", torch_dtype=torch.bfloat16)
+    adapter = HMReferenceAdapter.from_pretrained(weights / "hm_reference", torch_dtype=torch.bfloat16)
+    stage2 = HMDenoisingNet(motion_unet(unet, MotionAdapter.from_pretrained(weights / "motion_adapter")), adapter)
+    for wrapper in (HMReferenceNet(unet), HMDenoisingNet(unet, adapter), stage2):
+        assert (wrapper.device, wrapper.dtype) == (torch.device("cpu"), torch.bfloat16)
+    assert stage2.is_motion and not HMDenoisingNet(unet, adapter).is_motion
 
 
 def test_motion_unet_shares_the_2d_weights_instead_of_copying_them():

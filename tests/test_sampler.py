@@ -1,132 +1,24 @@
-"""The two-stage video sampler: conformance with the official `HMVideoPipeline.__call__`
-(every `sampler` case under $HELLOMEME_CONFORMANCE_DIR), the stage-2 window plan, and
-its behaviour on tiny random networks (short clips, seeds, bounded control requests,
-windows at any overlap)."""
+"""The two-stage video sampler: the stage-2 window plan, and its behaviour on tiny random
+networks (short clips, seeds, bounded control requests, windows at any overlap, the
+schedule from a scheduler config). Conformance with the official `HMVideoPipeline.__call__`
+runs in test_conformance.py (every `sampler` case under $HELLOMEME_CONFORMANCE_DIR)."""
 
 from __future__ import annotations
 
-import json
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
-from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet2DConditionModel
 
-from conformance_case import load_case, relative_error
-from conftest import CONFORMANCE_DIR
+from conformance_case import control_from_tensors, relative_error
 from hellomeme_cli import sampler as sampler_module
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.models import HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
-from hellomeme_cli.models.unet import load_folder
 from hellomeme_cli.progress import ProgressEvent
-from hellomeme_cli.sampler import (
-    SamplerInputs,
-    SamplerSettings,
-    VideoSampler,
-    control_from_tensors,
-    plan_windows,
-)
-
-LATENTS_TOLERANCE = 1e-4  # relative; a faithful float32 sampler gets below 2e-5 (README)
-FRAMES_MAE_TOLERANCE = 1e-3
-# bfloat16 keeps 8 mantissa bits; over two stages of a few dozen layers that leaves
-# about 3e-3 (measured on sampler_public), still far below what one missing
-# conditioning changes (8e-3 for the expression control is the smallest; README).
-BFLOAT16_LATENTS_TOLERANCE = 2e-2
-CONTROL_NETS = {"blendshapes": (HMControlNet, "hm_control"), "pdfgc": (HMControlNet2, "hm_control2")}
-
-
-# --- conformance -----------------------------------------------------------------------
-
-
-def _is_sampler_case(folder) -> bool:
-    case = folder / "case.json"
-    return case.is_file() and json.loads(case.read_text()).get("kind") == "sampler"
-
-
-def _sampler_cases():
-    if not CONFORMANCE_DIR.is_dir():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no conformance data at {CONFORMANCE_DIR}"))]
-    cases = sorted(p for p in CONFORMANCE_DIR.iterdir() if _is_sampler_case(p))
-    if not cases:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no sampler case in {CONFORMANCE_DIR}"))]
-    return [pytest.param(p, id=p.name) for p in cases]
-
-
-def _case_sampler(folder, dtype: torch.dtype) -> VideoSampler:
-    weights, case = folder / "weights", json.loads((folder / "case.json").read_text())
-    unet = load_folder(UNet2DConditionModel, weights / "unet", torch_dtype=dtype)
-    adapter = load_folder(HMReferenceAdapter, weights / "hm_reference", torch_dtype=dtype)
-    motion = motion_unet(unet, load_folder(MotionAdapter, weights / "motion_adapter", torch_dtype=dtype))
-    control_cls, control_folder = CONTROL_NETS[case["control"]]
-    return VideoSampler(
-        HMReferenceNet(unet),
-        HMDenoisingNet(unet, adapter),
-        HMDenoisingNet(motion, adapter),
-        load_folder(control_cls, weights / control_folder, torch_dtype=dtype),
-        load_folder(AutoencoderKL, weights / "vae", torch_dtype=dtype),
-    )
-
-
-def _case_inputs(case: dict, io: dict[str, torch.Tensor]) -> tuple[SamplerInputs, SamplerSettings]:
-    inputs = SamplerInputs(
-        ref_image=io["in.ref_image"],
-        text_embeds=io["in.text_embeds"],
-        negative_text_embeds=io["in.negative_text_embeds"],
-        control=control_from_tensors(
-            io["in.condition"], io.get("in.drive_coeff"), io.get("in.face_parts"), io.get("in.pd_fpg")
-        ),
-        num_frames=case["frames"],
-        neg_pd_fpg=io.get("in.neg_pd_fpg"),
-    )
-    settings = SamplerSettings(
-        steps=case["steps"],
-        stage1_steps=case["stage1_steps"],
-        guidance=case["guidance_scale"],
-        window=case["window"],
-        overlap=case["overlap"],
-    )
-    return inputs, settings
-
-
-def _run_case(folder, dtype: torch.dtype):
-    case, io = load_case(folder)
-    inputs, settings = _case_inputs(case, io)
-    sampler = _case_sampler(folder, dtype)
-    latents = sampler.sample(inputs, settings, torch.Generator().manual_seed(case["seed"]))
-    return sampler, latents, io
-
-
-@pytest.mark.parametrize("case", _sampler_cases())
-def test_float32_sampler_matches_official(case):
-    sampler, latents, io = _run_case(case, torch.float32)
-    expected = io["out.latents"]
-    assert latents.shape == expected.shape
-    error = relative_error(latents, expected)
-    per_frame = [relative_error(latents[:, :, f], expected[:, :, f]) for f in range(expected.shape[2])]
-    frames = torch.cat(list(sampler.decode_tensors(latents, batch=5)))
-    frames_mae = (frames - io["out.frames"]).abs().mean().item()
-    print(
-        f"{case.name} float32 latents relative error {error:.3e} (worst frame {max(per_frame):.3e}), "
-        f"frames MAE {frames_mae:.3e}"
-    )
-    assert error < LATENTS_TOLERANCE and max(per_frame) < LATENTS_TOLERANCE
-    assert frames.shape == io["out.frames"].shape and frames_mae < FRAMES_MAE_TOLERANCE
-
-    # The uint8 stream is the same frames, rounded, in (n, H, W, 3) batches.
-    batches = list(sampler.decode(latents, batch=5))
-    assert [len(b) for b in batches] == [min(5, len(frames) - i) for i in range(0, len(frames), 5)]
-    rounded = (io["out.frames"] * 255).round().permute(0, 2, 3, 1).numpy()
-    assert np.abs(np.concatenate(batches).astype(np.float64) - rounded).mean() < 0.01
-
-
-@pytest.mark.parametrize("case", _sampler_cases())
-def test_bfloat16_sampler_runs_and_stays_close(case):
-    _, latents, io = _run_case(case, torch.bfloat16)
-    error = relative_error(latents, io["out.latents"])
-    print(f"{case.name} bfloat16 latents relative error {error:.3e}")
-    assert latents.dtype == torch.float32 and error < BFLOAT16_LATENTS_TOLERANCE
-
+from hellomeme_cli.sampler import SamplerInputs, SamplerSettings, VideoSampler, plan_windows
+from hellomeme_cli.versions import get_version
 
 # --- the stage-2 window plan ----------------------------------------------------------
 
@@ -245,9 +137,14 @@ def tiny_nets():
     }
 
 
-def _tiny_sampler(nets, control="blendshapes", denoiser_motion=None) -> VideoSampler:
+# The schedule of the SD1.5 scheduler_config.json (PNDM's there; the official code runs Euler on it).
+SD15_SCHEDULER = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear", "steps_offset": 1}
+
+
+def _tiny_sampler(nets, control="blendshapes", denoiser_motion=None, scheduler=None) -> VideoSampler:
     return VideoSampler(
-        nets["reference_net"], nets["denoiser_2d"], denoiser_motion or nets["denoiser_motion"], nets[control], nets["vae"]
+        nets["reference_net"], nets["denoiser_2d"], denoiser_motion or nets["denoiser_motion"], nets[control], nets["vae"],
+        scheduler=scheduler or EulerDiscreteScheduler(**SD15_SCHEDULER), control=get_version("v1").control(control),
     )
 
 
@@ -382,3 +279,27 @@ def test_progress_reports_each_stage_to_its_total(tiny_nets):
     assert by_task["stage 1"] == [(i, 3, "frames") for i in range(4)]
     assert by_task["stage 2"] == [(i, 2, "steps") for i in range(3)]
     assert by_task["decode"] == [(0, 3, "frames"), (2, 3, "frames"), (3, 3, "frames")]
+
+
+def test_the_schedule_is_the_given_schedulers_and_it_is_left_as_it_was(tiny_nets):
+    from diffusers import PNDMScheduler
+
+    inputs = _tiny_inputs(2)
+    euler = EulerDiscreteScheduler(**SD15_SCHEDULER)
+    first = _sample(_tiny_sampler(tiny_nets, scheduler=euler), inputs)
+    assert euler.num_inference_steps is None  # the sampler stepped copies of it
+    # The official code's scheduler: Euler from the SD1.5 folder's (PNDM) config.
+    from_pndm_config = EulerDiscreteScheduler.from_config(PNDMScheduler(**SD15_SCHEDULER).config)
+    assert torch.equal(_sample(_tiny_sampler(tiny_nets, scheduler=from_pndm_config), inputs), first)
+    other = EulerDiscreteScheduler(**{**SD15_SCHEDULER, "beta_end": 0.02})
+    assert relative_error(_sample(_tiny_sampler(tiny_nets, scheduler=other), inputs), first) > 1e-3
+
+
+def test_the_control_kind_names_the_control_inputs(tiny_nets):
+    inputs = _tiny_inputs(2)
+    without_pd_fpg = dataclasses.replace(inputs, control=lambda start, stop: dataclasses.replace(inputs.control(start, stop), pd_fpg=None))
+    with pytest.raises(ValueError, match="pdfgc control needs pd_fpg"):
+        _sample(_tiny_sampler(tiny_nets, "pdfgc"), without_pd_fpg)
+    with pytest.raises(ValueError, match="pdfgc control needs neg_pd_fpg"):
+        _sample(_tiny_sampler(tiny_nets, "pdfgc"), dataclasses.replace(inputs, neg_pd_fpg=None))
+    _sample(_tiny_sampler(tiny_nets, "blendshapes"), dataclasses.replace(without_pd_fpg, neg_pd_fpg=None))  # needs neither

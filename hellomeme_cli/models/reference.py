@@ -22,6 +22,9 @@ class HMReferenceAdapter(ModelMixin, ConfigMixin):
     keys are the official ones, so a released `config.json` loads unchanged.
     """
 
+    # diffusers' block-level group offloading: the mid attention is a block of its own, as the lists' entries are.
+    _group_offload_block_modules = ["reference_modules_mid"]
+
     @register_to_config
     def __init__(
         self,

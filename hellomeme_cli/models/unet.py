@@ -178,9 +178,8 @@ class HMReferenceNet(nn.Module):
         self.unet = unet
         self._points = InjectionPoints.of(unet)
 
-    @classmethod
-    def from_pretrained(cls, unet_path: str | Path, **kwargs) -> "HMReferenceNet":
-        return cls(load_folder(UNet2DConditionModel, unet_path, **kwargs))
+    device = property(lambda self: self.unet.device)
+    dtype = property(lambda self: self.unet.dtype)
 
     def forward(self, ref_latents: torch.Tensor, text_embeds: torch.Tensor) -> ReferenceCache:
         """ref_latents (b, 4, h, w) or (b, 4, 1, h, w), already scaled; text_embeds (b, 77, C)."""
@@ -208,20 +207,8 @@ class HMDenoisingNet(nn.Module):
     def is_motion(self) -> bool:
         return isinstance(self.unet, UNetMotionModel)
 
-    @classmethod
-    def from_pretrained(
-        cls,
-        unet_path: str | Path,
-        reference_path: str | Path | None,
-        motion_adapter_path: str | Path | None = None,
-        **kwargs,
-    ) -> "HMDenoisingNet":
-        """Load the official folders: a diffusers UNet, `hm_reference`, and for stage 2 a `MotionAdapter`."""
-        unet = load_folder(UNet2DConditionModel, unet_path, **kwargs)
-        adapter = load_folder(HMReferenceAdapter, reference_path, **kwargs) if reference_path else None
-        if motion_adapter_path:
-            unet = motion_unet(unet, load_folder(MotionAdapter, motion_adapter_path, **kwargs))
-        return cls(unet, adapter)
+    device = property(lambda self: self.unet.device)
+    dtype = property(lambda self: self.unet.dtype)
 
     def forward(
         self,
