@@ -30,4 +30,4 @@ clean:
 
 # Speed and memory on this machine (tiny weights on the CPU; full size too when a CUDA GPU is present).
 bench: install
-	$(BIN)/hellomeme bench --json benchmarks/latest.json $(if $(shell $(BIN)/python -c "import torch; print(torch.cuda.is_available() or '')"),--full-size)
+	$(BIN)/python -m benchmarks.bench --json benchmarks/latest.json $(if $(shell $(BIN)/python -c "import torch; print(torch.cuda.is_available() or '')"),--full-size)

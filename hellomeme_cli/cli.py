@@ -421,49 +421,6 @@ def weights_make_tiny(
     out.print(f"tiny weights in {folder}; add the face model with `HELLOMEME_HOME={folder} hellomeme weights import FILE`")
 
 
-@app.command()
-def bench(
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write every number to this JSON file.")] = None,
-    full_size: Annotated[bool, typer.Option(help="Add the full-size run: SD1.5-sized random networks at 512x512 (CUDA GPU only).")] = False,
-    frames: Annotated[list[int] | None, typer.Option(help="Looped clip lengths for the memory runs; repeat (default: 100 and 1000).")] = None,
-    full_size_frames: Annotated[list[int] | None, typer.Option(help="Clip lengths of the full-size run; repeat (default: 24 and 96).")] = None,
-    reference: Annotated[Path | None, typer.Option(help="Portrait (default: majicmix1.jpg of the shared test media).")] = None,
-    drive: Annotated[Path | None, typer.Option(help="Driving clip (default: qie.mp4 of the shared test media).")] = None,
-    face_model: Annotated[Path | None, typer.Option(help="MediaPipe face_landmarker.task (default: the weight cache's).")] = None,
-    size: Annotated[int, typer.Option(help="Working size of the CPU runs with tiny weights.")] = 128,
-    steps: Annotated[int, typer.Option(help="Denoising steps of the CPU clip run (memory runs use 1).")] = 4,
-    max_frames: Annotated[int | None, typer.Option(help="Use only the first N frames of the clip in the CPU clip run.")] = None,
-    compile: Annotated[bool, typer.Option("--compile", help="Full-size run: torch.compile the UNet and VAE blocks.")] = False,
-    channels_last: Annotated[bool, typer.Option("--channels-last", help="Full-size run: channels-last memory format.")] = False,
-    low_memory: Annotated[bool, typer.Option("--low-memory", help="Full-size run: sequential CPU offload.")] = False,
-) -> None:
-    """Measure speed and memory: stage times and peak RSS with tiny weights on the CPU, face tracking fps, full size on a GPU."""
-    from .bench import SHARED_MEDIA, BenchSettings, format_table, run_benchmarks, write_json
-    from .engine import ModelOptions
-    from .tracking import default_model_path
-    from .video import check_destination
-
-    reference = reference or SHARED_MEDIA / "majicmix1.jpg"
-    drive = drive or SHARED_MEDIA / "qie.mp4"
-    for path, what in ((reference, "portrait"), (drive, "driving clip")):
-        if not path.is_file():
-            raise HellomemeError(f"{what} not found: {path} (give it with --{'reference' if what == 'portrait' else 'drive'})")
-    face_model = face_model or default_model_path()
-    if json_path:
-        check_destination(json_path, True, [reference, drive])
-    settings = BenchSettings(
-        reference=reference, driving=drive, face_model=face_model, size=size, steps=steps, clip_frames=max_frames,
-        memory_frames=tuple(frames or (100, 1000)), full_size=full_size, full_size_frames=tuple(full_size_frames or (24, 96)),
-        full_size_options=ModelOptions(device="cuda", compile=compile, channels_last=channels_last, low_memory=low_memory),
-    )
-    with _progress_bars() as report:
-        result = run_benchmarks(settings, progress=report)
-    out.print(format_table(result), highlight=False)
-    if json_path:
-        write_json(result, json_path)
-        out.print(f"wrote {json_path}", highlight=False)
-
-
 def main() -> None:
     """Errors end as one red line and exit code 1; `--debug` anywhere on the line (or HELLOMEME_DEBUG=1)
     shows the traceback too. An unexpected error (a bug) says so and how to see its traceback."""

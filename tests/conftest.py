@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from hellomeme_cli import tracking
 from hellomeme_cli.video import ffmpeg_exe
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT_ROOT))  # for `benchmarks` (beside the package, not installed), whatever starts pytest
 SHARED = Path(os.environ.get("HELLOMEME_SHARED_DIR", PROJECT_ROOT.parent / "shared"))
 CONFORMANCE_DIR = Path(os.environ.get("HELLOMEME_CONFORMANCE_DIR", SHARED / "conformance"))
 

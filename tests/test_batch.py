@@ -320,16 +320,3 @@ def test_batch_builds_the_settings_from_the_options_it_shares_with_animate(tmp_p
     (job,) = seen["plan"].jobs
     assert (job.settings.steps, job.settings.models.control, job.settings.seed) == (3, "pdfgc", None)
     assert seen["devices"] == ["cpu", "cuda:1"]
-
-
-def test_a_missing_folder_is_one_line_and_exit_code_1(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "hellomeme_cli", "batch", str(tmp_path / "nowhere"), "--ref", "x.jpg"], capture_output=True, text=True
-    )
-    assert result.returncode == 1 and result.stderr == f"error: {tmp_path / 'nowhere'}: no such folder\n"
-
-
-def test_batch_needs_a_folder_and_a_reference_or_pairs(tmp_path):
-    for arguments in ([str(tmp_path)], ["--ref", "x.jpg"], [str(tmp_path), "--pairs", "p.csv"]):
-        result = runner.invoke(app, ["batch", *arguments])
-        assert isinstance(result.exception, HellomemeError) and "--pairs" in str(result.exception)

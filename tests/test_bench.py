@@ -1,5 +1,5 @@
-"""`hellomeme bench` and the speed options: what they report and that they change no result.
-No timing is asserted, only that every number is there and positive."""
+"""`benchmarks/bench.py` (make bench) and the speed options: what they report and that they change
+no result. No timing is asserted, only that every number is there and positive."""
 
 from __future__ import annotations
 
@@ -9,13 +9,13 @@ import json
 import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
-from typer.testing import CliRunner
 
+from benchmarks import bench
+from benchmarks.bench import STAGES, StageClock, main
 from conformance_case import control_from_tensors
 from conftest import MEDIA, require
-from hellomeme_cli.bench import STAGES, StageClock, count_flops
-from hellomeme_cli.cli import app
-from hellomeme_cli.engine import ModelOptions, compile_blocks, load_pipeline
+from hellomeme_cli.engine import compile_blocks, load_pipeline
+from hellomeme_cli.settings import ModelOptions
 from hellomeme_cli.progress import ProgressEvent
 from hellomeme_cli.sampler import SamplerInputs, SamplerSettings
 from hellomeme_cli.tiny import TEXT_DIM
@@ -24,13 +24,13 @@ from hellomeme_cli.weights import WeightCache
 SIZE = 128
 
 
-def test_bench_command_writes_every_stage_with_positive_numbers(tiny_cache, tmp_path, monkeypatch):
+def test_bench_writes_every_stage_with_positive_numbers(tiny_cache, tmp_path, monkeypatch, capsys):
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
     monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
-    arguments = ["bench", "--json", tmp_path / "bench.json", "--reference", reference, "--drive", clip,
+    arguments = ["--json", tmp_path / "bench.json", "--reference", reference, "--drive", clip,
                  "--size", "128", "--steps", "1", "--max-frames", "3", "--frames", "4"]
-    result = CliRunner().invoke(app, [str(a) for a in arguments])
-    assert result.exit_code == 0, result.output
+    assert main([str(a) for a in arguments]) == 0
+    table = capsys.readouterr().out
     report = json.loads((tmp_path / "bench.json").read_text())
 
     clip_run = report["cpu_tiny"]
@@ -43,7 +43,7 @@ def test_bench_command_writes_every_stage_with_positive_numbers(tiny_cache, tmp_
     assert "skipped" in report["gpu_full_size"]
     machine = report["machine"]
     assert machine["cpu_cores"] > 0 and machine["torch"] == torch.__version__ and machine["hellomeme"]
-    assert "face tracking" in result.output and "peak RSS" in result.output
+    assert "face tracking" in table and "peak RSS" in table
 
 
 def test_stage_clock_gives_the_time_before_stage_1_to_the_reference_and_the_tail_to_encoding():
@@ -55,12 +55,52 @@ def test_stage_clock_gives_the_time_before_stage_1_to_the_reference_and_the_tail
     assert all(seconds[stage] > 0 for stage in ("tracking", "signals", "reference", "stage1", "decode", "encode"))
 
 
-def test_flop_counter_counts_a_tiny_unet_call(tiny_cache):
+def _layer_by_layer_flops(module: torch.nn.Module, *args) -> int:
+    """FLOPs of one call counted from the shapes each layer sees: 2 per multiply-add of every
+    convolution, linear layer and attention product (bias, norms and activations left out)."""
+    total = 0
+
+    def convolution(layer, inputs, output):
+        nonlocal total
+        total += 2 * output.numel() * layer.weight[0].numel()  # weight[0]: in/groups x kernel
+
+    def linear(layer, inputs, output):
+        nonlocal total
+        total += 2 * output.numel() * layer.in_features
+
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def attention(query, key, value, *rest, **options):
+        nonlocal total
+        total += 2 * query.shape[:-1].numel() * key.shape[-2] * (query.shape[-1] + value.shape[-1])  # Q K^T, then P V
+        return sdpa(query, key, value, *rest, **options)
+
+    hooks = [
+        layer.register_forward_hook(convolution if isinstance(layer, torch.nn.modules.conv._ConvNd) else linear)
+        for layer in module.modules()
+        if isinstance(layer, (torch.nn.modules.conv._ConvNd, torch.nn.Linear))
+    ]
+    torch.nn.functional.scaled_dot_product_attention = attention
+    try:
+        with torch.no_grad():
+            module(*args)
+    finally:
+        torch.nn.functional.scaled_dot_product_attention = sdpa
+        for hook in hooks:
+            hook.remove()
+    return total
+
+
+def test_counted_unet_flops_match_a_layer_by_layer_count(tiny_cache, monkeypatch):
+    """The FLOPs behind the utilisation figure: one stage-1 and one stage-2 denoiser call, with
+    guidance, reference features and control, as `unet_call_flops` makes them."""
     models = load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache))
-    latents, text = torch.zeros(1, 4, 2, 8, 8), torch.zeros(1, 77, TEXT_DIM)
-    flops = count_flops(models.denoiser_motion, latents, 500, text)
-    # The conv_in convolution alone: 2 FLOPs x 2 frames x 64 pixels x 32 outputs x (4 x 3 x 3) inputs.
-    assert flops > 2 * 2 * 64 * 32 * 36
+    counted = bench.unet_call_flops(models, size=SIZE, window=3, guided=True)
+    monkeypatch.setattr(bench, "count_flops", _layer_by_layer_flops)
+    expected = bench.unet_call_flops(models, size=SIZE, window=3, guided=True)
+    assert expected["stage2_call"] > 2 * expected["stage1_call"] > 0  # three frames, and the motion modules
+    for call in ("stage1_call", "stage2_call"):
+        assert abs(counted[call] - expected[call]) <= 0.02 * expected[call], (call, counted[call], expected[call])
 
 
 def test_every_attention_uses_pytorch_sdpa(tiny_cache):

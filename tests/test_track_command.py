@@ -2,11 +2,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import numpy as np
-import pytest
 from typer.testing import CliRunner
 
 from conftest import MEDIA, require
@@ -37,26 +33,3 @@ def test_track_max_frames_and_no_smoothing(workdir):
     result = runner.invoke(app, ["track", str(clip), "--max-frames", "10", "--no-smooth", "-o", "short.npz"])
     assert result.exit_code == 0, result.output
     assert np.load(workdir / "short.npz")["landmarks"].shape[0] == 10
-
-
-@pytest.mark.parametrize(
-    "arguments, message",
-    [
-        (["{media}/cg1.jpg"], "is an image, not a video"),
-        (["{tmp}/missing.mp4"], "missing.mp4"),
-        (["{tmp}/notes.mp4"], "notes.mp4"),
-        (["{media}/qie.mp4", "-o", "{media}/qie.mp4", "--force"], "refusing to write over an input file"),
-        (["{media}/qie.mp4", "-o", "{tmp}/taken.npz"], "already exists"),
-    ],
-)
-def test_bad_input_is_one_line_and_exit_code_1(workdir, tiny_cache, arguments, message):
-    require(MEDIA / "qie.mp4", "test clip")
-    (workdir / "notes.mp4").write_text("not a video")
-    (workdir / "taken.npz").write_bytes(b"")
-    arguments = [a.format(media=MEDIA, tmp=workdir) for a in arguments]
-    result = subprocess.run(
-        [sys.executable, "-m", "hellomeme_cli", "track", *arguments], capture_output=True, text=True, cwd=workdir
-    )
-    assert result.returncode == 1, result.stderr
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr

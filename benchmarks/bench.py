@@ -1,5 +1,7 @@
 """Benchmarks: where the time and memory of `animate` go, measured on the real pipeline.
 
+    python -m benchmarks.bench --json out.json [--full-size]     # from the project root (make bench)
+
 - CPU, tiny random weights (`tiny.make_tiny`) and the real face model, a real clip: seconds per
   output frame of each stage, timed from the pipeline's own progress events (`StageClock`), and
   the peak RSS. Each run is a fresh Python process, so every peak is that run's own.
@@ -8,11 +10,13 @@
   memory, and the UNets' matrix-unit utilisation (counted FLOPs / time / the GPU's peak).
 - Face tracking frames per second.
 
-Nothing here prints; the CLI shows the table. Timings are wall clock, best of one run.
+Timings are wall clock, best of one run. Lives beside the package, not in it: it measures the
+checkout it sits in (`ROOT`), with the project's test media as default inputs.
 """
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import dataclasses
 import json
@@ -25,14 +29,28 @@ import tempfile
 import time
 from pathlib import Path
 
+import diffusers
 import torch
+import transformers
+from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet2DConditionModel
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from . import __version__
-from .engine import ModelOptions
-from .progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli import __version__
+from hellomeme_cli.engine import HelloMemePipeline, apply_speed_options, load_pipeline, resolve_device, resolve_dtype
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.models import HMControlNet, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
+from hellomeme_cli.pipeline import AnimateSettings, animate, load_reference
+from hellomeme_cli.settings import ModelOptions
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.tiny import make_tiny, write_tokenizer
+from hellomeme_cli.tracking import default_model_path, track_video
+from hellomeme_cli.video import check_destination, ffmpeg_exe, probe_video, temporary_beside
+from hellomeme_cli.weights import WeightCache
 
+ROOT = Path(__file__).resolve().parents[1]
 # The project's test media (`../shared` beside the checkout), the default reference and clip.
-SHARED_MEDIA = Path(os.environ.get("HELLOMEME_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared")) / "media"
+SHARED_MEDIA = Path(os.environ.get("HELLOMEME_SHARED_DIR", ROOT.parent / "shared")) / "media"
 STAGES = ("tracking", "signals", "reference", "stage1", "stage2", "decode", "encode")
 # Which stage the time up to a progress event belongs to. The time up to a stage's first event
 # (completed 0) belongs to what ran before it: the prompt, the VAE encoding of the reference and
@@ -52,8 +70,7 @@ class StageClock:
     to `encode`. Decoding reports a batch before handing it to the writer, so the two interleaved
     stages are told apart."""
 
-    def __init__(self, forward: ProgressCallback = no_progress):
-        self.forward = forward
+    def __init__(self):
         self.seconds = dict.fromkeys(STAGES, 0.0)
         self._last = time.perf_counter()
 
@@ -64,7 +81,6 @@ class StageClock:
         if stage is not None:
             self.seconds[stage] += now - self._last
         self._last = now
-        self.forward(event)
 
     def finish(self) -> dict[str, float]:
         self.seconds["encode"] += time.perf_counter() - self._last
@@ -83,20 +99,23 @@ def current_rss_mb() -> float:
     return peak_rss_mb()
 
 
+# FlopCounterMode knows the GPU attention kernels but not the CPU one (torch 2.13), whose FLOPs it
+# would leave out.
+_CPU_ATTENTION_FLOPS = {
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu: lambda query, key, value, *args, out_shape=None, **kwargs: sdpa_flop_count(query, key, value)
+}
+
+
 def count_flops(module: torch.nn.Module, *args, **kwargs) -> int:
     """Floating-point operations of one forward call (a multiply-add counts 2), by
     `torch.utils.flop_counter`; the call really runs."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
+    counter = FlopCounterMode(display=False, custom_mapping=_CPU_ATTENTION_FLOPS)
     with torch.no_grad(), counter:
         module(*args, **kwargs)
     return counter.get_total_flops()
 
 
 def machine() -> dict:
-    import diffusers
-
     cpu = platform.processor()
     with contextlib.suppress(OSError):
         names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
@@ -138,10 +157,6 @@ class ClipRun:
 def measure_clip(run: ClipRun, models=None) -> dict:
     """Load the models (unless given), then animate once with a `StageClock`; -> stage seconds,
     seconds per output frame, RSS after loading and at peak (this process), GPU peak on CUDA."""
-    from .engine import load_pipeline
-    from .pipeline import AnimateSettings, animate, load_reference
-    from .weights import WeightCache
-
     options = ModelOptions(device=run.device, dtype=run.dtype)
     started = time.perf_counter()
     models = models or load_pipeline(options.version, options, WeightCache(Path(run.home)))
@@ -173,17 +188,17 @@ def measure_in_subprocess(run: ClipRun) -> dict:
     """`measure_clip` in a fresh interpreter, so its peak RSS is this run's alone."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
-        command = [sys.executable, "-m", "hellomeme_cli.bench", json.dumps(dataclasses.asdict(run)), str(result)]
-        done = subprocess.run(command, capture_output=True, text=True)
+        command = [sys.executable, "-m", "benchmarks.bench", "--worker", json.dumps(dataclasses.asdict(run)), str(result)]
+        # The checkout first on the path, so the worker measures the same code as this process.
+        path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
         if done.returncode != 0:
-            raise RuntimeError(f"benchmark run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+            raise HellomemeError(f"benchmark run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
         return json.loads(result.read_text())
 
 
 def loop_clip(source: Path, frames: int, destination: Path) -> Path:
     """`source` repeated until it has `frames` frames (audio too), re-encoded with ffmpeg."""
-    from .video import ffmpeg_exe, probe_video
-
     info = probe_video(source)
     command = [
         ffmpeg_exe(), "-v", "error", "-y", "-stream_loop", "-1", "-i", str(source), "-t", f"{frames / info.fps:.6f}",
@@ -196,8 +211,6 @@ def loop_clip(source: Path, frames: int, destination: Path) -> Path:
 
 def tiny_home(folder: Path, face_model: Path) -> Path:
     """A weight cache with tiny random networks and the real face model."""
-    from .tiny import make_tiny
-
     make_tiny(folder).import_path(face_model)
     return folder
 
@@ -209,8 +222,6 @@ def tiny_home(folder: Path, face_model: Path) -> Path:
 
 def tracking_speed(clips: list[Path], face_model: Path) -> dict:
     """Frames per second of `track_video` (decode, MediaPipe, filling, smoothing) per clip, and overall."""
-    from .tracking import track_video
-
     rows = []
     for clip in clips:
         started = time.perf_counter()
@@ -230,13 +241,6 @@ def full_size_models(face_model: Path, device: torch.device, dtype: torch.dtype,
     SD1.5 UNet, text encoder and VAE, the default HelloMeme adapter and control net, an
     AnimateDiff v1.5 (v2 module, with a motion mid block, as
     the tiny cache's) shaped motion adapter, the ViT-H image encoder. Built on the device."""
-    from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
-
-    from .engine import HelloMemePipeline, apply_speed_options
-    from .models import HMControlNet, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
-    from .tiny import write_tokenizer
-
     with tempfile.TemporaryDirectory() as folder:
         vocab_size = write_tokenizer(Path(folder))
         tokenizer = CLIPTokenizer.from_pretrained(folder)
@@ -337,20 +341,16 @@ def measure_full_size(
     guidance: float = 2.0,
     size: int = 512,
     options=None,
-    peak: float | None = None,
 ) -> dict:
     """SD1.5-sized random networks, default steps and guidance: stage seconds per frame, peak
     GPU memory and UNet utilisation for each clip length (the clip is looped when too short)."""
-    from .engine import resolve_device, resolve_dtype
-    from .pipeline import AnimateSettings
-
     compute = resolve_device(device)
     models = full_size_models(face_model, compute, resolve_dtype(dtype, compute), options)
     timers = {"stage1": _NetworkTimer(models.denoiser_2d, compute), "stage2": _NetworkTimer(models.denoiser_motion, compute)}
     settings = AnimateSettings()
     flops = unet_call_flops(models, size, settings.window, guidance > 1)
     gpu = torch.cuda.get_device_name(compute) if compute.type == "cuda" else None
-    peak = peak or (peak_tflops(gpu) if gpu else None)
+    peak = peak_tflops(gpu) if gpu else None
     runs = []
     for frames in frame_counts:
         for timer in timers.values():
@@ -379,7 +379,6 @@ class BenchSettings:
     reference: Path
     driving: Path
     face_model: Path
-    tracking_clips: tuple[Path, ...] = ()
     size: int = 128
     steps: int = 4
     clip_frames: int | None = None
@@ -398,8 +397,7 @@ def run_benchmarks(settings: BenchSettings, progress: ProgressCallback = no_prog
         progress(ProgressEvent("benchmarks", steps.index(step) + 1, len(steps), unit="runs"))
 
     result: dict = {"machine": machine(), "settings": _jsonable(dataclasses.asdict(settings))}
-    clips = list(settings.tracking_clips) or [settings.driving]
-    result["tracking"] = tracking_speed(clips, settings.face_model)
+    result["tracking"] = tracking_speed([settings.driving], settings.face_model)
     done("tracking")
     with tempfile.TemporaryDirectory(prefix="hellomeme-bench-") as folder:
         folder = Path(folder)
@@ -432,9 +430,9 @@ def run_benchmarks(settings: BenchSettings, progress: ProgressCallback = no_prog
 
 def write_json(result: dict, path: Path) -> None:
     """Atomically: a temporary file beside `path`, then renamed over it."""
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, prefix=f".{path.name}.", suffix=".partial", delete=False) as file:
-        file.write(json.dumps(result, indent=1) + "\n")
-    os.replace(file.name, path)
+    temporary = temporary_beside(path)
+    temporary.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(temporary, path)
 
 
 def format_table(result: dict) -> str:
@@ -471,20 +469,75 @@ def _jsonable(value):
 
 def quiet_libraries() -> None:
     """diffusers and transformers warn about random weights and draw their own bars; not here."""
-    import diffusers
-    import transformers
-
     diffusers.utils.logging.set_verbosity_error()
     transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
 
 
-def _worker() -> None:
-    """`python -m hellomeme_cli.bench RUN_JSON RESULT_JSON`: one measured run in this process."""
+def _print_progress(event: ProgressEvent) -> None:
+    print(f"{event.task} {event.completed}/{event.total} {event.unit}", file=sys.stderr, flush=True)
+
+
+def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.bench",
+        description="Measure speed and memory: stage times and peak RSS with tiny weights on the CPU, "
+        "face tracking fps, full size on a GPU.",
+    )
+    parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
+    parser.add_argument("--full-size", action="store_true", help="add the full-size run: SD1.5-sized random networks at 512x512 (CUDA GPU only)")
+    parser.add_argument("--frames", type=int, action="append", help="looped clip lengths for the memory runs; repeat (default: 100 and 1000)")
+    parser.add_argument("--full-size-frames", type=int, action="append", help="clip lengths of the full-size run; repeat (default: 24 and 96)")
+    parser.add_argument("--reference", type=Path, default=SHARED_MEDIA / "majicmix1.jpg", help="portrait (default: %(default)s)")
+    parser.add_argument("--drive", type=Path, default=SHARED_MEDIA / "qie.mp4", help="driving clip (default: %(default)s)")
+    parser.add_argument("--face-model", type=Path, help="MediaPipe face_landmarker.task (default: the weight cache's)")
+    parser.add_argument("--size", type=int, default=128, help="working size of the CPU runs with tiny weights (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=4, help="denoising steps of the CPU clip run; memory runs use 1 (default: %(default)s)")
+    parser.add_argument("--max-frames", type=int, help="use only the first N frames of the clip in the CPU clip run")
+    parser.add_argument("--compile", action="store_true", help="full-size run: torch.compile the UNet and VAE blocks")
+    parser.add_argument("--channels-last", action="store_true", help="full-size run: channels-last memory format")
+    parser.add_argument("--low-memory", action="store_true", help="full-size run: sequential CPU offload")
+    parser.add_argument("--worker", nargs=2, metavar=("RUN_JSON", "RESULT_JSON"), help=argparse.SUPPRESS)
+    return parser.parse_args(argv)
+
+
+def settings_from(arguments: argparse.Namespace) -> BenchSettings:
+    """The settings the options ask for, the inputs checked first."""
+    for path, option in ((arguments.reference, "--reference"), (arguments.drive, "--drive")):
+        if not path.is_file():
+            raise HellomemeError(f"{path}: not found (give it with {option})")
+    if arguments.json:
+        check_destination(arguments.json, True, [arguments.reference, arguments.drive])
+    return BenchSettings(
+        reference=arguments.reference, driving=arguments.drive, face_model=arguments.face_model or default_model_path(),
+        size=arguments.size, steps=arguments.steps, clip_frames=arguments.max_frames,
+        memory_frames=tuple(arguments.frames or (100, 1000)), full_size=arguments.full_size,
+        full_size_frames=tuple(arguments.full_size_frames or (24, 96)),
+        full_size_options=ModelOptions(
+            device="cuda", compile=arguments.compile, channels_last=arguments.channels_last, low_memory=arguments.low_memory
+        ),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Every measurement, its table on stdout and, with --json, the file; a bad input is one line."""
+    arguments = parse_arguments(argv)
     quiet_libraries()
-    run = ClipRun(**json.loads(sys.argv[1]))
-    Path(sys.argv[2]).write_text(json.dumps(measure_clip(run)))
+    if arguments.worker:  # one measured run in this fresh process (`measure_in_subprocess`)
+        run_json, result_json = arguments.worker
+        Path(result_json).write_text(json.dumps(measure_clip(ClipRun(**json.loads(run_json)))))
+        return 0
+    try:
+        result = run_benchmarks(settings_from(arguments), progress=_print_progress)
+    except HellomemeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(format_table(result))
+    if arguments.json:
+        write_json(result, arguments.json)
+        print(f"wrote {arguments.json}")
+    return 0
 
 
 if __name__ == "__main__":
-    _worker()
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Speed and memory measurements of the checkout beside them; not part of the installed package."""

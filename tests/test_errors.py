@@ -1,0 +1,99 @@
+"""Bad input, every command: exit code 1 and one line on stderr naming the problem, no traceback.
+
+Each row runs the real command line in a fresh process (as a user runs it), with the tiny weight
+cache as HELLOMEME_HOME (or an empty one) and these bad inputs in the current folder: `flat.png`
+(a picture without a face), `notes.mp4` (text named like a video), `taken.mp4` and `taken.npz`
+(outputs that already exist)."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from conftest import MEDIA, PROJECT_ROOT, require
+from hellomeme_cli.video import write_image
+
+FAST = "--size 128 --steps 2"
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    command: str  # after `python -m`; {media} is the shared test media, {tmp} the current folder
+    message: str  # in the one line, after "error: "; " … " separates fragments that come in this order
+    weights: str = "tiny"  # HELLOMEME_HOME: "tiny" (the tiny cache) or "empty"
+    not_written: str | None = None  # an output the command must not have started
+
+    def arguments(self, tmp: Path) -> list[str]:
+        return [word.format(media=MEDIA, tmp=tmp) for word in self.command.split()]
+
+
+ANIMATE = f"hellomeme_cli animate {FAST}"
+GOOD = "{media}/majicmix1.jpg {media}/qie.mp4"
+CASES = {
+    # animate: the inputs
+    "animate missing reference": Case(f"{ANIMATE} {{media}}/missing.jpg {{media}}/qie.mp4", "missing.jpg"),
+    "animate video as reference": Case(f"{ANIMATE} {{media}}/qie.mp4 {{media}}/qie.mp4", "not an image"),
+    "animate image as clip": Case(f"{ANIMATE} {{media}}/majicmix1.jpg {{media}}/cg1.jpg", "is an image, not a video"),
+    "animate faceless reference": Case(f"{ANIMATE} {{tmp}}/flat.png {{media}}/qie.mp4", "no face found"),
+    "animate text as clip": Case(f"{ANIMATE} {{media}}/majicmix1.jpg {{tmp}}/notes.mp4", "notes.mp4"),
+    # animate: the options
+    "animate overlap": Case(f"{ANIMATE} {GOOD} --overlap 12", "--overlap must be in [0, window)"),
+    "animate control": Case(f"{ANIMATE} {GOOD} --control audio", "unknown control 'audio'"),
+    "animate steps": Case(f"{ANIMATE} {GOOD} --steps 0", "--steps must be at least 1"),
+    "animate device": Case(f"{ANIMATE} {GOOD} --device cuda:7", "not available"),
+    "animate checkpoint": Case(f"{ANIMATE} {GOOD} --checkpoint {{tmp}}/notes.mp4", "notes.mp4"),
+    # animate: the output and the weights
+    "animate over its input": Case(f"{ANIMATE} {GOOD} -o {{media}}/qie.mp4 --force", "refusing to write over an input file"),
+    "animate existing output": Case(f"{ANIMATE} {GOOD} -o {{tmp}}/taken.mp4", "already exists"),
+    "animate missing weights": Case(
+        f"hellomeme_cli animate {GOOD} -o {{tmp}}/x.mp4", "missing weights … run `hellomeme weights fetch", weights="empty", not_written="x.mp4"
+    ),
+    # batch
+    "batch missing folder": Case("hellomeme_cli batch {tmp}/nowhere --ref x.jpg", "{tmp}/nowhere: no such folder"),
+    "batch folder without reference": Case("hellomeme_cli batch {tmp}", "give a folder of clips and --ref REF, or --pairs FILE.csv"),
+    "batch reference without folder": Case("hellomeme_cli batch --ref x.jpg", "give a folder of clips and --ref REF, or --pairs FILE.csv"),
+    "batch folder and pairs": Case("hellomeme_cli batch {tmp} --pairs p.csv", "give a folder of clips or --pairs, not both"),
+    # track
+    "track image": Case("hellomeme_cli track {media}/cg1.jpg", "is an image, not a video"),
+    "track missing clip": Case("hellomeme_cli track {tmp}/missing.mp4", "missing.mp4"),
+    "track text as clip": Case("hellomeme_cli track {tmp}/notes.mp4", "notes.mp4"),
+    "track over its input": Case("hellomeme_cli track {media}/qie.mp4 -o {media}/qie.mp4 --force", "refusing to write over an input file"),
+    "track existing output": Case("hellomeme_cli track {media}/qie.mp4 -o {tmp}/taken.npz", "already exists"),
+    # weights
+    "weights import missing": Case("hellomeme_cli weights import {tmp}/nowhere.task", "{tmp}/nowhere.task: no such file or folder"),
+    # the benchmark beside the package
+    "bench missing clip": Case("benchmarks.bench --drive {tmp}/missing.mp4", "{tmp}/missing.mp4: not found (give it with --drive)"),
+}
+
+
+@pytest.fixture
+def bad_inputs(workdir: Path) -> Path:
+    require(MEDIA / "qie.mp4", "test clip")
+    write_image(np.full((256, 256, 3), 128, np.uint8), workdir / "flat.png")
+    (workdir / "notes.mp4").write_text("not a video")
+    (workdir / "taken.mp4").write_bytes(b"")
+    (workdir / "taken.npz").write_bytes(b"")
+    return workdir
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_bad_input_is_one_line_and_exit_code_1(bad_inputs, tiny_cache, case):
+    tmp = bad_inputs
+    home = tiny_cache if case.weights == "tiny" else tmp / "empty"
+    environment = {**os.environ, "HELLOMEME_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
+    result = subprocess.run([sys.executable, "-m", *case.arguments(tmp)], capture_output=True, text=True, cwd=tmp, env=environment)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    fragments = [re.escape(fragment) for fragment in case.message.format(tmp=tmp).split(" … ")]
+    assert re.search(".*".join(fragments), lines[0]), result.stderr
+    if case.not_written:
+        assert not (tmp / case.not_written).exists()
