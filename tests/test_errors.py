@@ -45,7 +45,8 @@ CASES = {
     "animate text as clip": Case(f"{ANIMATE} {{media}}/majicmix1.jpg {{tmp}}/notes.mp4", "notes.mp4"),
     # animate: the options
     "animate overlap": Case(f"{ANIMATE} {GOOD} --overlap 12", "--overlap must be in [0, window)"),
-    "animate control": Case(f"{ANIMATE} {GOOD} --control audio", "unknown control 'audio'"),
+    "animate control": Case(f"{ANIMATE} {GOOD} --control audio", "--control must be one of blendshapes, pdfgc (got 'audio')"),
+    "animate version": Case(f"{ANIMATE} {GOOD} --version v9", "--version must be one of"),
     "animate steps": Case(f"{ANIMATE} {GOOD} --steps 0", "--steps must be at least 1"),
     "animate device": Case(f"{ANIMATE} {GOOD} --device cuda:7", "not available"),
     "animate checkpoint": Case(f"{ANIMATE} {GOOD} --checkpoint {{tmp}}/notes.mp4", "notes.mp4"),
@@ -97,3 +98,17 @@ def test_bad_input_is_one_line_and_exit_code_1(bad_inputs, tiny_cache, case):
     assert re.search(".*".join(fragments), lines[0]), result.stderr
     if case.not_written:
         assert not (tmp / case.not_written).exists()
+
+
+@pytest.mark.parametrize("how", ["--debug", "HELLOMEME_DEBUG=1"])
+def test_debug_adds_the_traceback_to_the_one_line(bad_inputs, tiny_cache, how):
+    environment = {**os.environ, "HELLOMEME_HOME": str(tiny_cache), "PYTHONPATH": str(PROJECT_ROOT)}
+    arguments = [sys.executable, "-m", "hellomeme_cli", "track", str(bad_inputs / "missing.mp4")]
+    if how == "--debug":
+        arguments.append("--debug")
+    else:
+        environment["HELLOMEME_DEBUG"] = "1"
+    result = subprocess.run(arguments, capture_output=True, text=True, cwd=bad_inputs, env=environment)
+    assert result.returncode == 1
+    assert "Traceback" in result.stderr and "HellomemeError" in result.stderr
+    assert result.stderr.rstrip().splitlines()[-1] == f"error: {bad_inputs / 'missing.mp4'}: no such file"
