@@ -10,7 +10,8 @@ from typer.testing import CliRunner
 
 from hellomeme_cli import __version__
 from hellomeme_cli.cli import app
-from hellomeme_cli.pipeline import AnimateSettings
+from hellomeme_cli.settings import AnimateSettings, all_settings
+from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, VERSIONS
 
 runner = CliRunner()
 
@@ -35,31 +36,25 @@ def help_rows(*command: str) -> dict[str, str | None]:
 
 
 def test_help_lists_every_command_and_no_other():
-    assert set(help_rows()) == {"--version", "--help", "info", "animate", "image", "batch", "track", "weights"}
+    assert set(help_rows()) == {"--version", "--debug", "--help", "info", "animate", "image", "batch", "track", "weights"}
     assert set(help_rows("weights")) == {"--help", "list", "fetch", "verify", "import", "lock", "make-tiny"}
 
 
-def test_animate_help_lists_the_generation_options_with_the_library_defaults():
-    settings = AnimateSettings()
-    defaults = {
-        "--steps": settings.steps, "--guidance": settings.guidance, "--trans-ratio": settings.trans_ratio,
-        "--window": settings.window, "--overlap": settings.overlap, "--face-index": settings.face_index,
-        "--size": settings.size, "--control": settings.models.control, "--dtype": settings.models.dtype,
-        "--device": settings.models.device, "--crop": "crop", "--smooth": "smooth", "--paste-back": "no-paste-back",
-    }
-    assert settings.crop and settings.smoothing and not settings.paste_back
-    without_default = {
-        "--output", "--seed", "--fps", "--max-frames", "--prompt", "--negative-prompt", "--checkpoint", "--lora", "--vae",
-        "--compile", "--low-memory", "--channels-last",
-    }
+def test_animate_help_lists_every_declared_setting_with_its_default():
+    """The options and their shown defaults are the declarations of settings.py, the same on
+    animate, image and batch (batch says its devices with --devices)."""
+    declared = {setting.flags[0].split("/")[0]: setting for setting in all_settings()}
     rows = help_rows("animate")
-    assert {"reference", "drive", "--force", "--help"} | without_default | set(defaults) == set(rows)
-    assert {option: rows[option] for option in defaults} == {option: str(value) for option, value in defaults.items()}
-    assert all(rows[option] is None for option in without_default)
-    shared = set(defaults) - {"--device"}  # batch has --devices
-    for command in ("image", "batch"):  # the same options, built by the same function
-        other = help_rows(command)
-        assert {option: other.get(option, "absent") for option in shared} == {option: rows[option] for option in shared}
+    assert set(rows) == {"reference", "drive", "--output", "--force", "--help", *declared}
+    assert {flag: rows[flag] for flag in declared} == {flag: f"({setting.shown_default})" for flag, setting in declared.items()} | {
+        "--version": f"({DEFAULT_VIDEO_VERSION})"
+    }
+    assert declared["--steps"].default is None and AnimateSettings().resolved("steps") == VERSIONS[DEFAULT_VIDEO_VERSION].defaults.steps
+    image, batch = help_rows("image"), help_rows("batch")
+    assert image["--version"] == f"({DEFAULT_IMAGE_VERSION})"
+    for flag in set(declared) - {"--version"}:
+        assert image[flag] == rows[flag]
+        assert batch.get(flag, "absent") == (rows[flag] if flag != "--device" else "absent")
 
 
 def test_info_names_torch_and_devices():

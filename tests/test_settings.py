@@ -31,18 +31,6 @@ def _captured(monkeypatch, args: list[str]) -> AnimateSettings:
     return seen["settings"], seen["mode"]
 
 
-@pytest.mark.parametrize("command", ["animate", "image", "batch"])
-def test_every_declared_setting_is_an_option_of_each_generating_command(command):
-    result = CliRunner().invoke(cli.app, [command, "--help"], terminal_width=400)
-    assert result.exit_code == 0
-    for setting in all_settings():
-        if command == "batch" and setting.name == "device":
-            assert "--device " not in result.output  # batch says its devices with --devices
-            continue
-        for flag in setting.flags[0].split("/"):
-            assert flag in result.output, f"{command} --help lacks {flag}"
-
-
 def test_the_command_line_builds_the_settings_from_the_declarations(monkeypatch):
     settings, mode = _captured(
         monkeypatch,
