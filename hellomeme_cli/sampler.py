@@ -47,10 +47,9 @@ class SamplerSettings:
     window: int = 12
     overlap: int = 4
     stage1_steps: int = 10
-    decode_batch: int = 8
 
     def __post_init__(self) -> None:
-        for name in ("steps", "window", "stage1_steps", "decode_batch"):
+        for name in ("steps", "window", "stage1_steps"):
             if getattr(self, name) < 1:
                 raise HellomemeError(f"sampler setting {name} must be at least 1, got {getattr(self, name)}")
         if not 0 <= self.overlap < self.window:

@@ -13,9 +13,6 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-PDFGC_INPUT_SIZE = 224
-PDFGC_EMBEDDING_DIM = 548
-
 
 def _conv3x3(in_planes: int, out_planes: int) -> nn.Conv2d:
     return nn.Conv2d(in_planes, out_planes, kernel_size=3, stride=1, padding=1, bias=False)
