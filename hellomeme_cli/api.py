@@ -65,9 +65,7 @@ def animate(
     """Give the portrait `reference` the motion of `driving` and write the mp4 `output` (with the
     clip's audio). `settings` are the generation settings by name (seed, steps, guidance, fps,
     max_frames, trans_ratio, prompt, ...); the result names the seed used."""
-    run = _settings(pipe, settings)
-    prepared, run = prepare_run(Path(reference), Path(driving), Path(output), run, mode="video", force=force, cache=_cache_of(pipe))
-    return _animate(prepared, Path(driving), Path(output), run, pipe, force=force, progress=progress)
+    return _run(_animate, "video", pipe, reference, driving, output, force, progress, settings)
 
 
 def render_image(
@@ -82,21 +80,19 @@ def render_image(
 ) -> int:
     """One picture: `reference` with the head pose and expression of `driving_image`, written to
     `output`; returns the seed used."""
-    run = _settings(pipe, settings)
-    prepared, run = prepare_run(Path(reference), Path(driving_image), Path(output), run, mode="image", force=force, cache=_cache_of(pipe))
-    return _render_image(prepared, Path(driving_image), Path(output), run, pipe, force=force, progress=progress)
+    return _run(_render_image, "image", pipe, reference, driving_image, output, force, progress, settings)
 
 
-def _settings(pipe: HelloMemePipeline, values: dict[str, Any]) -> AnimateSettings:
-    """The call's generation settings on top of the pipeline's model options (which a call cannot change)."""
+def _run(make, mode: str, pipe: HelloMemePipeline, reference, driving, output, force: bool, progress: ProgressCallback, values: dict[str, Any]):
+    """The call's generation settings on top of the pipeline's model options (which a call cannot
+    change), checked with the inputs before any work (`prepare_run`), then `make`."""
     model_values = sorted(set(values) & (_MODEL_SETTINGS | {"lora"}))
     if model_values:
         raise HellomemeError(f"{', '.join(model_values)}: model settings are chosen by load_pipeline, not per call")
-    return from_values(values, AnimateSettings(models=pipe.options))
-
-
-def _cache_of(pipe: HelloMemePipeline) -> WeightCache:
-    return pipe.cache
+    settings = from_values(values, AnimateSettings(models=pipe.options))
+    reference, driving, output = Path(reference), Path(driving), Path(output)
+    prepared, settings = prepare_run(reference, driving, output, settings, mode=mode, force=force, cache=pipe.cache)
+    return make(prepared, driving, output, settings, pipe, force=force, progress=progress)
 
 
 __all__ = ["AnimateResult", "Reference", "animate", "load_pipeline", "render_image"]
