@@ -194,6 +194,8 @@ def test_image_on_non_square_sizes_is_reproducible():
     first = sampler.sample_image(inputs, settings, torch.Generator().manual_seed(3))
     assert first.shape == (1, 4, 1, 8, 16)
     assert torch.equal(first, sampler.sample_image(inputs, settings, torch.Generator().manual_seed(3)))
+    unguided = sampler.sample_image(inputs, SamplerSettings(steps=2, guidance=1.0), torch.Generator().manual_seed(3))
+    assert unguided.shape == first.shape and torch.isfinite(unguided).all() and not torch.allclose(unguided, first)
 
 
 def test_scheduler_without_a_generator_is_refused():
@@ -204,3 +206,10 @@ def test_scheduler_without_a_generator_is_refused():
             sampler.reference_net, sampler.denoiser, sampler.control_net, sampler.control_proj,
             sampler.vae_encoder, control=PDFGC, scheduler=PNDMScheduler(),
         )
+
+
+def test_v5c_without_the_reference_control_is_refused():
+    sampler = _tiny_sampler()
+    sampler.reference_control = True
+    with pytest.raises(ValueError, match="reference_control"):
+        sampler.sample_image(_random_inputs(64, 64, 1), SamplerSettings(steps=1), torch.Generator())
