@@ -91,6 +91,8 @@ class SamplerInputs:
     neg_pd_fpg: torch.Tensor | None = None
     reference_text_embeds: torch.Tensor | None = None
     reference_negative_text_embeds: torch.Tensor | None = None
+    # v5c: the reference image's own control inputs (one frame), given to its reference net.
+    reference_control: DrivingFrames | None = None
 
 
 @dataclasses.dataclass(frozen=True)

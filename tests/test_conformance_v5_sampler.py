@@ -1,0 +1,215 @@
+"""Numerical conformance of the HelloMeme v5, v5b and v5c samplers with the official code.
+
+Runs every case folder below $HELLOMEME_CONFORMANCE_DIR (default ../shared/conformance)
+whose case.json says `"kind": "sampler"` (official `HM5VideoPipeline.__call__`) or
+`"kind": "image"` (`HM5ImagePipeline.__call__`) and a version of the v5 family, through
+`HM5VideoSampler` on networks built from the case's weight folders. Seed, sizes, frame
+count, steps, guidance and control kind all come from the case, so held-out cases run
+unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+
+from conformance_case import control_from_tensors, load_case, relative_error
+from conftest import CONFORMANCE_DIR, require
+from hellomeme_cli.models import (
+    HM5ControlNetBase,
+    HM5DenoisingNet,
+    HM5MotionAdapter,
+    HM5ReferenceAdapter,
+    HM5ReferenceNet,
+    HM5SD15ControlProj,
+)
+from hellomeme_cli.models.unet import load_folder
+from hellomeme_cli.sampler import DrivingFrames, SamplerInputs, SamplerSettings
+from hellomeme_cli.sampler_hm5 import HM5VideoSampler, margin_frames, plan_hm5_windows
+from hellomeme_cli.versions import ControlKind
+from test_conformance_v5_modules import REFERENCE_WITH_OWN_CONTROL, VERSIONS, _load, _weights
+
+LATENT_TOLERANCE = 2e-5  # relative, float32 (README: a faithful implementation is within ~1e-6)
+FRAME_MAE_TOLERANCE = 1e-3
+
+ARKIT = ControlKind(
+    "blendshapes",
+    "head pose + 51 ARKit coefficients + face parts",
+    control_net="hellomeme_cli.models:HM5ControlNetBase",
+    components=(),
+    inputs=("drive_coeff", "face_parts"),
+    encoder="face_parts",
+)
+PDFGC = ControlKind(
+    "pdfgc",
+    "head pose + PD-FGC embedding",
+    control_net="hellomeme_cli.models:HM5ControlNetBase",
+    components=(),
+    inputs=("pd_fpg",),
+    encoder="pdfgc",
+)
+# case.json `control` -> kind (module cases say drive / emo, sampler cases blendshapes / pdfgc).
+CONTROL_KINDS = {"blendshapes": ARKIT, "drive": ARKIT, "arkit": ARKIT, "pdfgc": PDFGC, "emo": PDFGC}
+
+
+def _is_v5_sampler_case(case_json: Path) -> bool:
+    case = json.loads(case_json.read_text())
+    return case.get("kind") in ("sampler", "image") and case.get("version") in VERSIONS
+
+
+def _cases():
+    if not CONFORMANCE_DIR.is_dir():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no conformance data at {CONFORMANCE_DIR}"))]
+    cases = sorted(p.parent for p in CONFORMANCE_DIR.rglob("case.json") if _is_v5_sampler_case(p))
+    if not cases:
+        reason = f"no v5/v5b/v5c sampler or image cases below {CONFORMANCE_DIR}"
+        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
+    return [pytest.param(p, id=str(p.relative_to(CONFORMANCE_DIR))) for p in cases]
+
+
+def _case_sampler(folder: Path, case: dict) -> HM5VideoSampler:
+    """The sampler on the case's networks (motion adapter only when the case has one)."""
+    if case["control"] not in CONTROL_KINDS:
+        raise AssertionError(f"{folder}: unknown control kind {case['control']!r}")
+    unet = _load(folder, case, "unet")
+    motion = _load(folder, case, "hm_motion") if case["kind"] == "sampler" else None
+    return HM5VideoSampler(
+        HM5ReferenceNet(unet),
+        HM5DenoisingNet(unet, _load(folder, case, "hm_reference"), motion),
+        _load(folder, case, "hm_control_base"),
+        _load(folder, case, "hm_control_proj"),
+        load_folder(AutoencoderKL, _weights(folder, case, "vae")),
+        control=CONTROL_KINDS[case["control"]],
+        reference_control=case["version"] in REFERENCE_WITH_OWN_CONTROL,
+    )
+
+
+def _case_inputs(case: dict, io: dict) -> SamplerInputs:
+    reference_control = None
+    if case["version"] in REFERENCE_WITH_OWN_CONTROL:
+        reference_control = DrivingFrames(
+            io["in.ref_condition"], io.get("in.ref_drive_coeff"), io.get("in.ref_face_parts"), io.get("in.ref_pd_fpg")
+        )
+    return SamplerInputs(
+        ref_image=io["in.ref_image"],
+        text_embeds=io["in.text_embeds"],
+        negative_text_embeds=io["in.negative_text_embeds"],
+        control=control_from_tensors(io["in.condition"], io.get("in.drive_coeff"), io.get("in.face_parts"), io.get("in.pd_fpg")),
+        num_frames=io["in.condition"].shape[2],
+        reference_control=reference_control,
+    )
+
+
+@pytest.mark.parametrize("folder", _cases())
+def test_float32_matches_official(folder):
+    case, io = load_case(folder)
+    sampler = _case_sampler(folder, case)
+    inputs = _case_inputs(case, io)
+    assert inputs.num_frames == case.get("frames", 1)
+    settings = SamplerSettings(steps=case["steps"], guidance=case["guidance_scale"])
+    generator = torch.Generator().manual_seed(case["seed"])
+    label = f"{case['version']}/{folder.name}"
+    if case["kind"] == "sampler":
+        latents = sampler.sample(inputs, settings, generator)
+        expected_latents, expected_frames = io["out.latents"], io["out.frames"]
+    else:
+        latents = sampler.sample_image(inputs, settings, generator)
+        expected_latents, expected_frames = io["out.latents"].unsqueeze(2), io["out.image"]
+    assert latents.shape == expected_latents.shape
+    frames = torch.cat(list(sampler.decode_tensors(latents, batch=4)))
+    assert frames.shape == expected_frames.shape
+
+    latent_error = relative_error(latents, expected_latents)
+    worst_frame = max(relative_error(latents[:, :, f], expected_latents[:, :, f]) for f in range(latents.shape[2]))
+    frame_mae = (frames.double() - expected_frames.double()).abs().mean().item()
+    print(f"{label}: latents relative error {latent_error:.3e} (worst frame {worst_frame:.3e}), frames MAE {frame_mae:.3e}")
+    assert latent_error < LATENT_TOLERANCE
+    assert frame_mae < FRAME_MAE_TOLERANCE
+
+
+def test_window_plan_is_the_official_one():
+    """12-frame windows, stride 11; the trailing 1-frame window dropped; margins sorted."""
+    assert plan_hm5_windows(12) == ((0, 12),)
+    assert plan_hm5_windows(14) == ((0, 12), (11, 14))
+    assert plan_hm5_windows(23) == ((0, 12), (11, 23))  # (22, 23) dropped: frame 22 ends the window before
+    assert plan_hm5_windows(34) == ((0, 12), (11, 23), (22, 34))
+    assert margin_frames(list(range(14))) == [0, 11, 13]
+    assert margin_frames(list(range(12))) == []
+
+
+def _tiny_sampler(version: str = "v5") -> HM5VideoSampler:
+    weights = require(CONFORMANCE_DIR / "hm5_weights", "v5 tiny weights")
+    unet = load_folder(UNet2DConditionModel, weights / "unet")
+    return HM5VideoSampler(
+        HM5ReferenceNet(unet),
+        HM5DenoisingNet(
+            unet, load_folder(HM5ReferenceAdapter, weights / "hm5_reference"), load_folder(HM5MotionAdapter, weights / "hm5_motion")
+        ),
+        load_folder(HM5ControlNetBase, weights / "hm5_control_base"),
+        load_folder(HM5SD15ControlProj, weights / "hm5_control_proj"),
+        load_folder(AutoencoderKL, weights / "vae"),
+        control=PDFGC,
+    )
+
+
+def _random_inputs(height: int, width: int, frames: int, text_dim: int = 32) -> SamplerInputs:
+    g = torch.Generator().manual_seed(7)
+    return SamplerInputs(
+        ref_image=torch.rand(1, 3, height, width, generator=g) * 2 - 1,
+        text_embeds=torch.randn(1, 77, text_dim, generator=g),
+        negative_text_embeds=torch.randn(1, 77, text_dim, generator=g),
+        control=control_from_tensors(
+            torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1, pd_fpg=torch.randn(1, frames, 548, generator=g)
+        ),
+        num_frames=frames,
+    )
+
+
+@torch.no_grad()
+def test_v5_video_works_on_non_square_sizes_and_a_seed_reproduces_it():
+    """The official v5 fails unless h == w (and H, W multiples of 64); ours does not, and all
+    its noise comes from the one generator, so the same seed gives the same latents."""
+    sampler = _tiny_sampler()
+    inputs = _random_inputs(height=64, width=96, frames=3)
+    settings = SamplerSettings(steps=2, guidance=1.5)
+    first = sampler.sample(inputs, settings, torch.Generator().manual_seed(11))
+    assert first.shape == (1, 4, 3, 8, 12) and torch.isfinite(first).all()
+    again = sampler.sample(inputs, settings, torch.Generator().manual_seed(11))
+    assert torch.equal(first, again)
+    other = sampler.sample(inputs, settings, torch.Generator().manual_seed(12))
+    assert not torch.allclose(first, other)
+    frames = torch.cat(list(sampler.decode_tensors(first, batch=2)))
+    assert frames.shape == (3, 3, 64, 96) and 0 <= frames.min() and frames.max() <= 1
+
+
+@torch.no_grad()
+def test_image_on_non_square_sizes_is_reproducible():
+    sampler = _tiny_sampler()
+    inputs = _random_inputs(height=64, width=128, frames=1)
+    settings = SamplerSettings(steps=2, guidance=1.5)
+    first = sampler.sample_image(inputs, settings, torch.Generator().manual_seed(3))
+    assert first.shape == (1, 4, 1, 8, 16)
+    assert torch.equal(first, sampler.sample_image(inputs, settings, torch.Generator().manual_seed(3)))
+    unguided = sampler.sample_image(inputs, SamplerSettings(steps=2, guidance=1.0), torch.Generator().manual_seed(3))
+    assert unguided.shape == first.shape and torch.isfinite(unguided).all() and not torch.allclose(unguided, first)
+
+
+def test_scheduler_without_a_generator_is_refused():
+    """PNDM's step takes no generator: official v5 then draws the SDE noise from torch's global state."""
+    sampler = _tiny_sampler()
+    with pytest.raises(ValueError, match="takes no generator"):
+        HM5VideoSampler(
+            sampler.reference_net, sampler.denoiser, sampler.control_net, sampler.control_proj,
+            sampler.vae_encoder, control=PDFGC, scheduler=PNDMScheduler(),
+        )
+
+
+def test_v5c_without_the_reference_control_is_refused():
+    sampler = _tiny_sampler()
+    sampler.reference_control = True
+    with pytest.raises(ValueError, match="reference_control"):
+        sampler.sample_image(_random_inputs(64, 64, 1), SamplerSettings(steps=1), torch.Generator())
