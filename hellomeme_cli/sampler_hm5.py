@@ -151,7 +151,7 @@ class HM5VideoSampler:
         progress: ProgressCallback = no_progress,
     ) -> torch.Tensor:
         """-> final latents divided by the VAE scaling factor, (1, 4, F, h, w) float32.
-        Of `settings` only steps, guidance (and decode_batch for decoding) apply: the windows are fixed."""
+        Of `settings` only steps and guidance apply: the windows are fixed."""
         if self.denoiser.motion_adapter is None:
             raise ValueError("video sampling needs the motion adapter (hm5_motion) in the denoiser")
         # 1. Reference latent, the reference net's cache and the unconditional control.
