@@ -196,7 +196,7 @@ def _with_generation_options(command: Callable[..., None]) -> Callable[..., None
 @_with_generation_options
 def animate(
     reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
-    drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes.")],
+    drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes, or its `hellomeme track` .npz (silent output).")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE.mp4 in the current folder).")
     ] = None,
@@ -206,16 +206,18 @@ def animate(
     settings: AnimateSettings,
 ) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
+    from .driving import check_driving
     from .pipeline import animate as run_animate, default_output
-    from .video import probe_video
 
     output = output or default_output(reference, drive)
-    source, settings, cache = _prepare_run(reference, drive, output, device, force, settings, probe_video)
+    source, settings, cache = _prepare_run(reference, drive, output, device, force, settings, check_driving)
     with _progress_bars() as report:
         result = run_animate(source, drive, output, settings, _load_models(settings, cache, report), force=force, progress=report)
     out.print(
         f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, seed {result.seed}, "
-        f"{result.faceless_frames} driving frames without a face (filled), {result.seconds:.0f} s",
+        f"{result.faceless_frames} driving frames without a face (filled), "
+        + (f"{result.repeated_frames} driving frames repeated and {result.dropped_frames} dropped for the rate, " if result.repeated_frames or result.dropped_frames else "")
+        + f"{result.seconds:.0f} s",
         highlight=False,
     )
 
@@ -224,7 +226,7 @@ def animate(
 @_with_generation_options
 def image(
     reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
-    drive_image: Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes.")],
+    drive_image: Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes, or a `hellomeme track` .npz (its first frame with a face).")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE.png in the current folder).")
     ] = None,
@@ -234,11 +236,11 @@ def image(
     settings: AnimateSettings,
 ) -> None:
     """One picture: the portrait with the head pose and expression of another picture."""
+    from .driving import check_driving_image
     from .pipeline import default_output, render_image
-    from .video import read_image
 
     output = output or default_output(reference, drive_image, ".png")
-    source, settings, cache = _prepare_run(reference, drive_image, output, device, force, settings, read_image)
+    source, settings, cache = _prepare_run(reference, drive_image, output, device, force, settings, check_driving_image)
     with _progress_bars() as report:
         seed = render_image(source, drive_image, output, settings, _load_models(settings, cache, report), force=force, progress=report)
     out.print(f"wrote {output}, seed {seed}", highlight=False)
@@ -357,9 +359,10 @@ def track(
     max_frames: Annotated[int | None, typer.Option(help="Track only the first N frames.")] = None,
     force: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
 ) -> None:
-    """Track the face through a clip: save landmarks, expression scores and head pose per frame."""
-    from .preview import save_track, write_preview
-    from .tracking import Smoothing, default_model_path, track_video
+    """Track the face through a clip: save its motion template (landmarks, expression scores, head pose, face patches, timing) to drive animate, image and batch without the clip."""
+    from .driving import save_template, track_clip
+    from .preview import write_preview
+    from .tracking import Smoothing, default_model_path
     from .video import check_destination, read_frames
 
     output = output or Path.cwd() / f"{drive.stem}.track.npz"
@@ -369,12 +372,12 @@ def track(
         raise HellomemeError(f"--max-frames must be at least 1 (got {max_frames})")
     smoothing = Smoothing(min_cutoff=smooth_cutoff, beta=smooth_beta) if smooth else None
     model = default_model_path()
-    with _progress_bars() as report:
-        face_track = track_video(
-            drive, face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model, progress=report
-        )
-        save_track(face_track, output, force=force, protect=[drive])
-        if preview:
+    with _progress_bars() as report, track_clip(
+        drive, face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model, progress=report
+    ) as template:
+        face_track = template.track
+        save_template(template, output, force=force, protect=[drive])
+        if preview:  # the preview shows whole frames: the clip is decoded a second time for it
             frames = read_frames(drive, len(face_track))
             write_preview(face_track, frames, preview, audio_from=drive, force=force, protect=[drive], progress=report)
     out.print(
