@@ -536,5 +536,5 @@ def _tail(file) -> str:
 def _last_line(text: str) -> str:
     """ffmpeg's last message, without its `[component @ 0x...]` prefixes."""
     lines = [re.sub(r"^(\[[^\]]*\]\s*)+", "", line).strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line for line in lines if line and not line.startswith("Last message repeated")]
     return lines[-1] if lines else ""

@@ -96,10 +96,10 @@ def test_image_takes_the_first_frame_with_a_face_of_a_template(workdir):
 
 
 def variable_rate_clip(path: Path) -> Path:
-    """qie.mp4's 38 frames, 1/20 s apart for the first 20, then 1/10 s apart, with its audio."""
+    """qie.mp4's 38 frames, 1/20 s apart for the first 20, then 0.08 s apart (2.44 s), with its audio."""
     source = require(MEDIA / "qie.mp4", "clip")
-    timing = "setpts='if(lte(N,20),0.05*N,1+0.1*(N-20))/TB'"
-    command = [ffmpeg_exe(), "-y", "-v", "error", "-i", str(source), "-vf", timing, "-fps_mode", "vfr"]
+    timing = "setpts='if(lte(N,20),0.05*N,1+0.08*(N-20))/TB'"
+    command = [ffmpeg_exe(), "-y", "-v", "error", "-i", str(source), "-vf", timing, "-fps_mode", "vfr", "-enc_time_base", "1:1000"]
     subprocess.run([*command, "-c:v", "libx264", "-c:a", "aac", str(path)], check=True)
     return path
 
@@ -107,13 +107,14 @@ def variable_rate_clip(path: Path) -> Path:
 def test_a_variable_rate_clip_keeps_its_duration_and_its_audio(workdir):
     clip = variable_rate_clip(workdir / "vfr.mp4")
     info = probe_video(clip)
-    assert info.variable_rate and info.frame_count == 38 and info.duration == pytest.approx(2.8, abs=0.01)
+    assert info.variable_rate and info.frame_count == 38 and info.duration == pytest.approx(2.44, abs=0.01)
     assert info.rate == Fraction(24000, 1001)  # the lowest standard rate at least 20 fps: no frame dropped
     output = invoke("animate", require(MEDIA / "majicmix1.jpg", "portrait"), clip, *FAST, "--window", "8", "-o", "out.mp4")
     written = probe_video(workdir / "out.mp4")
     assert written.rate == info.rate and abs(written.duration - info.duration) <= 1 / written.fps
     assert abs(audio_duration(workdir / "out.mp4") - info.duration) <= 1 / written.fps
-    assert "dropped" in output and " 0 dropped" in output
+    assert written.frame_count == round(info.duration * info.fps)  # 58 frames: 1.58 s if one per driving frame
+    assert "repeated and 0 dropped" in output
 
 
 def test_timing_picks_the_frame_on_screen_and_reports_repeats_and_drops():
@@ -159,3 +160,22 @@ def test_batch_keeps_each_clip_tracked_and_a_rerun_with_other_settings_does_not_
     assert probe_video(folder / "hellomeme" / "majicmix1_jue.mp4").frame_count == 3
     invoke(*common, "--steps", "2", "--face-index", "0", "--no-smooth", "--window", "3", "--overlap", "0")
     assert len(calls) == 2  # another tracking setting: tracked again
+
+
+def test_a_clip_that_fails_mid_decode_ends_in_one_line_and_leaves_no_output(workdir):
+    clip = workdir / "damaged.mov"  # motion JPEG: every frame demuxes, the second half does not decode
+    good = require(MEDIA / "qie.mp4", "clip")
+    subprocess.run([ffmpeg_exe(), "-y", "-v", "error", "-i", str(good), "-frames:v", "12", "-an", "-c:v", "mjpeg", str(clip)], check=True)
+    data = bytearray(clip.read_bytes())
+    noise = np.random.default_rng(1).integers(0, 256, len(data) // 4, dtype=np.uint8).tobytes()
+    data[len(data) // 2 : len(data) // 2 + len(noise)] = noise
+    clip.write_bytes(bytes(data))
+    assert probe_video(clip).frame_count == 12  # the probe only demuxes: the damage shows when decoding
+    reference = require(MEDIA / "majicmix1.jpg", "portrait")
+    result = subprocess.run(
+        [sys.executable, "-m", "hellomeme_cli", "animate", *FAST, str(reference), str(clip), "-o", "out.mp4"],
+        capture_output=True, text=True, cwd=workdir,
+    )
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("seed ")]
+    assert result.returncode == 1 and len(lines) == 1 and "corrupt or truncated" in lines[0], result.stderr
+    assert sorted(path.name for path in workdir.iterdir()) == ["damaged.mov"]
