@@ -45,7 +45,7 @@ from .weights import WeightCache, sha256_of
 DIGEST_TAG = "hellomeme_batch"  # the output's metadata key holding the digest of what made it
 OUTPUT_FOLDER = "hellomeme"  # default output folder, inside the clips' folder (or beside the CSV)
 REPORT_NAME = "batch-report.json"
-TRACK_CACHE = ".tracks"  # in each output folder: the motion template of every clip tracked, reused by later runs
+TRACK_CACHE = "tracks"  # in the weight cache's home: the motion template of every clip tracked, reused by later runs
 DRIVE_SUFFIXES = (*VIDEO_SUFFIXES, TEMPLATE_SUFFIX)
 STATUSES = ("ok", "failed", "skipped")
 DONE = "already done with the same settings"
@@ -439,7 +439,7 @@ class _ClipMaker:
             models = self._models(job.settings.models, progress)
             result = animate(
                 task.reference, job.driving, job.output, settings, models,
-                force=task.replace, progress=progress, extra_tags={DIGEST_TAG: task.digest}, track_cache=job.output.parent / TRACK_CACHE,
+                force=task.replace, progress=progress, extra_tags={DIGEST_TAG: task.digest}, track_cache=self.cache.home / TRACK_CACHE,
             )
         except Exception as error:
             return dataclasses.replace(made, status="failed", reason=_reason(error), seconds=round(time.monotonic() - started, 2))
