@@ -35,7 +35,8 @@ import torch
 from . import __version__
 from .engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device
 from .errors import HellomemeError
-from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, output_timing
+from .driving import TEMPLATE_SUFFIX, expected_frames
+from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .settings import Setting, all_settings, digest_values, from_values, parse_cell
 from .tracking import MODEL_FILE
@@ -48,6 +49,8 @@ from .weights import WeightCache, sha256_of
 DIGEST_TAG = "hellomeme_batch"  # the output's metadata key holding the digest of what made it
 OUTPUT_FOLDER = "hellomeme"  # default output folder, inside the clips' folder (or beside the CSV)
 REPORT_NAME = "batch-report.json"  # and beside it batch-report.log: the traceback of every failure
+TRACK_CACHE = "tracks"  # in the weight cache's home: the motion template of every clip tracked, reused by later runs
+DRIVE_SUFFIXES = (*VIDEO_SUFFIXES, TEMPLATE_SUFFIX)
 STATUSES = ("ok", "failed", "skipped")
 DONE = "already done with the same settings"
 NOT_RUN = "not run: the batch stopped first"
@@ -127,13 +130,13 @@ def plan_folder(
     output_dir = Path(output_dir) if output_dir else folder / OUTPUT_FOLDER
     report = Path(report) if report else output_dir / REPORT_NAME
     files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
-    outputs = {clip: default_output(reference, clip, folder=output_dir) for clip in files if clip.suffix.lower() in VIDEO_SUFFIXES}
+    outputs = {clip: default_output(reference, clip, folder=output_dir) for clip in files if clip.suffix.lower() in DRIVE_SUFFIXES}
     ours = {_identity(path) for path in (reference, report, *outputs.values())}
     jobs = [BatchJob(reference, clip, output, settings) for clip, output in outputs.items() if _identity(clip) not in ours]
     rejected = [
-        ClipReport(path, reference, None, "failed", f"{path}: not a video (clips end in {', '.join(VIDEO_SUFFIXES)})")
+        ClipReport(path, reference, None, "failed", f"{path}: not a video (clips end in {', '.join(DRIVE_SUFFIXES)})")
         for path in files
-        if path.suffix.lower() not in VIDEO_SUFFIXES and _identity(path) not in ours
+        if path.suffix.lower() not in DRIVE_SUFFIXES and _identity(path) not in ours
     ]
     _check_outputs(jobs, [str(job.driving) for job in jobs], "rename one, or name the outputs in a --pairs CSV")
     return BatchPlan(tuple(jobs), tuple(rejected), report)
@@ -360,12 +363,7 @@ def _existing_output(job: BatchJob, digest: str | None, force: bool) -> tuple[st
 
 def _expected_frames(job: BatchJob) -> int | None:
     """How many frames the clip's output has: one per driving frame (up to --max-frames), resampled by --fps."""
-    try:
-        clip = probe_video(job.driving)
-    except HellomemeError:
-        return None
-    count = min(clip.frame_count, job.settings.max_frames or clip.frame_count)
-    return len(output_timing(count, clip.rate, job.settings)[1])
+    return expected_frames(job.driving, job.settings)
 
 
 class _Ledger:
@@ -425,7 +423,7 @@ class _ClipMaker:
             models = self._models(job.settings.models, progress)
             result = animate(
                 task.reference, job.driving, job.output, settings, models,
-                force=task.replace, progress=progress, extra_tags={DIGEST_TAG: task.digest},
+                force=task.replace, progress=progress, extra_tags={DIGEST_TAG: task.digest}, track_cache=self.cache.home / TRACK_CACHE,
             )
         except Exception as error:
             return dataclasses.replace(

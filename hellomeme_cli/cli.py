@@ -155,7 +155,7 @@ DEFAULT_VERSIONS = {"video": DEFAULT_VIDEO_VERSION, "image": DEFAULT_IMAGE_VERSI
 @_with_generation_options("video")
 def animate(
     reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
-    drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes.")],
+    drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes, or its `hellomeme track` .npz (silent output).")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE.mp4 in the current folder).")
     ] = None,
@@ -172,7 +172,9 @@ def animate(
         result = run_animate(source, drive, output, settings, _load_models(settings, cache, report), force=force, progress=report)
     out.print(
         f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, seed {result.seed}, "
-        f"{result.faceless_frames} driving frames without a face (filled), {result.seconds:.0f} s",
+        f"{result.faceless_frames} driving frames without a face (filled), "
+        + (f"{result.repeated_frames} driving frames repeated and {result.dropped_frames} dropped for the rate, " if result.repeated_frames or result.dropped_frames else "")
+        + f"{result.seconds:.0f} s",
         highlight=False,
     )
 
@@ -181,7 +183,7 @@ def animate(
 @_with_generation_options("image")
 def image(
     reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
-    drive_image: Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes.")],
+    drive_image: Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes, or a `hellomeme track` .npz (its first frame with a face).")],
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE.png in the current folder).")
     ] = None,
@@ -301,9 +303,10 @@ def track(
     max_frames: Annotated[int | None, typer.Option(help="Track only the first N frames.")] = None,
     force: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
 ) -> None:
-    """Track the face through a clip: save landmarks, expression scores and head pose per frame."""
-    from .preview import save_track, write_preview
-    from .tracking import Smoothing, default_model_path, track_video
+    """Track the face through a clip: save its motion template (landmarks, expression scores, head pose, face patches, timing) to drive animate, image and batch without the clip."""
+    from .driving import save_template, track_clip
+    from .preview import write_preview
+    from .tracking import Smoothing, default_model_path
     from .video import check_destination, read_frames
 
     output = output or Path.cwd() / f"{drive.stem}.track.npz"
@@ -313,12 +316,12 @@ def track(
         raise HellomemeError(f"--max-frames must be at least 1 (got {max_frames})")
     smoothing = Smoothing(min_cutoff=smooth_cutoff, beta=smooth_beta) if smooth else None
     model = default_model_path()
-    with _progress_bars() as report:
-        face_track = track_video(
-            drive, face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model, progress=report
-        )
-        save_track(face_track, output, force=force, protect=[drive])
-        if preview:
+    with _progress_bars() as report, track_clip(
+        drive, face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model, progress=report
+    ) as template:
+        face_track = template.track
+        save_template(template, output, force=force, protect=[drive])
+        if preview:  # the preview shows whole frames: the clip is decoded a second time for it
             frames = read_frames(drive, len(face_track))
             write_preview(face_track, frames, preview, audio_from=drive, force=force, protect=[drive], progress=report)
     out.print(

@@ -1,7 +1,7 @@
 """The animate pipeline: reference and driving clip in, mp4 out, as numbered steps.
 
-1. read and track the driving clip, and the reference picture
-2. driving signals: crops, head pose, expression, face-part embeddings
+1. read the reference picture; track the driving clip (one decode) or load its motion template
+2. the output's timing and the driving signals: crops, head pose, expression, face-part embeddings
 3. the reference net's cache and the prompt (once per clip)
 4. the two-stage sampler (stage 1 per frame, stage 2 over overlapping windows)
 5. decode and write the mp4 with the driving audio, frames streamed to the encoder
@@ -10,10 +10,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 import time
-from collections.abc import Iterable, Iterator, Mapping
-from fractions import Fraction
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -25,12 +23,13 @@ from .errors import HellomemeError
 from .pasteback import PasteBack, head_travel
 from .progress import ProgressCallback, no_progress
 from .sampler import DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
+from .driving import check_driving, check_driving_image, prepare_driving, prepare_driving_image
 from .settings import AnimateSettings
-from .signals import DrivingSignals, ReferenceFace, build_driving_signals, prepare_reference
-from .tracking import MODEL_FILE, FaceTrack, Smoothing, track_image, track_video
+from .signals import DrivingSignals, ReferenceFace, prepare_reference
+from .tracking import MODEL_FILE, track_image
 from .versions import get_version
+from .video import check_destination, read_image, write_image, write_video
 from .weights import WeightCache
-from .video import check_destination, probe_video, read_frames, read_image, write_image, write_video
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 SEED_TAG = "hellomeme_seed"  # the output's metadata key holding the seed it was made with
@@ -44,6 +43,8 @@ class AnimateResult:
     seed: int
     faceless_frames: int  # driving frames with no face, filled from their neighbours
     seconds: float
+    repeated_frames: int = 0  # output frames repeating a driving frame (the output rate is above the clip's)
+    dropped_frames: int = 0  # driving frames no output frame shows (the output rate is below the clip's)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +69,7 @@ def prepare_run(
     check_destination(output, force, [reference, driving])
     check_options(options)
     read_image(reference)  # an unreadable picture is said before missing weights
-    (probe_video if mode == "video" else read_image)(driving)
+    (check_driving if mode == "video" else check_driving_image)(driving)
     cache = cache or WeightCache()
     face_model = cache.require(options.spec.components(options.control, mode))["face_landmarker"] / MODEL_FILE
     return load_reference(reference, settings, face_model), settings
@@ -97,29 +98,19 @@ def animate(
     force: bool = False,
     progress: ProgressCallback = no_progress,
     extra_tags: Mapping[str, str] | None = None,
+    track_cache: Path | None = None,
 ) -> AnimateResult:
-    """Give the reference portrait the driving clip's motion; write `output` (mp4 with the clip's audio,
-    its metadata naming the seed, plus `extra_tags`)."""
+    """Give the reference portrait the driving clip's motion (or a motion template's); write `output`
+    (mp4 with the clip's audio, silent from a template, its metadata naming the seed, plus
+    `extra_tags`). With `track_cache` a clip tracked before with the same tracking settings is not
+    tracked again."""
     started = time.monotonic()
     settings = settings.with_seed()
     check_destination(output, force, [reference.path, driving])
 
-    # 1. Read and track the driving clip (the reference picture was read by `load_reference`).
-    info = probe_video(driving)
-    track = track_video(
-        driving,
-        face_index=settings.face_index,
-        smoothing=Smoothing() if settings.smoothing else None,
-        max_frames=settings.max_frames,
-        model_path=models.face_model,
-        progress=progress,
-    )
-    fps, shown = output_timing(len(track), info.rate, settings)
-    track = select_frames(track, shown, float(fps))
-
-    # 2. Driving signals: head pose, expression, face-part embeddings (frames read a second time, streamed).
-    shown_frames = frames_at(read_frames(driving, settings.max_frames), shown)
-    signals = _driving_signals(track, shown_frames, reference, settings, models, progress)
+    # 1 and 2. Track the driving clip (decoded once) or load its template, the output's timing, the driving signals.
+    drive = prepare_driving(driving, reference.face, settings, models, progress=progress, track_cache=track_cache)
+    signals, fps = drive.signals, drive.timing.rate
 
     # 3 and 4. Prompt, reference cache and the two-stage sampler.
     sampler = _sampler(models)
@@ -136,10 +127,13 @@ def animate(
         frames = PasteBack.from_reference(reference.picture, reference.face, travel=head_travel(signals))(frames)
     metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed), **(extra_tags or {})}
     write_video(
-        frames, output, fps, audio_from=driving, metadata=metadata, force=force, protect=[reference.path, driving],
+        frames, output, fps, audio_from=drive.audio, metadata=metadata, force=force, protect=[reference.path, driving],
         progress=progress, total=len(signals),
     )
-    return AnimateResult(output, len(signals), float(fps), settings.seed, track.filled_count, time.monotonic() - started)
+    return AnimateResult(
+        output, len(signals), float(fps), settings.seed, drive.faceless_frames, time.monotonic() - started,
+        drive.timing.repeated, drive.timing.dropped,
+    )
 
 
 def render_image(
@@ -156,9 +150,7 @@ def render_image(
     image pipeline: all steps with the 2D denoiser); returns the seed used."""
     settings = settings.with_seed()
     check_destination(output, force, [reference.path, driving_image])
-    image = read_image(driving_image)
-    track = track_image(image, face_index=settings.face_index, name=str(driving_image), model_path=models.face_model)
-    signals = _driving_signals(track, [image], reference, settings, models, progress)
+    signals = prepare_driving_image(driving_image, reference.face, settings, models, progress=progress)
     sampler = _sampler(models)
     latents = sampler.sample_image(
         _sampler_inputs(reference.face, signals, settings, models),
@@ -171,28 +163,6 @@ def render_image(
         frame = PasteBack.from_reference(reference.picture, reference.face).paste(frame)
     write_image(frame, output, force=force, protect=[reference.path, driving_image])
     return settings.seed
-
-
-def _driving_signals(
-    track: FaceTrack,
-    frames: Iterable[np.ndarray],
-    reference: Reference,
-    settings: AnimateSettings,
-    models: HelloMemePipeline,
-    progress: ProgressCallback,
-) -> DrivingSignals:
-    return build_driving_signals(
-        track,
-        frames,
-        reference.face,
-        image_encoder=models.image_encoder,
-        fan_encoder=models.fan_encoder,
-        device=models.device,
-        dtype=models.dtype,
-        crop=settings.crop,
-        trans_ratio=settings.trans_ratio,
-        progress=progress,
-    )
 
 
 def _sampler(models: HelloMemePipeline) -> VideoSampler:
@@ -227,50 +197,6 @@ def _sampler_inputs(
     )
 
 
-def output_timing(frame_count: int, rate: Fraction, settings: AnimateSettings) -> tuple[Fraction, np.ndarray]:
-    """The output's exact frame rate, and which of the clip's `frame_count` frames shows at each of
-    its frames (all of them, unless `settings.fps` asks for another rate)."""
-    if settings.fps is None or math.isclose(settings.fps, float(rate), rel_tol=1e-6):
-        return rate, np.arange(frame_count)
-    fps = Fraction(settings.fps).limit_denominator(1001)
-    return fps, resample_indices(frame_count, float(rate), float(fps))
-
-
-def select_frames(track: FaceTrack, indices: np.ndarray, fps: float) -> FaceTrack:
-    """The track's rows at `indices` (repeats allowed), at a new frame rate."""
-    return dataclasses.replace(
-        track,
-        landmarks=track.landmarks[indices],
-        blendshapes=track.blendshapes[indices],
-        matrices=track.matrices[indices],
-        filled=track.filled[indices],
-        fps=fps,
-    )
-
-
-def frames_at(frames: Iterable[np.ndarray], indices: np.ndarray) -> Iterator[np.ndarray]:
-    """The frames at non-decreasing `indices` of a stream, each as often as it is named."""
-    wanted = iter(indices.tolist())
-    target = next(wanted, None)
-    for index, frame in enumerate(frames):
-        while target == index:
-            yield frame
-            target = next(wanted, None)
-        if target is None:
-            return
-
-
 def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder: Path | None = None) -> Path:
     """`<reference>_<driving>.mp4` in the current folder (or `folder`)."""
     return (folder or Path.cwd()) / f"{reference.stem}_{driving.stem}{suffix}"
-
-
-def resample_indices(frame_count: int, source_fps: float, target_fps: float) -> np.ndarray:
-    """Which source frame shows at each output frame when the rate changes: the one on screen at
-    that instant (as ffmpeg's fps filter picks), keeping the clip's duration."""
-    if frame_count < 1:
-        return np.zeros(0, dtype=np.int64)
-    duration = frame_count / source_fps
-    count = max(1, round(duration * target_fps))
-    times = np.arange(count) / target_fps
-    return np.minimum(np.floor(times * source_fps + 1e-6).astype(np.int64), frame_count - 1)

@@ -1,5 +1,5 @@
-"""What `hellomeme track` writes: the per-frame track as .npz, and a preview video a person
-can check at a glance (the clip crop, landmarks, the pose square, expression bars)."""
+"""The preview video `hellomeme track --preview` writes, for a person to check a track at a glance
+(the clip crop, landmarks, the pose square, expression bars); the template itself is driving.py's."""
 
 from __future__ import annotations
 
@@ -12,52 +12,11 @@ import numpy as np
 from .progress import ProgressCallback, no_progress
 from .signals import POSE_EDGES, SquareCrop, clip_crop, crop_track, head_pose, pose_square
 from .tracking import BLENDSHAPE_NAMES, FaceTrack
-from .video import check_destination, temporary_beside, write_video
+from .video import write_video
 
-TRACK_FORMAT = 1
 # The scores drawn as bars: the ones that move most in speech and memes.
 PREVIEW_SCORES = ("jawOpen", "eyeBlinkLeft", "eyeBlinkRight", "mouthSmileLeft", "mouthSmileRight", "browInnerUp", "mouthPucker")
 _BAR_WIDTH, _BAR_HEIGHT, _MARGIN = 150, 12, 8
-
-
-def save_track(track: FaceTrack, path: Path, *, force: bool = False, protect: Iterable[Path] = ()) -> Path:
-    """Write the track (and its head pose in the official convention) as .npz, atomically."""
-    path = Path(path)
-    check_destination(path, force, protect)
-    angles, translations = head_pose(track)
-    temporary = temporary_beside(path)
-    try:
-        with temporary.open("xb") as file:  # a file object: np.savez would add ".npz" to a name
-            np.savez_compressed(
-                file,
-                format=TRACK_FORMAT,
-                landmarks=track.landmarks,
-                blendshapes=track.blendshapes,
-                blendshape_names=np.array(BLENDSHAPE_NAMES),
-                matrices=track.matrices,
-                pose_angles=angles.astype(np.float32),
-                pose_translations=translations.astype(np.float32),
-                filled=track.filled,
-                fps=track.fps,
-                size=np.array(track.size),
-            )
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
-
-
-def load_track(path: Path) -> FaceTrack:
-    """A track saved by `save_track`."""
-    with np.load(path) as data:
-        return FaceTrack(
-            landmarks=data["landmarks"],
-            blendshapes=data["blendshapes"],
-            matrices=data["matrices"],
-            filled=data["filled"],
-            fps=float(data["fps"]),
-            size=tuple(int(v) for v in data["size"]),
-        )
 
 
 def write_preview(

@@ -155,7 +155,35 @@ class _Clip:
     negative_control: ControlFeatures | None
 
 
-class VideoSampler:
+class LatentDecoder:
+    """Decoding shared by every sampler: the VAE turns latents into frames batch by batch, as an
+    iterator, so frames stream to the writer and memory stays flat in clip length. Needs
+    `vae_decoder` and `device`."""
+
+    @torch.no_grad()
+    def decode_tensors(
+        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
+    ) -> Iterator[torch.Tensor]:
+        """latents from `sample` -> (n, 3, H, W) float32 frames in [0, 1] on the device, n <= batch."""
+        num_frames = latents.shape[2]
+        progress(ProgressEvent("decode", 0, num_frames, "frames"))
+        for start in range(0, num_frames, batch):
+            stop = min(start + batch, num_frames)
+            z = latents[0, :, start:stop].transpose(0, 1).to(self.device, self.vae_decoder.dtype)
+            images = (self.vae_decoder.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
+            # Reported before the batch is handed on, so the consumer's time is not counted as decoding.
+            progress(ProgressEvent("decode", stop, num_frames, "frames"))
+            yield images
+
+    def decode(
+        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
+    ) -> Iterator[np.ndarray]:
+        """latents from `sample` -> RGB uint8 frames (n, H, W, 3), batch by batch, ready to stream to a writer."""
+        for images in self.decode_tensors(latents, batch, progress):
+            yield (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+class VideoSampler(LatentDecoder):
     """Turns a reference image, prompt embeddings and per-frame driving signals into video
     latents with the HelloMeme v1 networks (on any one device, any dtype)."""
 
@@ -371,28 +399,6 @@ class VideoSampler:
             else:
                 negative[name] = torch.zeros_like(getattr(first, name))
         return self._control_features(DrivingFrames(torch.full_like(first.condition, -1.0), **negative))
-
-    @torch.no_grad()
-    def decode_tensors(
-        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
-    ) -> Iterator[torch.Tensor]:
-        """latents from `sample` -> (n, 3, H, W) float32 frames in [0, 1] on the device, n <= batch."""
-        num_frames = latents.shape[2]
-        progress(ProgressEvent("decode", 0, num_frames, "frames"))
-        for start in range(0, num_frames, batch):
-            stop = min(start + batch, num_frames)
-            z = latents[0, :, start:stop].transpose(0, 1).to(self.device, self.vae_decoder.dtype)
-            images = (self.vae_decoder.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
-            # Reported before the batch is handed on, so the consumer's time is not counted as decoding.
-            progress(ProgressEvent("decode", stop, num_frames, "frames"))
-            yield images
-
-    def decode(
-        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
-    ) -> Iterator[np.ndarray]:
-        """latents from `sample` -> RGB uint8 frames (n, H, W, 3), batch by batch, ready to stream to a writer."""
-        for images in self.decode_tensors(latents, batch, progress):
-            yield (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _draw(generator: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:

@@ -32,9 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
-from collections.abc import Iterator
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -43,7 +41,7 @@ from .errors import HellomemeError
 from .models import HM5ControlNetBase, HM5DenoisingNet, HM5ReferenceNet, HM5SD15ControlProj, motion_pad_states
 from .models.unet import ControlFeatures, ReferenceCache
 from .progress import ProgressCallback, ProgressEvent, no_progress
-from .sampler import ControlSource, DrivingFrames, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
+from .sampler import ControlSource, DrivingFrames, LatentDecoder, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
 from .versions import ControlKind
 
 # The official windows: 12 frames, neighbours sharing one frame (`HM5VideoPipeline.num_frames`).
@@ -101,7 +99,7 @@ class _Clip:
     negative_control: ControlFeatures | None
 
 
-class HM5VideoSampler:
+class HM5VideoSampler(LatentDecoder):
     """Turns a reference image, prompt embeddings and per-frame driving signals into video
     latents (v5, v5b) or one image (v5, v5b, v5c) with the HelloMeme v5-family networks."""
 
@@ -309,27 +307,6 @@ class HM5VideoSampler:
             raise ValueError(f"the {self.control.name} control needs {', '.join(missing)} in the driving frames")
         zeros = {name: torch.zeros_like(getattr(first, name)) for name in self.control.inputs}
         return self._control_features(DrivingFrames(torch.full_like(first.condition, -1.0), **zeros))
-
-    @torch.no_grad()
-    def decode_tensors(
-        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
-    ) -> Iterator[torch.Tensor]:
-        """latents from `sample` / `sample_image` -> (n, 3, H, W) float32 frames in [0, 1] on the device, n <= batch."""
-        num_frames = latents.shape[2]
-        progress(ProgressEvent("decode", 0, num_frames, "frames"))
-        for start in range(0, num_frames, batch):
-            stop = min(start + batch, num_frames)
-            z = latents[0, :, start:stop].transpose(0, 1).to(self.device, self.vae_decoder.dtype)
-            images = (self.vae_decoder.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
-            progress(ProgressEvent("decode", stop, num_frames, "frames"))
-            yield images
-
-    def decode(
-        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
-    ) -> Iterator[np.ndarray]:
-        """latents -> RGB uint8 frames (n, H, W, 3), batch by batch, ready to stream to a writer."""
-        for images in self.decode_tensors(latents, batch, progress):
-            yield (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 def _with_negative(features: ControlFeatures, negative: ControlFeatures | None) -> ControlFeatures:

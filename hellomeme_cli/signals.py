@@ -205,6 +205,78 @@ def crop_track(track: FaceTrack, crop: SquareCrop) -> FaceTrack:
 
 
 # ========================================================================================
+# Face patches: what the crops are cut from, kept while the clip is decoded once
+# ========================================================================================
+
+# The square kept around each frame's face: 2.5 x the face size (the PD-FGC crop, the widest,
+# spans about 2 face sizes below the eyes, turned up to 45 degrees), stored at 448 pixels, which
+# is finer than the working frame at any working size up to 512 (3 face sizes in 512 pixels).
+PATCH_FACE_SCALE = 2.5
+PATCH_SIZE = 448
+
+
+def face_patch_box(landmarks: np.ndarray | None, frame_size: tuple[int, int]) -> np.ndarray:
+    """(left, top, side) in source pixels of the square kept around a face: PATCH_FACE_SCALE x the
+    longer side of its box, centred on it; the whole frame (letterboxed) where no face is known."""
+    if landmarks is None:
+        width, height = frame_size
+        side = float(max(width, height))
+        return np.array([(width - side) * 0.5, (height - side) * 0.5, side])
+    points = landmarks[FACE_EXTENT_LANDMARKS, :2].astype(np.float64)
+    low, high = points.min(axis=0), points.max(axis=0)
+    side = max((high - low).max() * PATCH_FACE_SCALE, 1.0)
+    centre = (low + high) * 0.5
+    return np.array([centre[0] - side * 0.5, centre[1] - side * 0.5, side])
+
+
+def cut_patch(frame: np.ndarray, box: np.ndarray, size: int = PATCH_SIZE) -> np.ndarray:
+    """The box of a source RGB frame resized to size x size (bicubic, black outside the frame),
+    sampled as `SquareCrop.apply` samples (pixel centres)."""
+    left, top, side = box
+    step = side / size
+    matrix = np.array([[step, 0.0, left + 0.5 * step - 0.5], [0.0, step, top + 0.5 * step - 0.5]])
+    return cv2.warpAffine(frame, matrix, (size, size), flags=cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP, borderValue=0)
+
+
+@dataclasses.dataclass
+class FacePatches:
+    """Per driving frame the square around the face (`face_patch_box`, `cut_patch`): all the
+    face-part and PD-FGC crops need of a frame, so the clip is decoded once, while it is tracked,
+    before the clip's crop square is known. `order` picks and repeats frames (output timing)
+    without copying `pixels`, which may be a memory-mapped file."""
+
+    pixels: np.ndarray  # (n, PATCH_SIZE, PATCH_SIZE, 3) uint8
+    boxes: np.ndarray  # (n, 3) float64: left, top, side in source pixels
+    order: np.ndarray | None = None
+
+    def __len__(self) -> int:
+        return len(self.boxes) if self.order is None else len(self.order)
+
+    def select(self, indices: np.ndarray) -> FacePatches:
+        indices = np.asarray(indices, dtype=np.int64)
+        return dataclasses.replace(self, order=indices if self.order is None else self.order[indices])
+
+    def working(self, square: SquareCrop) -> Iterator[np.ndarray]:
+        """Each frame as `square.apply` would give it, around the face (black beyond the patch)."""
+        for index in range(len(self.boxes)) if self.order is None else self.order.tolist():
+            yield self.working_frame(index, square)
+
+    def working_frame(self, index: int, square: SquareCrop) -> np.ndarray:
+        patch = np.asarray(self.pixels[index])
+        left, top, side = self.boxes[index]
+        to_patch = len(patch) / side
+        step_x, step_y = square.width / square.size, square.height / square.size
+        matrix = np.array(
+            [
+                [step_x * to_patch, 0.0, (square.left - left + 0.5 * step_x) * to_patch - 0.5],
+                [0.0, step_y * to_patch, (square.top - top + 0.5 * step_y) * to_patch - 0.5],
+            ]
+        )
+        flags = cv2.INTER_CUBIC | cv2.WARP_INVERSE_MAP
+        return cv2.warpAffine(patch, matrix, (square.size, square.size), flags=flags, borderValue=0)
+
+
+# ========================================================================================
 # Head pose and condition images
 # ========================================================================================
 
@@ -473,7 +545,7 @@ def _batches(frames: Iterable[np.ndarray], size: int) -> Iterator[list[np.ndarra
 
 def build_driving_signals(
     track: FaceTrack,
-    frames: Iterable[np.ndarray],
+    frames: Iterable[np.ndarray] | FacePatches,
     reference: ReferenceFace,
     *,
     image_encoder: CLIPVisionModelWithProjection | None = None,
@@ -485,9 +557,10 @@ def build_driving_signals(
     batch_frames: int = 16,
     progress: ProgressCallback = no_progress,
 ) -> DrivingSignals:
-    """The driving clip's signals. `frames` (source RGB frames, the track's frames in order) are
-    read once, `batch_frames` at a time, only when an encoder is given: `image_encoder` (CLIP)
-    gives face_parts for HMControlNet, `fan_encoder` (PD-FGC) gives pd_fpg for HMControlNet2."""
+    """The driving clip's signals. `frames` (source RGB frames, or their FacePatches, the track's
+    frames in order) are read once, `batch_frames` at a time, only when an encoder is given:
+    `image_encoder` (CLIP) gives face_parts for HMControlNet, `fan_encoder` (PD-FGC) gives pd_fpg
+    for HMControlNet2."""
     square = clip_crop(track, reference.crop.size) if crop else whole_frame(track.size, reference.crop.size)
     working = crop_track(track, square)
     angles, translations = head_pose(working)
@@ -499,11 +572,11 @@ def build_driving_signals(
         windows = face_part_windows(working.landmarks, alignments)
     part_embeddings, motion_embeddings, done = [], [], 0
     progress(ProgressEvent("driving signals", 0, len(track), unit="frame"))
-    for batch in _batches(frames, batch_frames):
-        indices = range(done, done + len(batch))
+    working_frames = frames.working(square) if isinstance(frames, FacePatches) else (square.apply(frame) for frame in frames)
+    for images in _batches(working_frames, batch_frames):
+        indices = range(done, done + len(images))
         if indices.stop > len(track):
             raise ValueError(f"the driving clip has more frames than its face track ({len(track)})")
-        images = [square.apply(frame) for frame in batch]
         if image_encoder is not None:
             crops = np.stack([face_part_crops(image, alignments[i], windows) for image, i in zip(images, indices)])
             part_embeddings.append(encode_face_parts(image_encoder, crops, device, dtype))

@@ -7,14 +7,14 @@ import dataclasses
 import itertools
 import os
 import sys
-from collections.abc import Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 
 import numpy as np
 
 from .errors import HellomemeError
 from .progress import ProgressCallback, ProgressEvent, no_progress
-from .video import probe_video, read_frames, read_image
+from .video import VideoInfo, probe_video, read_frames, read_image
 from .weights import WeightCache
 
 LANDMARK_COUNT = 478
@@ -122,7 +122,7 @@ def default_model_path(cache: WeightCache | None = None) -> Path:
 
 
 def track_video(
-    source: Path | Iterable[np.ndarray],
+    source: Path | VideoInfo | Iterable[np.ndarray],
     *,
     fps: float | None = None,
     name: str | None = None,
@@ -131,17 +131,20 @@ def track_video(
     max_frames: int | None = None,
     model_path: Path | None = None,
     progress: ProgressCallback = no_progress,
+    each_frame: Callable[[np.ndarray, np.ndarray | None], None] | None = None,
 ) -> FaceTrack:
     """Track one subject through a clip: every frame gets a row, frames without the face are filled.
 
-    `source` is a video file, or RGB uint8 frames with their `fps` (for callers that already decode;
-    `name` is how errors refer to them). The subject is the `face_index`-th largest face in the first
-    frame that has a face; later frames follow it by overlap with its previous box.
+    `source` is a video file, a probed one (`VideoInfo`: decoded without probing again), or RGB uint8
+    frames with their `fps` (for callers that already decode; `name` is how errors refer to them).
+    The subject is the `face_index`-th largest face in the first frame that has a face; later frames
+    follow it by overlap with its previous box. `each_frame(frame, landmarks)` is called while each
+    frame is in memory, with the subject's raw landmarks there (where it was last seen if not in this
+    frame, None before it is first seen), so a caller can keep what it needs without a second decode.
     """
-    if isinstance(source, (str, Path)):
-        path = Path(source)
-        info = probe_video(path)
-        fps, frames, label = info.fps, read_frames(path, max_frames), name or str(path)
+    if isinstance(source, (str, Path, VideoInfo)):
+        info = source if isinstance(source, VideoInfo) else probe_video(Path(source))
+        fps, frames, label = info.fps, read_frames(info, max_frames), name or str(info.path)
         total = info.frame_count if max_frames is None else min(max_frames, info.frame_count)
     else:
         if not fps or fps <= 0:
@@ -165,6 +168,8 @@ def track_video(
             faces = _faces(landmarker.detect_for_video(_mp_image(frame), timestamp), size)
             subject.append(_follow(last, faces, face_index, label, index))
             last = subject[-1] or last
+            if each_frame is not None:
+                each_frame(frame, None if last is None else last.landmarks)
             progress(ProgressEvent("tracking", index + 1, total, unit="frames"))
     if not subject:
         raise HellomemeError(f"{label}: no frames to track")

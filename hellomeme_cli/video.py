@@ -1,7 +1,10 @@
 """Video and image io through the ffmpeg binary that imageio-ffmpeg ships: exact frame counts, atomic writes.
 
-Reading decodes with `-fps_mode passthrough`, so every coded frame comes out once (none dropped or
-duplicated to fit a nominal rate), with the container's rotation applied. Writing streams RGB frames
+Probing only demuxes: one ffmpeg run copies the video packets to `framecrc`, which lists every
+packet's timestamps, so the frame count, the exact rate and each frame's time are known without
+decoding a frame. Reading decodes with `-fps_mode passthrough`, so every coded frame comes out once
+(none dropped or duplicated to fit a nominal rate), with the container's rotation applied; a clip
+that is damaged fails while it is decoded. Writing streams RGB frames
 into ffmpeg's stdin and encodes H.264 (yuv420p, BT.709) at the exact rational rate, one output frame
 per input frame, optionally muxing another file's audio trimmed or padded to the video's length.
 """
@@ -41,14 +44,30 @@ VIDEO_SUFFIXES = {".mp4": "mp4", ".m4v": "mp4", ".mov": "mov"}
 IMAGE_FORMATS = re.compile(r"^(image2|\w+_pipe)$")
 # Rates that ffmpeg prints rounded; fractions with a denominator up to this are kept exactly.
 MAX_RATE_DENOMINATOR = 100_000
+# The constant rates a variable-rate clip is written at: the lowest that shows every frame, at most the last.
+STANDARD_RATES = tuple(
+    Fraction(rate) for rate in ("10", "12", "15", "24000/1001", "24", "25", "30000/1001", "30", "48", "50", "60000/1001", "60")
+)
+# Frame intervals may differ by this many timestamp ticks (and this fraction) and the rate is still constant:
+# containers with a millisecond time base round 1/30 s to 33 or 34 ms.
+CONSTANT_RATE_TICKS = 1
+CONSTANT_RATE_TOLERANCE = 0.002
+_NO_TIMESTAMP = -(2**63)  # AV_NOPTS_VALUE, as framecrc prints a missing timestamp
+_DISCARD_FLAG = 0x4  # AV_PKT_FLAG_DISCARD: a packet an edit list cuts (decoded as a reference, never shown)
 
 
 @dataclasses.dataclass(frozen=True)
 class VideoInfo:
-    """What a clip holds. width/height are as displayed (after rotation); duration = frame_count / fps.
+    """What a clip holds. width/height are as displayed (after rotation).
 
     rotation: degrees counter-clockwise the stored frames are turned for display (ffmpeg's display matrix).
-    rate: the exact frame rate (fps is its float value). tags: the container's metadata.
+    rate: the exact frame rate (fps is its float value); for a variable-rate clip the constant rate
+    it is written at, the lowest standard one that shows every frame (`STANDARD_RATES`).
+    timestamps: (frame_count,) float64 seconds from the first frame to each frame, in display order;
+    None where the container has no usable timestamps (then frames are taken as `rate` apart and
+    `frame_count` is the number of packets: the decode counts the frames).
+    duration: from the first frame to the end of the last (frame_count / fps at a constant rate).
+    variable_rate: the frames are not evenly spaced. tags: the container's metadata.
     """
 
     path: Path
@@ -61,11 +80,13 @@ class VideoInfo:
     has_audio: bool
     rate: Fraction = Fraction(0)
     tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    timestamps: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
+    variable_rate: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
 class _Header:
-    """What one short ffmpeg run tells about a file: the header, and the first video frame's size and rate."""
+    """What ffmpeg prints about a file when it opens it (nothing decoded): streams, size, rate, rotation, tags."""
 
     container: str
     has_video: bool
@@ -81,31 +102,49 @@ def ffmpeg_exe() -> str:
 
 
 def probe_video(path: Path) -> VideoInfo:
-    """Size, exact rate, exact frame count (by decoding the whole clip), rotation and audio of a clip."""
+    """Size, exact rate, frame count and each frame's time, rotation and audio of a clip, from one
+    ffmpeg run that demuxes the video packets without decoding them."""
     path = Path(path)
-    header = _video_header(path)
-    frame_count = _count_frames(path)
+    _require_file(path)
+    command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "level+info", "-i", str(path)]
+    command += ["-map", "0:V:0?", "-c", "copy", "-f", "framecrc", "-"]
+    result = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, text=True, errors="replace")
+    header = _video_header(path, _parse_header(path, result.stderr))
+    if errors := _error_lines(result.stderr):
+        raise HellomemeError(f"{path}: corrupt or truncated video (ffmpeg: {_last_line(errors)})")
+    packets = _packets(result.stdout)
+    if not packets.count:
+        raise HellomemeError(f"{path}: the video has no frames")
+    rate, timestamps, duration, variable = _timing(packets, header.rate)
+    if not rate:
+        raise HellomemeError(f"{path}: the video does not say its frame rate")
     return VideoInfo(
         path=path,
         width=header.size[0],
         height=header.size[1],
-        fps=float(header.rate),
-        frame_count=frame_count,
-        duration=frame_count / float(header.rate),
+        fps=float(rate),
+        frame_count=packets.count,
+        duration=duration,
         rotation=header.rotation,
         has_audio=header.has_audio,
-        rate=header.rate,
+        rate=rate,
         tags=header.tags,
+        timestamps=timestamps,
+        variable_rate=variable,
     )
 
 
-def read_frames(path: Path, max_frames: int | None = None) -> Iterator[np.ndarray]:
+def read_frames(path: Path | VideoInfo, max_frames: int | None = None) -> Iterator[np.ndarray]:
     """The clip's frames as RGB uint8 (H, W, 3), decoded one at a time, rotation applied, none dropped.
 
-    The file is checked before this returns; decoding errors surface while iterating.
+    Given a `VideoInfo` (from `probe_video`) the clip is decoded without opening it again. The file
+    is checked before this returns; decoding errors (a damaged or cut file) surface while iterating,
+    after the last good frame.
     """
+    if isinstance(path, VideoInfo):
+        return _decode(path.path, path.width, path.height, max_frames)
     path = Path(path)
-    width, height = _video_header(path).size
+    width, height = _video_header(path, _header(path)).size
     return _decode(path, width, height, max_frames)
 
 
@@ -233,32 +272,36 @@ def _require_file(path: Path) -> None:
 
 
 def _header(path: Path) -> _Header:
-    """Run ffmpeg on the file's first video frame (through `showinfo`) and parse what it prints."""
+    """Open the file with ffmpeg (no output: it prints the header and stops) and parse the header."""
     _require_file(path)
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)]
-    command += ["-map", "0:V:0?", "-vf", "showinfo", "-frames:v", "1", "-f", "null", "-"]
-    text = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, text=True, errors="replace").stderr
+    return _parse_header(path, subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, text=True, errors="replace").stderr)
+
+
+def _parse_header(path: Path, text: str) -> _Header:
+    text = re.sub(r"^\[info\] ", "", text, flags=re.MULTILINE)
     opened = re.search(r"^Input #0, ([^,]+)", text, re.MULTILINE)
     if opened is None:
         reason = _last_line(text).rpartition(": ")[2]
         raise HellomemeError(f"{path}: not a video or audio file ffmpeg can read ({reason or 'no message'})")
     input_part = text.split("Stream mapping:")[0].split("Output #0")[0]
     streams = re.findall(r"^\s*Stream #0:\d+\S*: (Video|Audio): (.*)$", input_part, re.MULTILINE)
-    has_video = any(kind == "Video" and "(attached pic)" not in rest for kind, rest in streams)
+    videos = [rest for kind, rest in streams if kind == "Video" and "(attached pic)" not in rest]
     rate = size = None
-    if config := re.search(r"config in time_base: \S+, frame_rate: (\d+)/(\d+)", text):
-        numerator, denominator = int(config[1]), int(config[2])
-        rate = Fraction(numerator, denominator) if numerator and denominator else None
-    if rate is None and (printed := re.search(r", ([\d.]+)(k?) (fps|tbr)", input_part)):
-        rate = _exact_rate(float(printed[1]) * (1000 if printed[2] else 1))
-    if frame := re.search(r"\] n:\s*0 .* s:(\d+)x(\d+)", text):
-        size = (int(frame[1]), int(frame[2]))
     rotation = 0
-    if turned := re.search(r"rotation of (-?[\d.]+) degrees", input_part):
-        rotation = round(float(turned[1])) % 360
+    if videos:
+        if stored := re.search(r", (\d+)x(\d+)", videos[0]):
+            size = (int(stored[1]), int(stored[2]))
+        if printed := re.search(r", ([\d.]+)(k?) fps", videos[0]) or re.search(r", ([\d.]+)(k?) tbr", videos[0]):
+            rate = _snap_rate(float(printed[1]) * (1000 if printed[2] else 1))
+        video_part = input_part.split(videos[0], 1)[1].split("Stream #0:")[0]
+        if turned := re.search(r"rotation of (-?[\d.]+) degrees", video_part):
+            rotation = round(float(turned[1])) % 360
+    if size is not None and rotation in (90, 270):
+        size = size[::-1]
     return _Header(
         container=opened[1],
-        has_video=has_video,
+        has_video=bool(videos),
         has_audio=any(kind == "Audio" for kind, _ in streams),
         rate=rate,
         size=size,
@@ -267,16 +310,13 @@ def _header(path: Path) -> _Header:
     )
 
 
-def _video_header(path: Path) -> _Header:
-    header = _header(path)
+def _video_header(path: Path, header: _Header) -> _Header:
     if IMAGE_FORMATS.match(header.container):
         raise HellomemeError(f"{path}: is an image, not a video")
     if not header.has_video:
         raise HellomemeError(f"{path}: has no video stream")
     if header.size is None:
-        raise HellomemeError(f"{path}: the video has no frames, or its first frame cannot be decoded")
-    if not header.rate:
-        raise HellomemeError(f"{path}: the video does not say its frame rate")
+        raise HellomemeError(f"{path}: the video does not say its frame size")
     return header
 
 
@@ -292,16 +332,71 @@ def _container_tags(input_part: str) -> dict[str, str]:
     return tags
 
 
-def _count_frames(path: Path) -> int:
-    command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:V:0", "-fps_mode", "passthrough"]
-    command += ["-f", "null", "-", "-progress", "pipe:1", "-nostats"]
-    result = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, text=True, errors="replace")
-    _raise_on_decode_errors(path, result.returncode, result.stderr)
-    counts = re.findall(r"^frame=(\d+)$", result.stdout, re.MULTILINE)
-    frame_count = int(counts[-1]) if counts else 0
-    if frame_count == 0:
-        raise HellomemeError(f"{path}: the video has no frames")
-    return frame_count
+@dataclasses.dataclass(frozen=True)
+class _Packets:
+    """The video packets framecrc listed, shown ones only, in display order (ticks of `time_base`)."""
+
+    count: int
+    pts: np.ndarray | None  # None: some packet had no timestamp, or two had the same
+    last_duration: int
+    time_base: Fraction
+
+
+def _packets(listing: str) -> _Packets:
+    base = re.search(r"^#tb 0: (\d+)/(\d+)$", listing, re.MULTILINE)
+    time_base = Fraction(int(base[1]), int(base[2])) if base else Fraction(0)
+    shown = []
+    for line in listing.splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        fields = [field.strip() for field in line.split(",")]
+        flags = next((int(field[2:], 16) for field in fields[6:] if field.startswith("F=")), 0)
+        if not flags & _DISCARD_FLAG:
+            shown.append((int(fields[2]), int(fields[3])))
+    pts = np.array(sorted(stamp for stamp, _ in shown), np.int64)
+    usable = time_base > 0 and len(pts) > 0 and pts[0] != _NO_TIMESTAMP and (np.diff(pts) > 0).all()
+    last_duration = max(shown)[1] if shown else 0
+    return _Packets(len(shown), pts if usable else None, last_duration, time_base)
+
+
+def _timing(packets: _Packets, header_rate: Fraction | None) -> tuple[Fraction | None, np.ndarray | None, float, bool]:
+    """(rate, timestamps, duration, variable) from the packets' timestamps, or from the header's rate
+    where the container gives none."""
+    if packets.pts is None:
+        return header_rate, None, packets.count / float(header_rate or 1), False
+    ticks = packets.pts - packets.pts[0]
+    timestamps = ticks * float(packets.time_base)
+    if packets.count == 1:
+        rate = Fraction(1, packets.last_duration * packets.time_base) if packets.last_duration > 0 else header_rate
+        return rate, timestamps, 1 / float(rate or 1), False
+    intervals = np.diff(ticks)
+    mean = ticks[-1] / (packets.count - 1)
+    spread = max(intervals.max() - mean, mean - intervals.min())
+    if spread <= max(CONSTANT_RATE_TICKS, CONSTANT_RATE_TOLERANCE * mean):
+        if intervals.min() == intervals.max():
+            rate = 1 / (int(intervals[0]) * packets.time_base)
+        else:
+            rate = Fraction(packets.count - 1, int(ticks[-1]) * packets.time_base).limit_denominator(1001)
+        return rate, timestamps, packets.count / float(rate), False
+    fastest = 1 / (int(intervals.min()) * packets.time_base)
+    rate = next((standard for standard in STANDARD_RATES if standard >= fastest * (1 - CONSTANT_RATE_TOLERANCE)), STANDARD_RATES[-1])
+    last = packets.last_duration if packets.last_duration > 0 else int(np.median(intervals))
+    return rate, timestamps, float((int(ticks[-1]) + last) * packets.time_base), True
+
+
+def _snap_rate(fps: float) -> Fraction | None:
+    """A rate ffmpeg printed rounded (29.97) as the fraction it stands for (30000/1001)."""
+    if fps <= 0:
+        return None
+    ntsc = Fraction(round(fps * 1.001) * 1000, 1001)
+    if abs(float(ntsc) - fps) < 0.006 and ntsc.denominator == 1001:
+        return ntsc
+    return Fraction(fps).limit_denominator(1000)
+
+
+def _error_lines(log: str) -> str:
+    """The error-level lines of a `-loglevel level+info` log."""
+    return "\n".join(line for line in log.splitlines() if re.search(r"\[(error|fatal|panic)\] ", line))
 
 
 def _raise_on_decode_errors(path: Path, returncode: int, errors: str) -> None:
@@ -311,7 +406,9 @@ def _raise_on_decode_errors(path: Path, returncode: int, errors: str) -> None:
 
 
 def _decode(path: Path, width: int, height: int, max_frames: int | None) -> Iterator[np.ndarray]:
+    # Frames keep the demuxer's time base: in a coarser one two close frames of a variable-rate clip collide.
     command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:V:0", "-fps_mode", "passthrough"]
+    command += ["-enc_time_base", "demux"]
     if max_frames is not None:
         command += ["-frames:v", str(max_frames)]
     command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
@@ -439,5 +536,5 @@ def _tail(file) -> str:
 def _last_line(text: str) -> str:
     """ffmpeg's last message, without its `[component @ 0x...]` prefixes."""
     lines = [re.sub(r"^(\[[^\]]*\]\s*)+", "", line).strip() for line in text.splitlines()]
-    lines = [line for line in lines if line]
+    lines = [line for line in lines if line and not line.startswith("Last message repeated")]
     return lines[-1] if lines else ""

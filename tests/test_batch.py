@@ -172,7 +172,7 @@ def fake_models(workdir, monkeypatch):
         calls["load"].append(options.control)
         return object()
 
-    def animate(reference, driving, output, settings, models, *, force, progress, extra_tags):
+    def animate(reference, driving, output, settings, models, *, force, progress, extra_tags, track_cache=None):
         calls["animate"].append((driving.name, settings.models.control, force))
         if driving.name in behaviour:
             raise behaviour[driving.name]

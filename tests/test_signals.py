@@ -530,3 +530,32 @@ def test_open_jaw_reaches_the_arkit_jaw_open_coefficient(tracks):
     coefficients = S.arkit_coefficients(tracks("jue.mp4").blendshapes)
     assert coefficients[:, S.ARKIT_BLENDSHAPES.index("jawOpen")].max() > 0.3
     assert (coefficients[:, S.ARKIT_BLENDSHAPES.index("tongueOut")] == 0).all()
+
+
+@pytest.mark.parametrize("name, size, crop", [("ysll.mp4", 512, True), ("jue.mp4", 128, False)])
+def test_crops_from_the_face_patches_match_crops_from_the_decoded_frames(model, name, size, crop):
+    """One decode: the crops are cut from the patches kept while tracking, not from the frames
+    decoded a second time; measured on all frames: 0.3-0.5 grey levels (docs/signals.md)."""
+    path = require(SHARED / "media" / name, "test clip")
+    frames, boxes, pixels = [], [], []
+
+    def keep(frame, landmarks):
+        box = S.face_patch_box(landmarks, (frame.shape[1], frame.shape[0]))
+        frames.append(frame)
+        boxes.append(box)
+        pixels.append(S.cut_patch(frame, box))
+
+    track = tracking.track_video(path, max_frames=12, model_path=model, each_frame=keep)
+    patches = S.FacePatches(np.stack(pixels), np.stack(boxes))
+    square = S.clip_crop(track, size) if crop else S.whole_frame(track.size, size)
+    working = S.crop_track(track, square)
+    alignments = S.face_alignments(working.landmarks, size)
+    windows = S.face_part_windows(working.landmarks, alignments)
+    parts, motion = [], []
+    for index, (frame, rebuilt) in enumerate(zip(frames, patches.working(square), strict=True)):
+        decoded = square.apply(frame)
+        parts.append(np.abs(S.face_part_crops(decoded, alignments[index], windows).astype(int) - S.face_part_crops(rebuilt, alignments[index], windows)).mean())
+        motion.append(np.abs(S.pdfgc_crop(decoded, working.landmarks[index]).astype(int) - S.pdfgc_crop(rebuilt, working.landmarks[index])).mean())
+    assert np.mean(parts) < 1 and np.mean(motion) < 1 and max(parts + motion) < 2
+    reordered = patches.select(np.array([3, 3, 0]))
+    assert len(reordered) == 3 and np.array_equal(list(reordered.working(square))[1], patches.working_frame(3, square))

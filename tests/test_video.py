@@ -62,6 +62,17 @@ def clips(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25", "-frames:v", "0", "-c:v", "libx264", str(made["no_frames"]))
     made["audio_only"] = folder / "audio_only.m4a"
     ffmpeg("-f", "lavfi", "-i", "anullsrc", "-t", "0.5", "-c:a", "aac", str(made["audio_only"]))
+    made["trimmed"] = folder / "trimmed.mp4"  # an edit list starting 0.33 s in: 9 packets decoded but never shown
+    ffmpeg("-ss", "0.33", "-i", str(long_clip), "-c", "copy", str(made["trimmed"]))
+    made["variable"] = folder / "variable.mp4"  # 10 frames 1/20 s apart, then 10 frames 0.08 s apart
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=64x64:rate=25", "-frames:v", "20", "-vf", "settb=1/1000,setpts='if(lt(N,10),0.05*N,0.5+0.08*(N-10))/TB'", "-fps_mode", "vfr", "-enc_time_base", "1:1000", "-c:v", "libx264", str(made["variable"]))
+    garbled = folder / "garbled.mov"  # motion JPEG: frames demux (no parser checks them) but do not decode
+    ffmpeg("-f", "lavfi", "-i", "testsrc2=size=160x120:rate=25", "-frames:v", "30", "-c:v", "mjpeg", "-movflags", "+faststart", str(garbled))
+    data = bytearray(garbled.read_bytes())
+    noise = np.random.default_rng(0).integers(0, 256, len(data) // 5, dtype=np.uint8).tobytes()
+    data[len(data) // 2 : len(data) // 2 + len(noise)] = noise
+    made["undecodable"] = folder / "undecodable.mov"
+    made["undecodable"].write_bytes(bytes(data))
     made["text"] = folder / "notes.mp4"
     made["text"].write_text("not a video\n")
     return made
@@ -92,6 +103,38 @@ def test_odd_rates_are_exact_fractions(clips):
     ntsc = video.probe_video(clips["ntsc"])
     assert ntsc.rate == Fraction(30000, 1001) and ntsc.frame_count == 20
     assert ntsc.duration == pytest.approx(20 * 1001 / 30000)
+
+
+def test_probing_demuxes_once_and_decodes_nothing(clips, monkeypatch):
+    commands = []
+    real_run = subprocess.run
+    monkeypatch.setattr(subprocess, "run", lambda command, *a, **k: commands.append(command) or real_run(command, *a, **k))
+    info = video.probe_video(clips["odd_rate"])
+    assert len(commands) == 1 and "framecrc" in commands[0] and commands[0][commands[0].index("-c") + 1] == "copy"
+    assert "rawvideo" not in commands[0] and "null" not in commands[0]
+    assert not info.variable_rate and np.allclose(info.timestamps, np.arange(30) * 25 / 736)
+
+
+def test_a_clip_that_demuxes_but_does_not_decode_probes_and_fails_while_read(clips):
+    info = video.probe_video(clips["undecodable"])
+    assert info.frame_count == 30 and info.rate == 25
+    with pytest.raises(HellomemeError) as excinfo:
+        list(video.read_frames(info))
+    assert "corrupt or truncated" in one_line_error_naming(clips["undecodable"], excinfo)
+
+
+def test_an_edit_list_counts_only_the_frames_shown(clips):
+    info = video.probe_video(clips["trimmed"])
+    assert info.frame_count == sum(1 for _ in video.read_frames(info)) == 41
+    assert info.timestamps[0] == 0 and info.duration == pytest.approx(41 / 25)
+
+
+def test_a_variable_rate_clip_has_its_timestamps_and_a_rate_that_drops_no_frame(clips):
+    info = video.probe_video(clips["variable"])
+    expected = np.r_[np.arange(10) * 0.05, 0.5 + np.arange(10) * 0.08]
+    assert info.variable_rate and info.frame_count == 20 and np.allclose(info.timestamps, expected, atol=1e-3)
+    assert info.rate == Fraction(24000, 1001) and info.duration == pytest.approx(expected[-1] + 0.08, abs=1e-3)  # the fastest interval is 1/20 s
+    assert sum(1 for _ in video.read_frames(info)) == 20
 
 
 def test_rotation_is_applied_when_reading(clips):
