@@ -45,7 +45,8 @@ from hellomeme_cli.settings import ModelOptions
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 from hellomeme_cli.tiny import make_tiny, write_tokenizer
 from hellomeme_cli.tracking import default_model_path, track_video
-from hellomeme_cli.video import check_destination, ffmpeg_exe, probe_video, temporary_beside
+from hellomeme_cli.files import write_atomically
+from hellomeme_cli.video import check_destination, ffmpeg_exe, probe_video
 from hellomeme_cli.weights import WeightCache
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,10 +430,7 @@ def run_benchmarks(settings: BenchSettings, progress: ProgressCallback = no_prog
 
 
 def write_json(result: dict, path: Path) -> None:
-    """Atomically: a temporary file beside `path`, then renamed over it."""
-    temporary = temporary_beside(path)
-    temporary.write_text(json.dumps(result, indent=1) + "\n")
-    os.replace(temporary, path)
+    write_atomically(path, json.dumps(result, indent=1) + "\n")
 
 
 def format_table(result: dict) -> str:

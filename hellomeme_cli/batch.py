@@ -41,9 +41,9 @@ from .progress import ProgressCallback, ProgressEvent, no_progress
 from .settings import Setting, all_settings, digest_values, from_values, parse_cell
 from .tracking import MODEL_FILE
 from .video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
-from .files import write_atomically
 from .logs import libraries_quiet
-from .video import VideoInfo, leftover_temporaries, probe_video
+from .files import leftover_temporaries, write_atomically
+from .video import VideoInfo, probe_video
 from .weights import WeightCache, sha256_of
 
 DIGEST_TAG = "hellomeme_batch"  # the output's metadata key holding the digest of what made it

@@ -27,7 +27,8 @@ from .errors import HellomemeError
 from .progress import ProgressCallback, no_progress
 from .signals import PATCH_SIZE, DrivingSignals, FacePatches, ReferenceFace, build_driving_signals, cut_patch, face_patch_box, head_pose
 from .tracking import BLENDSHAPE_NAMES, FaceTrack, Smoothing, track_image, track_video
-from .video import check_destination, probe_video, read_image, temporary_beside
+from .files import atomic_output
+from .video import check_destination, probe_video, read_image
 from .weights import sha256_of
 
 if TYPE_CHECKING:
@@ -157,34 +158,29 @@ def save_template(template: MotionTemplate, path: Path, *, force: bool = False, 
     track = template.track
     angles, translations = head_pose(track)
     sha256 = template.source_sha256 or sha256_of(template.source)
-    temporary = temporary_beside(path)
-    try:
-        with temporary.open("xb") as file:  # a file object: np.savez would add ".npz" to a name
-            np.savez_compressed(
-                file,
-                kind=TEMPLATE_KIND,
-                format=TEMPLATE_FORMAT,
-                landmarks=track.landmarks,
-                blendshapes=track.blendshapes,
-                blendshape_names=np.array(BLENDSHAPE_NAMES),
-                matrices=track.matrices,
-                pose_angles=angles.astype(np.float32),
-                pose_translations=translations.astype(np.float32),
-                filled=track.filled,
-                fps=track.fps,
-                size=np.array(track.size),
-                patches=template.patches.pixels if template.patches.order is None else template.patches.pixels[template.patches.order],
-                patch_boxes=template.patches.boxes if template.patches.order is None else template.patches.boxes[template.patches.order],
-                timestamps=template.timestamps,
-                duration=template.duration,
-                rate=np.array([template.rate.numerator, template.rate.denominator]),
-                variable_rate=template.variable_rate,
-                source=str(Path(template.source).absolute()),
-                source_sha256=sha256,
-            )
-        temporary.replace(path)
-    finally:
-        temporary.unlink(missing_ok=True)
+    with atomic_output(path) as temporary, temporary.open("xb") as file:  # a file object: np.savez would add ".npz" to a name
+        np.savez_compressed(
+            file,
+            kind=TEMPLATE_KIND,
+            format=TEMPLATE_FORMAT,
+            landmarks=track.landmarks,
+            blendshapes=track.blendshapes,
+            blendshape_names=np.array(BLENDSHAPE_NAMES),
+            matrices=track.matrices,
+            pose_angles=angles.astype(np.float32),
+            pose_translations=translations.astype(np.float32),
+            filled=track.filled,
+            fps=track.fps,
+            size=np.array(track.size),
+            patches=template.patches.pixels if template.patches.order is None else template.patches.pixels[template.patches.order],
+            patch_boxes=template.patches.boxes if template.patches.order is None else template.patches.boxes[template.patches.order],
+            timestamps=template.timestamps,
+            duration=template.duration,
+            rate=np.array([template.rate.numerator, template.rate.denominator]),
+            variable_rate=template.variable_rate,
+            source=str(Path(template.source).absolute()),
+            source_sha256=sha256,
+        )
     return path
 
 

@@ -13,11 +13,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import itertools
 import os
 import re
-import secrets
 import subprocess
 import tempfile
 from collections.abc import Iterable, Iterator, Mapping
@@ -29,6 +27,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from .errors import HellomemeError
+from .files import atomic_output, write_atomically
 from .progress import ProgressCallback, ProgressEvent, no_progress
 
 # Visually near-lossless for x264; generated frames are worth keeping at this quality.
@@ -213,26 +212,19 @@ def write_video(
     for key, value in (metadata or {}).items():
         command += ["-metadata", f"{key}={value}"]
 
-    temporary = temporary_beside(path)
-    command += ["-f", muxer, str(temporary)]
-    try:
-        with tempfile.TemporaryFile() as errors:
-            process = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
-            try:
-                _feed(process, path, first, frames, progress, total)
-                with contextlib.suppress(BrokenPipeError):
-                    process.stdin.close()
+    with atomic_output(path) as temporary, tempfile.TemporaryFile() as errors:
+        process = subprocess.Popen([*command, "-f", muxer, str(temporary)], stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=errors)
+        try:
+            _feed(process, path, first, frames, progress, total)
+            with contextlib.suppress(BrokenPipeError):
+                process.stdin.close()
+            process.wait()
+        finally:
+            if process.poll() is None:
+                process.kill()
                 process.wait()
-            finally:
-                if process.poll() is None:
-                    process.kill()
-                    process.wait()
-            if process.returncode != 0:
-                raise _ffmpeg_failure(path, _tail(errors))
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
+        if process.returncode != 0:
+            raise _ffmpeg_failure(path, _tail(errors))
     return path
 
 
@@ -246,17 +238,7 @@ def write_image(image: np.ndarray, path: Path, force: bool = False, protect: Ite
         ok = False
     if not ok:
         raise HellomemeError(f"{path}: cannot write an image with extension {path.suffix or '(none)'}")
-    temporary = temporary_beside(path)
-    try:
-        with temporary.open("xb") as file:
-            file.write(encoded.tobytes())
-        os.replace(temporary, path)
-    except BaseException as error:
-        temporary.unlink(missing_ok=True)
-        if isinstance(error, OSError) and error.errno == errno.ENOSPC:
-            raise HellomemeError(f"{path}: disk full (no space left on device)") from None
-        raise
-    return path
+    return write_atomically(path, encoded.tobytes())
 
 
 # -- reading -----------------------------------------------------------------
@@ -458,21 +440,6 @@ def check_destination(path: Path, force: bool, protect: Iterable[Path]) -> None:
         raise HellomemeError(f"{path}: is a folder")
     if path.exists() and not force:
         raise HellomemeError(f"{path}: already exists (use --force to overwrite it)")
-
-
-def temporary_beside(path: Path) -> Path:
-    """A fresh hidden name in the destination's folder (so the final rename is atomic); the file is
-    created by whoever writes it, with the user's usual permissions."""
-    return path.with_name(f".{path.stem}.{secrets.token_hex(6)}.partial{path.suffix}")
-
-
-def leftover_temporaries(path: Path) -> list[Path]:
-    """Temporary files that writes of `path` left behind in a process that was killed (SIGKILL,
-    power loss), as `temporary_beside` names them."""
-    pattern = re.compile(rf"\.{re.escape(path.stem)}\.[0-9a-f]{{12}}\.partial{re.escape(path.suffix)}")
-    if not path.parent.is_dir():
-        return []
-    return sorted(entry for entry in path.parent.iterdir() if pattern.fullmatch(entry.name))
 
 
 def _same_path(a: Path, b: Path) -> bool:
