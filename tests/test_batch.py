@@ -79,6 +79,9 @@ def test_folder_records_each_failure_and_a_rerun_skips_the_finished_clip(workdir
     assert "ffmpeg can read" in clips["broken.mp4"]["reason"]
     assert "not a video" in clips["faceless.jpg"]["reason"]
     assert "no face found" in clips["blank.mp4"]["reason"]
+    log = (folder / "hellomeme" / "batch-report.log").read_text()  # each failure's traceback, beside the report
+    assert f"== {folder / 'blank.mp4'}: {clips['blank.mp4']['reason']}\nTraceback (most recent call last)" in log
+    assert "traceback" not in clips["blank.mp4"] and "qie.mp4" not in log
     good = clips["qie.mp4"]
     output = folder / "hellomeme" / "majicmix1_qie.mp4"
     assert good["status"] == "ok" and good["reason"] == "" and good["frames"] == 3 and good["device"] == "cpu"
