@@ -128,12 +128,16 @@ class HM3VideoSampler:
         scheduler: SchedulerMixin | None = None,
         image_scheduler: SchedulerMixin | None = None,
         device: torch.device | None = None,
+        pad_device: torch.device | None = None,
     ):
         """`control_net` is `HMV3ControlNet` (v3) or `HMControlNetBase` (v4, then
         `control_proj` = `HM4SD15ControlProj`). The drive signal follows the driving frames:
         ARKit when they carry drive_coeff (and face_parts), else PD-FGC (pd_fpg), as
         official. Schedulers default to the official ones (`official_video_scheduler`,
-        `official_image_scheduler`). Without `denoiser_motion` only `sample_image` works."""
+        `official_image_scheduler`). Without `denoiser_motion` only `sample_image` works.
+        `pad_device` (default: `device`) keeps the motion pads, about one per 11 frames,
+        each one reference-net feature cache; the CPU keeps long clips off the GPU, as
+        the official code does."""
         if denoiser_2d.is_motion or (denoiser_motion is not None and not denoiser_motion.is_motion):
             raise ValueError("denoiser_2d must be the 2D denoiser and denoiser_motion the motion denoiser")
         self.reference_net = reference_net
@@ -146,6 +150,7 @@ class HM3VideoSampler:
         self.scheduler = scheduler or official_video_scheduler()
         self.image_scheduler = image_scheduler or official_image_scheduler()
         self.device = device or denoiser_2d.unet.device
+        self.pad_device = pad_device or self.device
 
     @torch.no_grad()
     def sample(
@@ -159,14 +164,14 @@ class HM3VideoSampler:
         if self.denoiser_motion is None:
             raise ValueError("video sampling needs the motion denoiser (loaded for video runs)")
         # 1. Reference latent, base noise, the reference cache and the unconditional control.
-        levels = plan_levels(inputs.num_frames, settings.window)
         ref_latents = self._encode_reference(inputs, generator)
         _, channels, _, h, w = ref_latents.shape
         base_noise = _draw(generator, (1, channels, inputs.num_frames + settings.window + 1, h, w), self.device)
         base_noise = base_noise[:, :, : inputs.num_frames]
         clip = self._prepare(inputs, settings, generator, ref_latents)
 
-        # 2. The plan (made first, so a bad window fails before any work): the denoising passes to report.
+        # 2. The plan: every level's frames and windows, and the denoising passes to report.
+        levels = plan_levels(inputs.num_frames, settings.window)
         passes = sum(len(level.windows) for level in levels) + 1  # + the margin pass
         total = passes * len(fresh_schedule(self.scheduler, settings.steps, self.device).timesteps)
         done = [0]
@@ -275,7 +280,8 @@ class HM3VideoSampler:
             for window in level.windows:
                 frames = [level.indexes[p] for p in window]
                 control = self._control(clip, frames)
-                pads = {k: torch.cat([clip.pads[frames[0]][k], clip.pads[frames[-1]][k]], dim=2) for k in clip.reference}
+                first, last = clip.pads[frames[0]], clip.pads[frames[-1]]
+                pads = {k: torch.cat([first[k], last[k]], dim=2).to(self.device) for k in first}
                 noise_sum[:, :, list(window)] += self._predict(
                     self.denoiser_motion, latents[:, :, list(window)], schedule, timestep, clip, control, pads
                 )
@@ -291,7 +297,7 @@ class HM3VideoSampler:
             return
         guided = clip.settings.uses_guidance
         cache = self.reference_net(_cfg_batch(torch.zeros_like(latent), latent, guided), clip.text)
-        clip.pads[index] = {k: v.unsqueeze(2) for k, v in cache.items()}
+        clip.pads[index] = {k: v.unsqueeze(2).to(self.pad_device) for k, v in cache.items()}
 
     @staticmethod
     def _predict(

@@ -157,7 +157,8 @@ def test_a_trailing_one_frame_window_is_dropped_not_a_crash():
 
     sampler, inputs, settings, case, io = build_sampler(_public_video_case())
     frames = [i % case["frames"] for i in range(23)]
-    long = {k: io[f"in.{k}"][:, :, frames] if k == "condition" else io[f"in.{k}"][:, frames] for k in ("condition", "drive_coeff", "face_parts", "pd_fpg")}
+    names = ("condition", "drive_coeff", "face_parts", "pd_fpg")
+    long = {k: io[f"in.{k}"][:, :, frames] if k == "condition" else io[f"in.{k}"][:, frames] for k in names}
     arkit = case["control"] == "arkit"
     inputs = SamplerInputs(
         ref_image=inputs.ref_image,
@@ -178,8 +179,8 @@ def test_a_trailing_one_frame_window_is_dropped_not_a_crash():
 def test_same_seed_same_latents_and_overlap_is_ignored():
     sampler, inputs, settings, case, _ = build_sampler(_public_video_case())
     first = sampler.sample(inputs, settings, torch.Generator().manual_seed(7))
-    again = sampler.sample(inputs, SamplerSettings(steps=settings.steps, guidance=settings.guidance, overlap=0),
-                           torch.Generator().manual_seed(7))
+    no_overlap = SamplerSettings(steps=settings.steps, guidance=settings.guidance, window=settings.window, overlap=0)
+    again = sampler.sample(inputs, no_overlap, torch.Generator().manual_seed(7))
     assert torch.equal(first, again)
     other = sampler.sample(inputs, settings, torch.Generator().manual_seed(8))
     assert not torch.allclose(first, other)
