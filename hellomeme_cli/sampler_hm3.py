@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
