@@ -217,11 +217,12 @@ class VideoSampler:
         generator: torch.Generator,
         progress: ProgressCallback = no_progress,
     ) -> torch.Tensor:
-        """One frame, as the official `HMImagePipeline` (strength 1): the reference latent noised to
-        the first step, then every step with the 2D denoiser -> (1, 4, 1, h, w) / scaling factor."""
+        """One frame, as the official `HMImagePipeline` (v1 and v2 at e0c7fe1): pure noise
+        (`noise * init_noise_sigma`, the reference only through the reference net), then every
+        step with the 2D denoiser -> (1, 4, 1, h, w) / scaling factor."""
         clip, ref_latents = self._prepare(inputs, settings, generator)
         schedule = fresh_schedule(self.scheduler, settings.steps, self.device)
-        latent = schedule.add_noise(ref_latents, _draw(generator, ref_latents.shape, self.device), schedule.timesteps[:1])
+        latent = _draw(generator, ref_latents.shape, self.device) * schedule.init_noise_sigma
         control = self._control(clip, 0, 1)
         steps = len(schedule.timesteps)
         progress(ProgressEvent("denoise", 0, steps, "steps"))
