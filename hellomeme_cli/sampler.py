@@ -64,8 +64,9 @@ class SamplerSettings:
 @dataclasses.dataclass(frozen=True)
 class DrivingFrames:
     """Control-net inputs for n consecutive frames: condition (1, 3, n, H, W) in [-1, 1], then
-    the fields the control kind's `inputs` name: drive_coeff (1, n, 52) and face_parts
-    (1, n, 3, 1024) for HMControlNet, pd_fpg (1, n, 548) for HMControlNet2."""
+    the fields the control kind's `inputs` name: drive_coeff (1, n, k) and face_parts
+    (1, n, 3, 1024) for the blendshapes nets (k = 52 for HMControlNet and our MediaPipe signals;
+    the v2 nets take any k, their conformance cases 51), pd_fpg (1, n, 548) for pdfgc."""
 
     condition: torch.Tensor
     drive_coeff: torch.Tensor | None = None
