@@ -30,13 +30,16 @@ SAMPLER_FRAMES_MAE_TOLERANCE = 1e-3
 # Over two sampler stages bfloat16 leaves about 3e-3 (measured on sampler_public), still far
 # below what one missing conditioning changes (8e-3 for the expression control; README).
 SAMPLER_BFLOAT16_TOLERANCE = 2e-2
+# The image case's latents in bfloat16: measured 2.0e-2 on v2/image_public, far below what its
+# control changes (0.35 to 0.41, v2 README).
+IMAGE_BFLOAT16_TOLERANCE = 5e-2
 TOLERANCES = {
     ("module", torch.float32): FLOAT32_TOLERANCE,
     ("module", torch.bfloat16): BFLOAT16_TOLERANCE,
     ("sampler", torch.float32): SAMPLER_LATENTS_TOLERANCE,
     ("sampler", torch.bfloat16): SAMPLER_BFLOAT16_TOLERANCE,
     ("image", torch.float32): SAMPLER_LATENTS_TOLERANCE,
-    ("image", torch.bfloat16): SAMPLER_BFLOAT16_TOLERANCE,
+    ("image", torch.bfloat16): IMAGE_BFLOAT16_TOLERANCE,
 }
 
 
