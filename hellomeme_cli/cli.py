@@ -367,9 +367,16 @@ def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
 @weights_app.command("fetch")
 def weights_fetch(
     names: Annotated[list[str] | None, typer.Argument(help="Components to fetch (default: all).")] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Fetch what this HelloMeme version needs, every control and mode (docs/versions.md), besides any components named.")
+    ] = None,
 ) -> None:
     """Download missing components into the Hugging Face cache (sha256-checked before use)."""
+    from .versions import any_version
+
     cache = _cache()
+    if version is not None:
+        names = list(dict.fromkeys([*(names or []), *any_version(version).all_components()]))
     for name in names or []:
         cache.component(name)
     with _progress_bars() as report:

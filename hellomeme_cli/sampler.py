@@ -63,8 +63,9 @@ class SamplerSettings:
 @dataclasses.dataclass(frozen=True)
 class DrivingFrames:
     """Control-net inputs for n consecutive frames: condition (1, 3, n, H, W) in [-1, 1], then
-    the fields the control kind's `inputs` name: drive_coeff (1, n, 52) and face_parts
-    (1, n, 3, 1024) for HMControlNet, pd_fpg (1, n, 548) for HMControlNet2."""
+    the fields the control kind's `inputs` name: drive_coeff (1, n, k) and face_parts
+    (1, n, 3, 1024) for the blendshapes nets (k = 52 for HMControlNet and our MediaPipe signals;
+    the v2 nets take any k, their conformance cases 51), pd_fpg (1, n, 548) for pdfgc."""
 
     condition: torch.Tensor
     drive_coeff: torch.Tensor | None = None
@@ -246,11 +247,12 @@ class VideoSampler(LatentDecoder):
         generator: torch.Generator,
         progress: ProgressCallback = no_progress,
     ) -> torch.Tensor:
-        """One frame, as the official `HMImagePipeline` (strength 1): the reference latent noised to
-        the first step, then every step with the 2D denoiser -> (1, 4, 1, h, w) / scaling factor."""
+        """One frame, as the official `HMImagePipeline` (v1 and v2 at e0c7fe1): pure noise
+        (`noise * init_noise_sigma`, the reference only through the reference net), then every
+        step with the 2D denoiser -> (1, 4, 1, h, w) / scaling factor."""
         clip, ref_latents = self._prepare(inputs, settings, generator)
         schedule = fresh_schedule(self.scheduler, settings.steps, self.device)
-        latent = schedule.add_noise(ref_latents, _draw(generator, ref_latents.shape, self.device), schedule.timesteps[:1])
+        latent = _draw(generator, ref_latents.shape, self.device) * schedule.init_noise_sigma
         control = self._control(clip, 0, 1)
         steps = len(schedule.timesteps)
         progress(ProgressEvent("denoise", 0, steps, "steps"))

@@ -11,15 +11,20 @@ import torch
 from diffusers import AutoencoderKL, MotionAdapter, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .models import FanEncoder, HMControlNet, HMControlNet2, HMReferenceAdapter
+from .models import FanEncoder, HMControlNet, HMControlNet2, HMReferenceAdapter, HMV2ControlNet, HMV2ControlNet2
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .weights import WeightCache
 
 BLOCK_OUT_CHANNELS = (32, 64, 64, 64)
 CONTROL_CHANNELS = (16, 32, 64, 64)  # control level i feeds UNet down block i
+# v2: a stem, then one level per up block from the last (H/8) to the first (H/64), each the width entering it.
+V2_CONTROL_CHANNELS = (16, *BLOCK_OUT_CHANNELS[1:], BLOCK_OUT_CHANNELS[-1])
 TEXT_DIM = 32
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-TINY_COMPONENTS = ("sd15", "hm_reference", "hm_control", "hm_control2", "hm_animatediff_frame12", "image_encoder", "pd_fgc_motion")
+TINY_COMPONENTS = (
+    "sd15", "hm_reference", "hm_control", "hm_control2", "hm_animatediff_frame12",
+    "hm2_reference", "hm2_control", "hm2_control2", "hm2_animatediff_frame12", "image_encoder", "pd_fgc_motion",
+)
 
 
 def _randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -125,6 +130,19 @@ def write_sd15(folder: Path, variant: str | None = None, **unet_shape: int) -> P
     return folder
 
 
+def _tiny_motion_adapter() -> MotionAdapter:
+    return _randomize(
+        MotionAdapter(
+            block_out_channels=BLOCK_OUT_CHANNELS,
+            motion_layers_per_block=2,
+            motion_norm_num_groups=32,
+            motion_num_attention_heads=8,
+            motion_max_seq_length=32,
+            use_motion_mid_block=True,
+        )
+    )
+
+
 def _writers():
     return {
         "sd15": write_sd15,
@@ -135,16 +153,15 @@ def _writers():
         "hm_control2": lambda d: _randomize(
             HMControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS)
         ).save_pretrained(d),
-        "hm_animatediff_frame12": lambda d: _randomize(
-            MotionAdapter(
-                block_out_channels=BLOCK_OUT_CHANNELS,
-                motion_layers_per_block=2,
-                motion_norm_num_groups=32,
-                motion_num_attention_heads=8,
-                motion_max_seq_length=32,
-                use_motion_mid_block=True,
-            )
+        "hm_animatediff_frame12": lambda d: _tiny_motion_adapter().save_pretrained(d),
+        "hm2_reference": lambda d: _randomize(HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS, version="v2")).save_pretrained(d),
+        "hm2_control": lambda d: _randomize(
+            HMV2ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS)
         ).save_pretrained(d),
+        "hm2_control2": lambda d: _randomize(
+            HMV2ControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS)
+        ).save_pretrained(d),
+        "hm2_animatediff_frame12": lambda d: _tiny_motion_adapter().save_pretrained(d),
         "image_encoder": lambda d: _image_encoder().save_pretrained(d),
         # The PD-FGC encoder's layout is fixed by its 224x224 input; it is small (8.5 M values).
         "pd_fgc_motion": lambda d: FanEncoder().half().save_pretrained(d),

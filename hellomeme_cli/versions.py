@@ -73,6 +73,10 @@ class Version:
         motion = [self.motion_component] if mode == "video" and self.motion_component else []
         return [self.base_component, self.reference_component, *motion, *self.control(control).components, "face_landmarker"]
 
+    def all_components(self) -> list[str]:
+        """Every weight component some run of this version needs (any control, any mode), once each."""
+        return list(dict.fromkeys(n for mode in self.modes for control in self.controls for n in self.components(control, mode)))
+
 
 _V1_CONTROLS = {
     "blendshapes": ControlKind(
@@ -94,6 +98,22 @@ _V1_CONTROLS = {
     ),
 }
 
+# v2's control nets take the same signals as v1's and feed the denoiser's up path instead.
+_V2_CONTROLS = {
+    "blendshapes": dataclasses.replace(
+        _V1_CONTROLS["blendshapes"],
+        description="head pose + ARKit blendshape coefficients + CLIP face-part embeddings (HMV2ControlNet)",
+        control_net="hellomeme_cli.models:HMV2ControlNet",
+        components=("hm2_control", "image_encoder"),
+    ),
+    "pdfgc": dataclasses.replace(
+        _V1_CONTROLS["pdfgc"],
+        description="head pose + PD-FGC motion embedding (HMV2ControlNet2)",
+        control_net="hellomeme_cli.models:HMV2ControlNet2",
+        components=("hm2_control2", "pd_fgc_motion"),
+    ),
+}
+
 VERSIONS: dict[str, Version] = {
     "v1": Version(
         name="v1",
@@ -107,6 +127,20 @@ VERSIONS: dict[str, Version] = {
         sampler="hellomeme_cli.sampler:VideoSampler",
         prompt=V1_PROMPT,
     ),
+    "v2": Version(
+        name="v2",
+        description="reference adapter on the up blocks only, control added before the up blocks, same sampler as v1",
+        modes=("video", "image"),
+        base_component="sd15",
+        reference_adapter="hellomeme_cli.models:HMReferenceAdapter",  # its config.json says version "v2"
+        reference_component="hm2_reference",
+        motion_component="hm2_animatediff_frame12",
+        controls=_V2_CONTROLS,
+        sampler="hellomeme_cli.sampler:VideoSampler",
+        prompt=V1_PROMPT,  # generator.py's DEFAULT_PROMPT (model_config.json "prompt"), as v1's
+        # The official app's sliders (25 steps, guidance 1.5, overlap 4) and control (HMControlNet2).
+        defaults=Defaults(steps=25, guidance=1.5, window=12, overlap=4, stage1_steps=10, control="pdfgc"),
+    ),
 }
 DEFAULT_VIDEO_VERSION = "v1"
 DEFAULT_IMAGE_VERSION = "v1"
@@ -119,6 +153,13 @@ def get_version(name: str, mode: str = "video") -> Version:
         known = ", ".join(v.name for v in VERSIONS.values() if mode in v.modes)
         raise HellomemeError(f"unknown HelloMeme version {name!r} for {mode} (use {known})")
     return version
+
+
+def any_version(name: str) -> Version:
+    """The registry entry whatever it can do, or a one-line error listing every version."""
+    if name not in VERSIONS:
+        raise HellomemeError(f"unknown HelloMeme version {name!r} (use {', '.join(VERSIONS)})")
+    return VERSIONS[name]
 
 
 def version_names(mode: str) -> tuple[str, ...]:

@@ -1,5 +1,6 @@
 """The conformance cases (format: ../shared/conformance/README.md): finding them under a
-folder, and running the v1 module and sampler cases through our networks."""
+folder, and running the v1 module cases and every registry version's sampler and image
+cases through our networks."""
 
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ from hellomeme_cli.sampler import ControlSource, DrivingFrames, SamplerInputs, S
 from hellomeme_cli.versions import get_version, resolve
 
 CONTROL_FOLDERS = {"blendshapes": "hm_control", "pdfgc": "hm_control2"}
+# case.json `control` -> the registry's control kind (the v2+ cases call the blendshapes control "arkit").
+CASE_CONTROLS = {"arkit": "blendshapes", "blendshapes": "blendshapes", "pdfgc": "pdfgc"}
 
 
 def find_cases(root: Path) -> list[Path]:
@@ -121,19 +124,32 @@ def case_scheduler(description: str):
     return getattr(diffusers, call.func.id)(**{k.arg: ast.literal_eval(k.value) for k in call.keywords})
 
 
+def case_module(case: dict, weights: Path, name: str, cls: type, dtype: torch.dtype):
+    """weights/<name> as `cls`; the constructor arguments from case.json where the official class
+    does not write them into config.json (v2's control nets)."""
+    spec = case.get("modules", {}).get(name, {})
+    init_kwargs = {} if spec.get("config_json_has_init_args", True) else spec["init_kwargs"]
+    return load_folder(cls, weights / name, torch_dtype=dtype, **init_kwargs)
+
+
 def sampler_case(folder: Path, dtype: torch.dtype) -> tuple[VideoSampler, SamplerInputs, SamplerSettings, dict, dict]:
-    """The v1 sampler on a sampler case's networks and scheduler, its inputs and settings, the case and its tensors."""
+    """The version's sampler on a sampler or image case's networks and scheduler (the classes from
+    the registry entry the case names), its inputs and settings, the case and its tensors."""
     case, io = load_case(folder)
+    mode = "image" if case.get("kind") == "image" else "video"
+    version = get_version(case.get("version", "v1"), mode)
     weights = folder / "weights"
     unet = load_folder(UNet2DConditionModel, weights / "unet", torch_dtype=dtype)
-    adapter = load_folder(HMReferenceAdapter, weights / "hm_reference", torch_dtype=dtype)
-    motion = motion_unet(unet, load_folder(MotionAdapter, weights / "motion_adapter", torch_dtype=dtype))
-    kind = get_version("v1").control(case["control"])
-    sampler = VideoSampler(
+    adapter = case_module(case, weights, "hm_reference", resolve(version.reference_adapter), dtype)
+    motion = None
+    if mode == "video":
+        motion = HMDenoisingNet(motion_unet(unet, load_folder(MotionAdapter, weights / "motion_adapter", torch_dtype=dtype)), adapter)
+    kind = version.control(CASE_CONTROLS[case["control"]])
+    sampler = resolve(version.sampler)(
         HMReferenceNet(unet),
         HMDenoisingNet(unet, adapter),
-        HMDenoisingNet(motion, adapter),
-        load_folder(resolve(kind.control_net), weights / CONTROL_FOLDERS[kind.name], torch_dtype=dtype),
+        motion,
+        case_module(case, weights, CONTROL_FOLDERS[kind.name], resolve(kind.control_net), dtype),
         load_folder(AutoencoderKL, weights / "vae", torch_dtype=dtype),
         scheduler=case_scheduler(case["scheduler"]),
         control=kind,
@@ -146,11 +162,7 @@ def sampler_case(folder: Path, dtype: torch.dtype) -> tuple[VideoSampler, Sample
         num_frames=case["frames"],
         neg_pd_fpg=io.get("in.neg_pd_fpg"),
     )
-    settings = SamplerSettings(
-        steps=case["steps"],
-        stage1_steps=case["stage1_steps"],
-        guidance=case["guidance_scale"],
-        window=case["window"],
-        overlap=case["overlap"],
-    )
+    # The image pipeline has no stage 2 and no windows; its settings keep our defaults there.
+    windows = {name: case[name] for name in ("stage1_steps", "window", "overlap") if name in case}
+    settings = SamplerSettings(steps=case["steps"], guidance=case["guidance_scale"], **windows)
     return sampler, inputs, settings, case, io

@@ -15,7 +15,15 @@ from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet
 from conformance_case import control_from_tensors, relative_error
 from hellomeme_cli import sampler as sampler_module
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.models import HMControlNet, HMControlNet2, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
+from hellomeme_cli.models import (
+    HMControlNet,
+    HMControlNet2,
+    HMDenoisingNet,
+    HMReferenceAdapter,
+    HMReferenceNet,
+    HMV2ControlNet,
+    motion_unet,
+)
 from hellomeme_cli.progress import ProgressEvent
 from hellomeme_cli.sampler import SamplerInputs, SamplerSettings, VideoSampler, plan_windows
 from hellomeme_cli.versions import get_version
@@ -195,6 +203,32 @@ def test_same_seed_same_latents_other_seed_other_latents(tiny_nets):
     first, again, other = (_sample(sampler, inputs, seed=s) for s in (7, 7, 8))
     assert torch.equal(first, again)
     assert relative_error(other, first) > 0.1
+
+
+@pytest.mark.parametrize("coefficients", (51, 52))
+def test_the_v2_control_takes_any_coefficient_count(tiny_nets, coefficients):
+    """v2's blendshape net makes one token per coefficient: the official cases' 51 and MediaPipe's 52 both drive it."""
+    torch.manual_seed(3)
+    unet = tiny_nets["denoiser_2d"].unet
+    adapter = _randomize(HMReferenceAdapter(block_out_channels=UNET_CHANNELS, version="v2"))
+    control_net = _randomize(HMV2ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=(16, *UNET_CHANNELS[1:], UNET_CHANNELS[-1])))
+    sampler = VideoSampler(
+        HMReferenceNet(unet), HMDenoisingNet(unet, adapter), None, control_net, tiny_nets["vae"],
+        scheduler=EulerDiscreteScheduler(**SD15_SCHEDULER), control=get_version("v2").control("blendshapes"),
+    )
+    inputs = _tiny_inputs(1)
+    g = torch.Generator().manual_seed(5)
+    drives = [torch.rand(1, 1, coefficients, generator=g) for _ in range(2)]
+    latents = [
+        sampler.sample_image(
+            dataclasses.replace(inputs, control=control_from_tensors(inputs.control(0, 1).condition, drive, inputs.control(0, 1).face_parts)),
+            FAST, torch.Generator().manual_seed(0),
+        )
+        for drive in drives
+    ]
+    assert latents[0].shape == (1, 4, 1, SIZE // 8, SIZE // 8) and torch.isfinite(latents[0]).all()
+    # The coefficients reach the denoiser (deterministic on the CPU: dropped, the two would be equal).
+    assert relative_error(latents[1], latents[0]) > 1e-5
 
 
 def test_guidance_off_and_the_pdfgc_control_net_work(tiny_nets):
