@@ -369,14 +369,15 @@ def test_make_tiny_and_imported_face_model_give_a_cache_verify_accepts(tiny_home
 
 
 def test_tiny_weights_load_with_the_real_loaders(tiny_home):
-    from hellomeme_cli.models import FanEncoder, HMControlNet, HMDenoisingNet, HMReferenceAdapter
+    from diffusers import MotionAdapter, UNet2DConditionModel
+
+    from hellomeme_cli.models import FanEncoder, HMControlNet, HMReferenceAdapter
 
     sd15 = tiny_home / "sd15"
     assert all((sd15 / f.path).is_file() for f in read_lock()["sd15"].files)  # the locked, non-variant names
-    denoiser = HMDenoisingNet.from_pretrained(
-        sd15 / "unet", tiny_home / "hm_reference", tiny_home / "hm_animatediff_frame12"
-    )
-    assert denoiser.is_motion
+    for cls, folder in ((UNet2DConditionModel, "sd15/unet"), (MotionAdapter, "hm_animatediff_frame12")):
+        _, info = cls.from_pretrained(tiny_home / folder, output_loading_info=True)
+        assert not info["missing_keys"] and not info["unexpected_keys"]
     for cls, folder in ((HMReferenceAdapter, "hm_reference"), (HMControlNet, "hm_control"), (FanEncoder, "pd_fgc_motion")):
         _, info = cls.from_pretrained(tiny_home / folder, output_loading_info=True)
         assert not info["missing_keys"] and not info["unexpected_keys"]
