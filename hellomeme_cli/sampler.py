@@ -156,10 +156,25 @@ class _Clip:
     negative_control: ControlFeatures | None
 
 
-class LatentDecoder:
-    """Decoding shared by every sampler: the VAE turns latents into frames batch by batch, as an
-    iterator, so frames stream to the writer and memory stays flat in clip length. Needs
+class LatentCodec:
+    """The VAE's part, shared by every sampler: the reference image into its latent (checked,
+    drawn from the run's generator), and latents into frames batch by batch, as an iterator, so
+    frames stream to the writer and memory stays flat in clip length. Needs `vae_encoder`,
     `vae_decoder` and `device`."""
+
+    def _encode_reference(self, inputs: SamplerInputs, generator: torch.Generator) -> torch.Tensor:
+        """(1, 4, 1, h, w) scaled reference latent, sampled from the VAE's latent distribution."""
+        if generator.device.type != "cpu":
+            raise ValueError("the sampler draws its noise from a CPU generator (same video on every device)")
+        if inputs.num_frames < 1:
+            raise HellomemeError("the driving clip has no frames")
+        if inputs.ref_image.ndim != 4 or inputs.ref_image.shape[:2] != (1, 3):
+            raise ValueError(f"ref_image must be (1, 3, H, W), got {tuple(inputs.ref_image.shape)}")
+        vae = self.vae_encoder
+        distribution = vae.encode(inputs.ref_image.to(self.device, vae.dtype)).latent_dist
+        noise = _draw(generator, distribution.mean.shape, self.device).to(distribution.mean.dtype)
+        latent = distribution.mean + distribution.std * noise
+        return (vae.config.scaling_factor * latent.float()).unsqueeze(2)
 
     @torch.no_grad()
     def decode_tensors(
@@ -184,7 +199,7 @@ class LatentDecoder:
             yield (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
-class VideoSampler(LatentDecoder):
+class VideoSampler(LatentCodec):
     """Turns a reference image, prompt embeddings and per-frame driving signals into video
     latents with the HelloMeme v1 networks (on any one device, any dtype)."""
 
@@ -267,19 +282,13 @@ class VideoSampler(LatentDecoder):
     ) -> tuple[_Clip, torch.Tensor]:
         """What every denoiser call of a clip shares, and the scaled reference latent (1, 4, 1, h, w);
         with guidance the reference net's unconditional half sees a zero latent, as official."""
-        if generator.device.type != "cpu":
-            raise ValueError("the sampler draws its noise from a CPU generator (same video on every device)")
-        if inputs.num_frames < 1:
-            raise HellomemeError("the driving clip has no frames")
-        if inputs.ref_image.ndim != 4 or inputs.ref_image.shape[:2] != (1, 3):
-            raise ValueError(f"ref_image must be (1, 3, H, W), got {tuple(inputs.ref_image.shape)}")
         guided = settings.uses_guidance
         reference_text = _cfg_batch(
             _default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
             _default(inputs.reference_text_embeds, inputs.text_embeds),
             guided,
         ).to(self.device)
-        ref_latents = self._encode_reference(inputs.ref_image, generator)
+        ref_latents = self._encode_reference(inputs, generator)
         clip = _Clip(
             settings=settings,
             num_frames=inputs.num_frames,
@@ -289,14 +298,6 @@ class VideoSampler(LatentDecoder):
             negative_control=self._negative_control(inputs) if guided else None,
         )
         return clip, ref_latents
-
-    def _encode_reference(self, ref_image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(1, 4, 1, h, w) scaled reference latent, sampled from the VAE's latent distribution."""
-        vae = self.vae_encoder
-        distribution = vae.encode(ref_image.to(self.device, vae.dtype)).latent_dist
-        noise = _draw(generator, distribution.mean.shape, self.device).to(distribution.mean.dtype)
-        latent = distribution.mean + distribution.std * noise
-        return (vae.config.scaling_factor * latent.float()).unsqueeze(2)
 
     def _stage1(
         self, clip: _Clip, generator: torch.Generator, latent_shape: torch.Size, progress: ProgressCallback

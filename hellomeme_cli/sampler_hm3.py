@@ -38,11 +38,10 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .errors import HellomemeError
 from .models import HM3DenoisingNet, HM3ReferenceNet
 from .models.unet import ControlFeatures, ReferenceCache
 from .progress import ProgressCallback, ProgressEvent, no_progress
-from .sampler import DrivingFrames, LatentDecoder, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
+from .sampler import DrivingFrames, LatentCodec, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
 
 # The official pipelines build their schedulers themselves, ignoring SD1.5's scheduler config.
 SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -105,7 +104,7 @@ class _Clip:
     pads: dict[int, ReferenceCache]
 
 
-class HM3VideoSampler(LatentDecoder):
+class HM3VideoSampler(LatentCodec):
     """Turns a reference image, prompt embeddings and per-frame driving signals into video
     latents with the HelloMeme v3 or v4 networks (same interface as `sampler.VideoSampler`).
 
@@ -214,20 +213,6 @@ class HM3VideoSampler(LatentDecoder):
             latent = _step(schedule, noise[:, :, 0], timestep, latent[:, :, 0], clip.generator).unsqueeze(2)
             progress(ProgressEvent("denoise", step + 1, steps, "steps"))
         return latent / self.vae_encoder.config.scaling_factor
-
-    def _encode_reference(self, inputs: SamplerInputs, generator: torch.Generator) -> torch.Tensor:
-        """(1, 4, 1, h, w) scaled reference latent, sampled from the VAE's latent distribution."""
-        if generator.device.type != "cpu":
-            raise ValueError("the sampler draws its noise from a CPU generator (same video on every device)")
-        if inputs.num_frames < 1:
-            raise HellomemeError("the driving clip has no frames")
-        if inputs.ref_image.ndim != 4 or inputs.ref_image.shape[:2] != (1, 3):
-            raise ValueError(f"ref_image must be (1, 3, H, W), got {tuple(inputs.ref_image.shape)}")
-        vae = self.vae_encoder
-        distribution = vae.encode(inputs.ref_image.to(self.device, vae.dtype)).latent_dist
-        noise = _draw(generator, distribution.mean.shape, self.device).to(distribution.mean.dtype)
-        latent = distribution.mean + distribution.std * noise
-        return (vae.config.scaling_factor * latent.float()).unsqueeze(2)
 
     def _prepare(
         self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, ref_latents: torch.Tensor

@@ -37,11 +37,10 @@ import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .errors import HellomemeError
 from .models import HM5ControlNetBase, HM5DenoisingNet, HM5ReferenceNet, HM5SD15ControlProj, motion_pad_states
 from .models.unet import ControlFeatures, ReferenceCache
 from .progress import ProgressCallback, ProgressEvent, no_progress
-from .sampler import ControlSource, DrivingFrames, LatentDecoder, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
+from .sampler import ControlSource, DrivingFrames, LatentCodec, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
 from .versions import ControlKind
 
 # The official windows: 12 frames, neighbours sharing one frame (`HM5VideoPipeline.num_frames`).
@@ -99,7 +98,7 @@ class _Clip:
     negative_control: ControlFeatures | None
 
 
-class HM5VideoSampler(LatentDecoder):
+class HM5VideoSampler(LatentCodec):
     """Turns a reference image, prompt embeddings and per-frame driving signals into video
     latents (v5, v5b) or one image (v5, v5b, v5c) with the HelloMeme v5-family networks."""
 
@@ -193,16 +192,10 @@ class HM5VideoSampler(LatentDecoder):
         self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator
     ) -> tuple[_Clip, torch.Tensor]:
         """What every denoiser call shares, and the scaled reference latent (1, 4, 1, h, w)."""
-        if generator.device.type != "cpu":
-            raise ValueError("the sampler draws its noise from a CPU generator (same result on every device)")
-        if inputs.num_frames < 1:
-            raise HellomemeError("the driving clip has no frames")
-        if inputs.ref_image.ndim != 4 or inputs.ref_image.shape[:2] != (1, 3):
-            raise ValueError(f"ref_image must be (1, 3, H, W), got {tuple(inputs.ref_image.shape)}")
         if self.reference_control and inputs.reference_control is None:
             raise ValueError("this version's reference net needs the reference image's own control (reference_control)")
         guided = settings.uses_guidance
-        ref_latents = self._encode_reference(inputs.ref_image, generator)
+        ref_latents = self._encode_reference(inputs, generator)
         negative = self._negative_control(inputs.control(0, 1)) if guided else None
         ref_control = None
         if self.reference_control:
@@ -215,14 +208,6 @@ class HM5VideoSampler(LatentDecoder):
         reference = self.reference_net(_cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text, ref_control)
         text = _cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device)
         return _Clip(settings, inputs.control, text, reference, negative), ref_latents
-
-    def _encode_reference(self, ref_image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        """(1, 4, 1, h, w) scaled reference latent, sampled from the VAE's latent distribution."""
-        vae = self.vae_encoder
-        distribution = vae.encode(ref_image.to(self.device, vae.dtype)).latent_dist
-        noise = _draw(generator, distribution.mean.shape, self.device).to(distribution.mean.dtype)
-        latent = distribution.mean + distribution.std * noise
-        return (vae.config.scaling_factor * latent.float()).unsqueeze(2)
 
     def _denoise(
         self,
