@@ -23,15 +23,9 @@ from diffusers import UNet2DConditionModel, UNetMotionModel
 from torch import nn
 
 from .hm3 import HM3MotionAdapter, HM3ReferenceAdapter
-from .unet import ControlFeatures, InjectionPoints, ReferenceCache, _batched_timestep, _frames_to_batch
+from .unet import ControlFeatures, InjectionPoints, ReferenceCache, _add_control, _batched_timestep, _frames_to_batch
 
 MotionPads = dict[str, torch.Tensor]
-
-
-def _add_control(hidden: torch.Tensor, control: ControlFeatures | None, key: str) -> torch.Tensor:
-    if control is None or key not in control:
-        return hidden
-    return hidden + _frames_to_batch(control[key]).to(hidden.dtype)
 
 
 @dataclasses.dataclass
@@ -73,7 +67,7 @@ class HM3InjectionPoints(InjectionPoints):
             hidden, skips = output
             if call.capture is not None:
                 call.capture[f"down_{idx}"] = hidden
-            controlled = _add_control(hidden, call.control, f"down3_{idx}")
+            controlled = _add_control(hidden, call.control, ("down3_",), idx)
             if controlled is not hidden:
                 # The official code adds the control in place, and the block's
                 # output is also its last skip connection, so the skip sees it too.
@@ -91,7 +85,7 @@ class HM3InjectionPoints(InjectionPoints):
             entering = kwargs["hidden_states"]
             if call.capture is not None:
                 call.capture[f"up_{idx}"] = entering
-            hidden = _add_control(entering, call.control, f"up3_{idx}")
+            hidden = _add_control(entering, call.control, ("up3_",), idx)
             if call.reference_adapter is not None and call.reference and f"up_{idx}" in call.reference:
                 hidden = call.reference_adapter.reference_modules_up[idx](hidden, call.reference[f"up_{idx}"], call.num_frames)
             hidden = call.motion("motion_up", idx, hidden, kwargs["temb"], f"up_{idx}")

@@ -37,7 +37,8 @@ from torch import nn
 
 from .blocks import ResidualDownBlock, _attention, _channels_last_tokens
 from .control import _batch_to_frames
-from .unet import InjectionPoints, _batched_timestep, _frames_to_batch, load_folder
+from .hm4 import PROJECTIONS  # the same projectors, feature maps and injection points as v4's
+from .unet import InjectionPoints, _add_control, _batched_timestep, _frames_to_batch, load_folder
 
 ReferenceCache = dict[str, torch.Tensor]
 ControlFeatures = dict[str, torch.Tensor]
@@ -263,19 +264,6 @@ class HMProjector(nn.Module):
         return _batch_to_frames(self.attn(self.proj(_frames_to_batch(features))), frames)
 
 
-# output key -> (control feature, projector); see HM5SD15ControlProj.
-_PROJECTIONS = {
-    "down3_0": ("feat_2", "map320_to_320"),
-    "down3_1": ("feat_1", "map640_to_640"),
-    "down3_2": ("feat_0", "map1280_to_1280_2"),
-    "down3_3": ("feat_0", "map1280_to_1280_3"),
-    "up3_0": ("feat_0", "map1280_to_1280"),
-    "up3_1": ("feat_1", "map640_to_1280"),
-    "up3_2": ("feat_2", "map320_to_1280"),
-    "up3_3": ("feat_3", "map320_to_640"),
-}
-
-
 class HM5SD15ControlProj(ModelMixin, ConfigMixin):
     """The control net's 4 feature maps -> 8 UNet residuals: `down3_i` added after down
     block i, `up3_i` before up block i, each (b, c, f, h', w') (HF
@@ -306,7 +294,7 @@ class HM5SD15ControlProj(ModelMixin, ConfigMixin):
 
     def forward(self, features: dict[str, torch.Tensor]) -> ControlFeatures:
         """{"feat_0".."feat_3"} from HM5ControlNetBase -> {"down3_0".."down3_3", "up3_0".."up3_3"}."""
-        return {key: getattr(self, projector)(features[feat]) for key, (feat, projector) in _PROJECTIONS.items()}
+        return {key: getattr(self, projector)(features[feat]) for projector, (feat, key) in PROJECTIONS.items()}
 
 
 class SKReferenceAttentionV5(nn.Module):
@@ -445,12 +433,6 @@ class HM5MotionAdapter(ModelMixin, ConfigMixin):
         self.motion_up = nn.ModuleList(SKMotionModuleV5(c, num_attention_heads) for c in block_up_channels)
 
 
-def _add(hidden: torch.Tensor, control: ControlFeatures | None, key: str) -> torch.Tensor:
-    if control is None or key not in control:
-        return hidden
-    return hidden + _frames_to_batch(control[key]).to(hidden.dtype)
-
-
 @dataclasses.dataclass
 class _HM5Call:
     """What the hooks do during one UNet forward."""
@@ -478,7 +460,7 @@ class HM5InjectionPoints(InjectionPoints):
             hidden, skips = output
             if call.capture is not None:
                 call.capture[f"down_{idx}"] = hidden
-            controlled = _add(hidden, call.control, f"down3_{idx}")
+            controlled = _add_control(hidden, call.control, ("down3_",), idx)
             if controlled is not hidden:
                 # The official in-place add also reaches the block's last skip connection.
                 skips = skips[:-1] + (controlled,)
@@ -500,7 +482,7 @@ class HM5InjectionPoints(InjectionPoints):
             entering = kwargs["hidden_states"]
             if call.capture is not None:
                 call.capture[f"up_{idx}"] = entering
-            hidden = _add(entering, call.control, f"up3_{idx}")
+            hidden = _add_control(entering, call.control, ("up3_",), idx)
             key = f"up_{idx}"
             if call.reference_modules is not None and call.reference is not None and key in call.reference:
                 hidden = call.reference_modules[idx](hidden, call.reference[key], call.num_frames)
