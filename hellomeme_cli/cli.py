@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="hellomeme",
-    help="Make meme videos: give a portrait the head motion and expressions of a driving video (HelloMeme v1).",
+    help="Make meme videos: give a portrait the head motion and expressions of a driving video (HelloMeme v1 or v2, chosen with --version).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
