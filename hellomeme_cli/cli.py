@@ -29,7 +29,7 @@ from rich.table import Table
 from . import __version__
 from .errors import HellomemeError, first_line as _first_line
 from .progress import ProgressCallback, ProgressEvent
-from .versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION
+from .versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, users
 
 if TYPE_CHECKING:
     from .batch import BatchReport
@@ -350,7 +350,8 @@ def weights_list() -> None:
         found = [s.state for s in states[name]]
         state = "ok" if all(s == "ok" for s in found) else "missing" if all(s == "missing" for s in found) else "incomplete"
         present = sum(s == "ok" for s in found)
-        rows.append((name, state, f"{present}/{len(found)}", component.source, ", ".join(component.needed_for)))
+        needed = ", ".join(component.needed_for or users(name))
+        rows.append((name, state, f"{present}/{len(found)}", component.source, needed))
         rows += [(f"  {s.path}", places.get(s.where, "missing"), "", str(s.location or ""), s.detail) for s in states[name]]
     # Plain aligned text: a table drawn to the console's width would cut names in a pipe or a narrow terminal.
     typer.echo(f"HELLOMEME_HOME {cache.home}\nHF cache {cache.hub_cache}\n")

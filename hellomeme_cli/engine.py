@@ -24,7 +24,7 @@ from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjec
 
 from .checkpoints import PICKLE_SUFFIXES, load_sd15, load_vae
 from .errors import HellomemeError
-from .models import FanEncoder, HMDenoisingNet, HMReferenceNet, motion_unet
+from .models import FanEncoder, motion_unet
 from .models.unet import load_folder
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .sampler import VideoSampler
@@ -52,33 +52,37 @@ class HelloMemePipeline(DiffusionPipeline):
     """Every network of one HelloMeme version, registered as diffusers pipeline components
     (`components`, `.to()`, diffusers' offloading hooks work on them). Roles may share
     networks: with no swap the reference net and both denoisers run one SD1.5 UNet, and the
-    two text encoders and two VAEs are one each. `denoiser_motion` is None for image runs,
-    `image_encoder`/`fan_encoder` when the control kind does not use them.
+    two text encoders and two VAEs are one each (v5's two denoisers are one network, its motion
+    modules used or not). `denoiser_motion` is None for image runs, `image_encoder`/`fan_encoder`
+    when the control kind does not use them, `control_proj` for v1-v3; `image_scheduler`
+    (default: `scheduler`) is the image runs' where it differs from the video's (v3, v4).
 
     Not registered (they are no networks): `face_model` (the MediaPipe file), `control_kind`
     (the registry's `ControlKind`), `version` (the registry entry)."""
 
     # Order in which the networks run, for diffusers' `enable_model_cpu_offload`.
     model_cpu_offload_seq = (
-        "reference_text_encoder->text_encoder->image_encoder->vae_encoder->reference_net->control_net"
+        "reference_text_encoder->text_encoder->image_encoder->vae_encoder->reference_net->control_net->control_proj"
         "->denoiser_2d->denoiser_motion->vae_decoder"
     )
-    _optional_components = ["denoiser_motion", "image_encoder", "fan_encoder"]
+    _optional_components = ["denoiser_motion", "image_encoder", "fan_encoder", "control_proj", "image_scheduler"]
 
     def __init__(
         self,
         tokenizer: CLIPTokenizer,
         reference_text_encoder: CLIPTextModel,
         text_encoder: CLIPTextModel,
-        reference_net: HMReferenceNet,
-        denoiser_2d: HMDenoisingNet,
+        reference_net: torch.nn.Module,
+        denoiser_2d: torch.nn.Module,
         control_net: torch.nn.Module,
         vae_encoder: AutoencoderKL,
         vae_decoder: AutoencoderKL,
         scheduler: SchedulerMixin,
-        denoiser_motion: HMDenoisingNet | None = None,
+        denoiser_motion: torch.nn.Module | None = None,
         image_encoder: CLIPVisionModelWithProjection | None = None,
         fan_encoder: FanEncoder | None = None,
+        control_proj: torch.nn.Module | None = None,
+        image_scheduler: SchedulerMixin | None = None,
         *,
         face_model: Path | None = None,
         control_kind: ControlKind | None = None,
@@ -95,11 +99,13 @@ class HelloMemePipeline(DiffusionPipeline):
             denoiser_2d=denoiser_2d,
             denoiser_motion=denoiser_motion,
             control_net=control_net,
+            control_proj=control_proj,
             vae_encoder=vae_encoder,
             vae_decoder=vae_decoder,
             image_encoder=image_encoder,
             fan_encoder=fan_encoder,
             scheduler=scheduler,
+            image_scheduler=image_scheduler,
         )
         self.version = version or get_version("v1")
         self.control_kind = control_kind or self.version.control()
@@ -115,16 +121,17 @@ class HelloMemePipeline(DiffusionPipeline):
     @property
     def device(self) -> torch.device:
         """Where the networks compute, also while low-memory mode keeps their weights on the CPU."""
-        return self._onload_device or self.denoiser_2d.device
+        return self._onload_device or self.denoiser_2d.unet.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.denoiser_2d.dtype
+        return self.denoiser_2d.unet.dtype
 
     @torch.no_grad()
-    def encode_prompt(self, prompt: str = "", negative_prompt: str = "") -> PromptEmbeddings:
-        """The user's prompt goes before the version's own (the official scripts' prompt)."""
-        text = f"{prompt}, {self.version.prompt}" if prompt else self.version.prompt
+    def encode_prompt(self, prompt: str = "", negative_prompt: str = "", mode: str = "video") -> PromptEmbeddings:
+        """The user's prompt goes before the version's own for `mode` (the official scripts' prompt)."""
+        own = self.version.prompt_for(mode)
+        text = f"{prompt}, {own}" if prompt else own
 
         def encode(encoder: CLIPTextModel, value: str) -> torch.Tensor:
             ids = self.tokenizer(
@@ -140,18 +147,8 @@ class HelloMemePipeline(DiffusionPipeline):
         )
 
     def sampler(self) -> VideoSampler:
-        """The version's sampler on these networks and this scheduler."""
-        return resolve(self.version.sampler)(
-            self.reference_net,
-            self.denoiser_2d,
-            self.denoiser_motion,
-            self.control_net,
-            self.vae_encoder,
-            self.vae_decoder,
-            scheduler=self.scheduler,
-            control=self.control_kind,
-            device=self.device,
-        )
+        """The version's sampler on these networks and schedulers."""
+        return resolve(self.version.sampler).from_pipeline(self)
 
     def enable_low_memory(self, device: torch.device) -> None:
         """diffusers' group offloading, block by block: the weights stay on the CPU (pinned, on
@@ -176,10 +173,10 @@ class HelloMemePipeline(DiffusionPipeline):
         """Every network once (a UNet, VAE or adapter often serves several roles); the reference
         net and the denoisers count as their UNets and reference adapters."""
         roles = [self.reference_text_encoder, self.text_encoder, self.image_encoder, self.fan_encoder, self.control_net]
-        roles += [self.vae_encoder, self.vae_decoder]
+        roles += [self.control_proj, self.vae_encoder, self.vae_decoder]
         for denoiser in (self.reference_net, self.denoiser_2d, self.denoiser_motion):
             if denoiser is not None:
-                roles += [denoiser.unet, getattr(denoiser, "reference_adapter", None)]
+                roles += [denoiser.unet, getattr(denoiser, "reference_adapter", None), getattr(denoiser, "motion_adapter", None)]
         return _unique(roles)
 
 
@@ -298,26 +295,36 @@ def load_pipeline(
     def component(target: str, name: str):
         return _load_component(resolve(target), folders[name], dtype).to(load_device).eval()
 
+    # The networks of the version, on the UNets of the x1 recipe (module docstring).
     adapter = component(version.reference_adapter, version.reference_component)
+    denoiser = resolve(version.denoiser)
     denoiser_motion = None
-    if mode == "video" and version.motion_component:
-        motion_adapter = load_folder(MotionAdapter, folders[version.motion_component], dtype=dtype)
-        denoiser_motion = HMDenoisingNet(motion_unet(stage2.unet, motion_adapter).eval(), adapter)
-    control_net_weights, encoder_weights = kind.components
-    encoder = component(_ENCODERS[kind.encoder], encoder_weights)
+    if mode == "video":
+        motion_net = stage2.unet
+        if version.motion_component:
+            animatediff = load_folder(MotionAdapter, folders[version.motion_component], dtype=dtype)
+            motion_net = motion_unet(stage2.unet, animatediff).eval()
+        motion_modules = [component(version.motion_adapter, version.motion_adapter_component)] if version.motion_adapter else []
+        denoiser_motion = denoiser(motion_net, adapter, *motion_modules)
+        denoiser_2d = denoiser(styled.unet, adapter) if version.base_first_pass else denoiser_motion
+    else:
+        denoiser_2d = denoiser(stage2.unet, adapter)  # official image pipelines: every step on the checkpoint's UNet
+    encoder = component(_ENCODERS[kind.encoder], kind.encoder_component)
     pipeline = HelloMemePipeline(
         tokenizer=base.tokenizer,
         reference_text_encoder=base.text_encoder,
         text_encoder=styled.text_encoder,
-        reference_net=HMReferenceNet(base.unet),
-        denoiser_2d=HMDenoisingNet(styled.unet, adapter),
+        reference_net=resolve(version.reference_net)(base.unet),
+        denoiser_2d=denoiser_2d,
         denoiser_motion=denoiser_motion,
-        control_net=component(kind.control_net, control_net_weights),
+        control_net=component(kind.control_net, kind.control_component),
+        control_proj=component(kind.control_proj, kind.control_proj_component) if kind.control_proj else None,
         vae_encoder=base.vae,
         vae_decoder=vae_decoder,
         image_encoder=encoder if kind.encoder == "face_parts" else None,
         fan_encoder=encoder if kind.encoder == "pdfgc" else None,
-        scheduler=_scheduler(version, base_folder),
+        scheduler=_scheduler(version, "video", base_folder),
+        image_scheduler=_scheduler(version, "image", base_folder),
         face_model=folders["face_landmarker"] / MODEL_FILE,
         control_kind=kind,
         version=version,
@@ -333,12 +340,17 @@ def load_pipeline(
 _ENCODERS = {"face_parts": "transformers:CLIPVisionModelWithProjection", "pdfgc": "hellomeme_cli.models:FanEncoder"}
 
 
-def _scheduler(version: Version, base_folder: Path) -> SchedulerMixin:
-    """The version's scheduler class on the base model's `scheduler/scheduler_config.json` (the
-    SD1.5 download holds PNDM's config; the official v1 code runs Euler on it, as here)."""
+def _scheduler(version: Version, mode: str, base_folder: Path) -> SchedulerMixin:
+    """The version's scheduler for `mode`: its class on its own config, or on the base model's
+    `scheduler/scheduler_config.json` (the SD1.5 download holds PNDM's config; the official v1
+    code runs Euler on it, as here)."""
+    spec = version.schedulers[mode]
+    cls = resolve(spec.cls)
+    if spec.config is not None:
+        return cls.from_config(dict(spec.config))
     folder = base_folder / "scheduler"
     try:
-        return resolve(version.scheduler).from_config(resolve(version.scheduler).load_config(str(folder)))
+        return cls.from_config(cls.load_config(str(folder)))
     except (OSError, ValueError) as err:
         raise HellomemeError(f"cannot read the scheduler config in {folder}: {err}") from err
 

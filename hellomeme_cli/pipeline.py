@@ -3,7 +3,7 @@
 1. read the reference picture; track the driving clip (one decode) or load its motion template
 2. the output's timing and the driving signals: crops, head pose, expression, face-part embeddings
 3. the reference net's cache and the prompt (once per clip)
-4. the two-stage sampler (stage 1 per frame, stage 2 over overlapping windows)
+4. the version's sampler (v1/v2: two stages; v3+: coarse to fine over 12-frame windows)
 5. decode and write the mp4 with the driving audio, frames streamed to the encoder
 """
 
@@ -112,7 +112,7 @@ def animate(
     drive = prepare_driving(driving, reference.face, settings, models, progress=progress, track_cache=track_cache)
     signals, fps = drive.signals, drive.timing.rate
 
-    # 3 and 4. Prompt, reference cache and the two-stage sampler.
+    # 3 and 4. Prompt, reference cache and the version's sampler.
     sampler = _sampler(models)
     latents = sampler.sample(
         _sampler_inputs(reference.face, signals, settings, models),
@@ -151,9 +151,12 @@ def render_image(
     settings = settings.with_seed()
     check_destination(output, force, [reference.path, driving_image])
     signals = prepare_driving_image(driving_image, reference.face, settings, models, progress=progress)
+    own = None
+    if models.version.reference_control:  # v5c: the reference's own pose and expression too
+        own = prepare_driving_image(reference.path, reference.face, dataclasses.replace(settings, face_index=0), models)
     sampler = _sampler(models)
     latents = sampler.sample_image(
-        _sampler_inputs(reference.face, signals, settings, models),
+        _sampler_inputs(reference.face, signals, settings, models, mode="image", own=own),
         _sampler_settings(settings),
         torch.Generator().manual_seed(settings.seed),
         progress,
@@ -175,13 +178,20 @@ def _sampler_settings(settings: AnimateSettings) -> SamplerSettings:
 
 
 def _sampler_inputs(
-    reference: ReferenceFace, signals: DrivingSignals, settings: AnimateSettings, models: HelloMemePipeline
+    reference: ReferenceFace,
+    signals: DrivingSignals,
+    settings: AnimateSettings,
+    models: HelloMemePipeline,
+    *,
+    mode: str = "video",
+    own: DrivingSignals | None = None,
 ) -> SamplerInputs:
-    prompt = models.encode_prompt(settings.prompt, settings.negative_prompt)
+    """`own`: the reference picture's own signals, for a version whose reference net takes them."""
+    prompt = models.encode_prompt(settings.prompt, settings.negative_prompt, mode)
     ref_image = torch.from_numpy(reference.image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
 
-    def control(start: int, stop: int) -> DrivingFrames:
-        inputs = signals.control_inputs(start, stop)
+    def frames(source: DrivingSignals, start: int, stop: int) -> DrivingFrames:
+        inputs = source.control_inputs(start, stop)
         inputs.pop("neg_pd_fpg", None)
         return DrivingFrames(**inputs)
 
@@ -189,11 +199,12 @@ def _sampler_inputs(
         ref_image=ref_image,
         text_embeds=prompt.positive,
         negative_text_embeds=prompt.negative,
-        control=control,
+        control=lambda start, stop: frames(signals, start, stop),
         num_frames=len(signals),
         neg_pd_fpg=signals.neg_pd_fpg,
         reference_text_embeds=prompt.reference,
         reference_negative_text_embeds=prompt.reference_negative,
+        reference_control=frames(own, 0, 1) if own is not None else None,
     )
 
 

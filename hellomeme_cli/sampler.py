@@ -23,6 +23,7 @@ run in their own dtype.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -35,6 +36,9 @@ from .models import HMDenoisingNet, HMReferenceNet
 from .models.unet import ControlFeatures, ReferenceCache
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .versions import ControlKind
+
+if TYPE_CHECKING:
+    from .engine import HelloMemePipeline
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,8 +68,8 @@ class SamplerSettings:
 class DrivingFrames:
     """Control-net inputs for n consecutive frames: condition (1, 3, n, H, W) in [-1, 1], then
     the fields the control kind's `inputs` name: drive_coeff (1, n, k) and face_parts
-    (1, n, 3, 1024) for the blendshapes nets (k = 52 for HMControlNet and our MediaPipe signals;
-    the v2 nets take any k, their conformance cases 51), pd_fpg (1, n, 548) for pdfgc."""
+    (1, n, 3, 1024) for the blendshapes nets (k = 51 ARKit coefficients; v1's and v2's nets
+    take any k), pd_fpg (1, n, 548) for pdfgc."""
 
     condition: torch.Tensor
     drive_coeff: torch.Tensor | None = None
@@ -232,6 +236,15 @@ class VideoSampler(LatentCodec):
         self.scheduler = scheduler
         self.control = control
         self.device = device or denoiser_2d.unet.device
+
+    @classmethod
+    def from_pipeline(cls, pipeline: HelloMemePipeline) -> VideoSampler:
+        """On a loaded pipeline's networks (v1, v2: one scheduler for video and image)."""
+        return cls(
+            pipeline.reference_net, pipeline.denoiser_2d, pipeline.denoiser_motion, pipeline.control_net,
+            pipeline.vae_encoder, pipeline.vae_decoder, scheduler=pipeline.scheduler, control=pipeline.control_kind,
+            device=pipeline.device,
+        )
 
     @torch.no_grad()
     def sample(

@@ -32,6 +32,7 @@ the window before it).
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 import inspect
 
 import torch
@@ -41,20 +42,21 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from .models import HM3DenoisingNet, HM3ReferenceNet
 from .models.unet import ControlFeatures, ReferenceCache
 from .progress import ProgressCallback, ProgressEvent, no_progress
+from .versions import DPM_SDE, SD15_SCHEDULE
 from .sampler import DrivingFrames, LatentCodec, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
 
-# The official pipelines build their schedulers themselves, ignoring SD1.5's scheduler config.
-SCHEDULE = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
-
+if TYPE_CHECKING:
+    from .engine import HelloMemePipeline
 
 def official_video_scheduler() -> EulerDiscreteScheduler:
-    """The official video schedule (every level and every margin pass)."""
-    return EulerDiscreteScheduler(**SCHEDULE)
+    """The official video schedule (every level and every margin pass), built by the official
+    pipeline itself whatever the checkpoint's scheduler config."""
+    return EulerDiscreteScheduler(**SD15_SCHEDULE)
 
 
 def official_image_scheduler() -> DPMSolverMultistepScheduler:
     """The official image schedule: DPM-Solver++ SDE (draws noise at every step)."""
-    return DPMSolverMultistepScheduler(**SCHEDULE, algorithm_type="sde-dpmsolver++")
+    return DPMSolverMultistepScheduler(**DPM_SDE)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,6 +150,15 @@ class HM3VideoSampler(LatentCodec):
         self.image_scheduler = image_scheduler or official_image_scheduler()
         self.device = device or denoiser_2d.unet.device
         self.pad_device = pad_device or self.device
+
+    @classmethod
+    def from_pipeline(cls, pipeline: HelloMemePipeline) -> HM3VideoSampler:
+        """On a loaded pipeline's networks and its video and image schedulers."""
+        return cls(
+            pipeline.reference_net, pipeline.denoiser_2d, pipeline.denoiser_motion, pipeline.control_net,
+            pipeline.vae_encoder, pipeline.vae_decoder, control_proj=pipeline.control_proj, scheduler=pipeline.scheduler,
+            image_scheduler=pipeline.image_scheduler or pipeline.scheduler, device=pipeline.device,
+        )
 
     @torch.no_grad()
     def sample(

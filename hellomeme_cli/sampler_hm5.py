@@ -31,6 +31,7 @@ comes from torch's global random state.
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 import inspect
 
 import torch
@@ -41,28 +42,24 @@ from .models import HM5ControlNetBase, HM5DenoisingNet, HM5ReferenceNet, HM5SD15
 from .models.unet import ControlFeatures, ReferenceCache
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .sampler import ControlSource, DrivingFrames, LatentCodec, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
-from .versions import ControlKind
+from .versions import DPM_SDE, ControlKind
+
+if TYPE_CHECKING:
+    from .engine import HelloMemePipeline
 
 # The official windows: 12 frames, neighbours sharing one frame (`HM5VideoPipeline.num_frames`).
 WINDOW = 12
 STRIDE = WINDOW - 1
 
-# The schedule every official v5 pass builds for itself, whatever the checkpoint's scheduler.
-HM5_SCHEDULER_CONFIG = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "algorithm_type": "sde-dpmsolver++",
-}
 
 # DrivingFrames field -> HM5ControlNetBase keyword.
 _CONTROL_KEYWORDS = {"drive_coeff": "drive_coeff", "face_parts": "face_parts", "pd_fpg": "emo_embedding"}
 
 
 def hm5_scheduler() -> DPMSolverMultistepScheduler:
-    """The official v5 schedule: DPM-Solver++ (SDE), SD1.5's scaled-linear betas."""
-    return DPMSolverMultistepScheduler(**HM5_SCHEDULER_CONFIG)
+    """The official v5 schedule, built by every official pass itself whatever the checkpoint's:
+    DPM-Solver++ (SDE), SD1.5's scaled-linear betas."""
+    return DPMSolverMultistepScheduler(**DPM_SDE)
 
 
 def plan_hm5_windows(num_frames: int) -> tuple[tuple[int, int], ...]:
@@ -138,6 +135,15 @@ class HM5VideoSampler(LatentCodec):
         self.scheduler = scheduler
         self.reference_control = reference_control
         self.device = device or denoiser.unet.device
+
+    @classmethod
+    def from_pipeline(cls, pipeline: HelloMemePipeline) -> HM5VideoSampler:
+        """On a loaded pipeline's networks: its one denoiser, with motion modules for video runs."""
+        return cls(
+            pipeline.reference_net, pipeline.denoiser_motion or pipeline.denoiser_2d, pipeline.control_net,
+            pipeline.control_proj, pipeline.vae_encoder, pipeline.vae_decoder, control=pipeline.control_kind,
+            scheduler=pipeline.scheduler, reference_control=pipeline.version.reference_control, device=pipeline.device,
+        )
 
     @torch.no_grad()
     def sample(

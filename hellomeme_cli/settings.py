@@ -80,6 +80,18 @@ def _one_of(choices: tuple[str, ...], option: str) -> Callable[[Any], str | None
     return lambda value: None if value is None or value in choices else f"--{option} must be one of {', '.join(choices)} (got {value!r})"
 
 
+def _by_version(name: str) -> str:
+    """A version default as the docs and --help show it, e.g. "the version's (v1: 2; v2, v3: 1.5)"."""
+    groups: dict[str, list[str]] = {}
+    for version in VERSIONS.values():
+        value = getattr(version.defaults, name)
+        shown = "fixed" if name in version.defaults.fixed else (f"{value:g}" if isinstance(value, float) else str(value))
+        groups.setdefault(shown, []).append(version.name)
+    if len(groups) == 1:
+        return f"the version's ({next(iter(groups))})"
+    return "the version's (" + "; ".join(f"{', '.join(names)}: {shown}" for shown, names in groups.items()) + ")"
+
+
 def _known_version(value: str | None) -> str | None:
     if value is None or value in VERSIONS:
         return None
@@ -140,7 +152,7 @@ class ModelOptions:
     )
     control: str | None = _setting(
         None, "Expression signal: blendshapes (ARKit + face parts) or pdfgc (PD-FGC motion).", cli_type=str,
-        check=_known_control, shown="the version's (v1: blendshapes)",
+        check=_known_control, shown=_by_version("control"),
     )
     checkpoint: str | None = _setting(
         None, "SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id.",
@@ -191,9 +203,9 @@ class AnimateSettings:
     """Everything a run depends on besides its inputs; None means the version's default."""
 
     models: ModelOptions = ModelOptions()
-    steps: int | None = _setting(None, "Denoising steps.", check=_at_least(1, "steps"), shown="the version's (v1: 25)")
+    steps: int | None = _setting(None, "Denoising steps.", check=_at_least(1, "steps"), shown=_by_version("steps"))
     guidance: float | None = _setting(
-        None, "Classifier-free guidance scale (1 turns it off).", check=_at_least(1, "guidance"), shown="the version's (v1: 2)"
+        None, "Classifier-free guidance scale (1 turns it off).", check=_at_least(1, "guidance"), shown=_by_version("guidance")
     )
     seed: int | None = _setting(None, "Random seed (default: a new one, printed and stored in the output).", check=_seed, shown="random")
     fps: float | None = _setting(None, "Output frame rate (default: the driving clip's).", check=_within(0, 240, "fps", open_low=True), shown="the clip's")
@@ -201,8 +213,8 @@ class AnimateSettings:
     trans_ratio: float = _setting(0.0, "How much of the driving head's movement across the frame to follow (0..1).", check=_within(0, 1, "trans-ratio"))
     prompt: str = _setting("", "Extra prompt, put before the version's portrait prompt.", shown="empty")
     negative_prompt: str = _setting("", "Negative prompt.", shown="empty")
-    window: int | None = _setting(None, "Frames per motion-module window.", check=_at_least(2, "window"), shown="the version's (v1: 12)")
-    overlap: int | None = _setting(None, "Frames shared by neighbouring windows.", check=_at_least(0, "overlap"), shown="the version's (v1: 4)")
+    window: int | None = _setting(None, "Frames per motion-module window.", check=_at_least(2, "window"), shown=_by_version("window"))
+    overlap: int | None = _setting(None, "Frames shared by neighbouring windows.", check=_at_least(0, "overlap"), shown=_by_version("overlap"))
     crop: bool = _setting(True, "Crop the reference and the clip around the face (--no-crop: whole frames).", flags=("--crop/--no-crop",))
     face_index: int = _setting(0, "Which face of the driving clip to follow (0: the largest).", check=_at_least(0, "face-index"))
     smoothing: bool = _setting(True, "Smooth the driving landmarks and pose over time.", flags=("--smooth/--no-smooth",))
@@ -211,6 +223,10 @@ class AnimateSettings:
 
     def __post_init__(self) -> None:
         _check(self)
+        spec = self.models.spec
+        for name, reason in spec.defaults.fixed.items():
+            if getattr(self, name) is not None:
+                raise HellomemeError(f"--{name.replace('_', '-')} does not apply to HelloMeme {spec.name}: {reason}")
         window, overlap = self.resolved("window"), self.resolved("overlap")
         if not 0 <= overlap < window:
             raise HellomemeError(f"--overlap must be in [0, window) = [0, {window}) (got {overlap})")

@@ -3,7 +3,7 @@
 The official code gets landmarks, head pose and blendshapes from its own ONNX models; we
 derive the same quantities from MediaPipe and convert them to the official conventions
 (docs/signals.md derives every constant). Per driving frame we keep only compact data
-(pose, 52 coefficients, embeddings); condition images are rendered per frame range on
+(pose, 51 coefficients, embeddings); condition images are rendered per frame range on
 demand, so a long clip never holds full-resolution data for all its frames.
 """
 
@@ -57,9 +57,10 @@ POSE_EDGES = (((0, 255, 0), 0, 1), ((0, 0, 255), 1, 2), ((255, 0, 0), 2, 3), ((2
 
 # --- expression coefficients ---------------------------------------------------------------
 
-# The 52 coefficients HMControlNet takes (`drive_coeff`), in Apple's ARKit order
-# (ARFaceAnchor.BlendShapeLocation as Apple documents it; also Unreal's EARFaceBlendShape).
-# The official predictor's order is not published: change this table if the weights say otherwise.
+# The 51 expression coefficients every control net takes (`drive_coeff`): Apple's ARKit
+# blendshapes (ARFaceAnchor.BlendShapeLocation, in the order Apple documents) without
+# tongueOut, as the official predictor (hello_arkit_blendshape.onnx) gives 51. Its order is not
+# published: change this table if the weights say otherwise. Ours come from MediaPipe.
 ARKIT_BLENDSHAPES = (
     "eyeBlinkLeft", "eyeLookDownLeft", "eyeLookInLeft", "eyeLookOutLeft", "eyeLookUpLeft", "eyeSquintLeft",
     "eyeWideLeft", "eyeBlinkRight", "eyeLookDownRight", "eyeLookInRight", "eyeLookOutRight", "eyeLookUpRight",
@@ -70,10 +71,8 @@ ARKIT_BLENDSHAPES = (
     "mouthPressLeft", "mouthPressRight", "mouthLowerDownLeft", "mouthLowerDownRight", "mouthUpperUpLeft",
     "mouthUpperUpRight", "browDownLeft", "browDownRight", "browInnerUp", "browOuterUpLeft",
     "browOuterUpRight", "cheekPuff", "cheekSquintLeft", "cheekSquintRight", "noseSneerLeft",
-    "noseSneerRight", "tongueOut",
+    "noseSneerRight",
 )  # fmt: skip
-# MediaPipe does not predict these; they are 0 (at rest), the value they have most of the time.
-ARKIT_NOT_PREDICTED = ("tongueOut",)
 
 # --- face parts (official `get_face_parts`) and the PD-FGC crop (`warp_face_pd_fgc`) ------
 
@@ -362,16 +361,13 @@ def render_conditions(angles: np.ndarray, translations: np.ndarray, size: int = 
 # Expression coefficients
 # ========================================================================================
 
-_ARKIT_SOURCE = np.array([BLENDSHAPE_NAMES.index(name) if name not in ARKIT_NOT_PREDICTED else -1 for name in ARKIT_BLENDSHAPES])
+_ARKIT_SOURCE = np.array([BLENDSHAPE_NAMES.index(name) for name in ARKIT_BLENDSHAPES])
 
 
 def arkit_coefficients(blendshapes: np.ndarray) -> np.ndarray:
-    """(n, 52) MediaPipe scores -> (n, 52) float32 coefficients in ARKIT_BLENDSHAPES order;
-    MediaPipe's `_neutral` is dropped, ARKIT_NOT_PREDICTED entries are 0."""
-    coefficients = np.zeros((len(blendshapes), len(ARKIT_BLENDSHAPES)), dtype=np.float32)
-    predicted = _ARKIT_SOURCE >= 0
-    coefficients[:, predicted] = blendshapes[:, _ARKIT_SOURCE[predicted]]
-    return coefficients
+    """(n, 52) MediaPipe scores -> (n, 51) float32 coefficients in ARKIT_BLENDSHAPES order
+    (MediaPipe's `_neutral` and tongueOut dropped)."""
+    return blendshapes[:, _ARKIT_SOURCE].astype(np.float32)
 
 
 # ========================================================================================
@@ -496,7 +492,7 @@ class DrivingSignals:
 
     angles, translations: (n, 3) official head pose of each working frame (`head_pose`)
     reference_translation: (3,) where the reference's head is; the square is drawn there
-    drive_coeff: (n, 52) float32 ARKit coefficients (HMControlNet)
+    drive_coeff: (n, 51) float32 ARKit coefficients
     face_parts: (n, 3, 1024) CLIP embeddings (HMControlNet), None when not computed
     pd_fpg: (n, 548) PD-FGC embeddings and neg_pd_fpg (1, 1, 548) (HMControlNet2), or None
     trans_ratio: how much of the driving head's movement (from the first frame) moves the square
@@ -517,7 +513,7 @@ class DrivingSignals:
 
     def control_inputs(self, start: int, stop: int) -> dict[str, torch.Tensor]:
         """Frames [start, stop) as the control nets' float32 CPU inputs, batch 1, named as in the
-        conformance data: condition (1, 3, f, H, W); with face parts drive_coeff (1, f, 52) and
+        conformance data: condition (1, 3, f, H, W); with face parts drive_coeff (1, f, 51) and
         face_parts (1, f, 3, 1024); with PD-FGC pd_fpg (1, f, 548) and neg_pd_fpg (1, 1, 548)."""
         if not 0 <= start < stop <= len(self):
             raise ValueError(f"frame range [{start}, {stop}) is not inside the clip's {len(self)} frames")

@@ -11,20 +11,36 @@ import torch
 from diffusers import AutoencoderKL, MotionAdapter, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .models import FanEncoder, HMControlNet, HMControlNet2, HMReferenceAdapter, HMV2ControlNet, HMV2ControlNet2
+from .models import (
+    FanEncoder,
+    HM3MotionAdapter,
+    HM3ReferenceAdapter,
+    HM4SD15ControlProj,
+    HM5bReferenceAdapter,
+    HM5ControlNetBase,
+    HM5MotionAdapter,
+    HM5ReferenceAdapter,
+    HM5SD15ControlProj,
+    HMControlNet,
+    HMControlNet2,
+    HMControlNetBase,
+    HMReferenceAdapter,
+    HMV2ControlNet,
+    HMV2ControlNet2,
+    HMV3ControlNet,
+)
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .weights import WeightCache
 
 BLOCK_OUT_CHANNELS = (32, 64, 64, 64)
 CONTROL_CHANNELS = (16, 32, 64, 64)  # control level i feeds UNet down block i
-# v2: a stem, then one level per up block from the last (H/8) to the first (H/64), each the width entering it.
+# v2, v3: a stem, then one level per up block from the last (H/8) to the first (H/64), each the width entering it.
 V2_CONTROL_CHANNELS = (16, *BLOCK_OUT_CHANNELS[1:], BLOCK_OUT_CHANNELS[-1])
+# The widths entering the UNet's up blocks (SD1.5: 1280, 1280, 1280, 640).
+UP_CHANNELS = (BLOCK_OUT_CHANNELS[3], BLOCK_OUT_CHANNELS[3], BLOCK_OUT_CHANNELS[2], BLOCK_OUT_CHANNELS[1])
+V5_CONTROL_MID_CHANNELS = BLOCK_OUT_CHANNELS[:3]  # HM5ControlNetBase's levels (SD1.5: 320, 640, 1280)
 TEXT_DIM = 32
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
-TINY_COMPONENTS = (
-    "sd15", "hm_reference", "hm_control", "hm_control2", "hm_animatediff_frame12",
-    "hm2_reference", "hm2_control", "hm2_control2", "hm2_animatediff_frame12", "image_encoder", "pd_fgc_motion",
-)
 
 
 def _randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -165,16 +181,50 @@ def _writers():
         "image_encoder": lambda d: _image_encoder().save_pretrained(d),
         # The PD-FGC encoder's layout is fixed by its 224x224 input; it is small (8.5 M values).
         "pd_fgc_motion": lambda d: FanEncoder().half().save_pretrained(d),
+        **_v3_writers("hm3"),
+        "hm3_control_mix": lambda d: _save(
+            HMV3ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS, unet_block_out_channels=BLOCK_OUT_CHANNELS), d
+        ),
+        **_v3_writers("hm4"),
+        "hm_control_base": lambda d: _save(HMControlNetBase(cross_attention_dim=TEXT_DIM, unet_block_out_channels=BLOCK_OUT_CHANNELS), d),
+        "hm4_control_proj": lambda d: _save(HM4SD15ControlProj(unet_block_out_channels=BLOCK_OUT_CHANNELS), d),
+        "hm5_reference": lambda d: _save(HM5ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
+        "hm5b_reference": lambda d: _save(HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
+        "hm5c_reference": lambda d: _save(HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
+        "hm5_motion": lambda d: _save(HM5MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
+        "hm5_control_base": lambda d: _save(
+            HM5ControlNetBase(cross_attention_dim=TEXT_DIM, mid_channels=V5_CONTROL_MID_CHANNELS, out_channels=BLOCK_OUT_CHANNELS[0]), d
+        ),
+        "hm5_control_proj": lambda d: _save(_v5_control_proj(), d),
+        "hm5c_control_proj": lambda d: _save(_v5_control_proj(), d),
     }
+
+
+def _save(model: torch.nn.Module, folder: Path) -> None:
+    _randomize(model).save_pretrained(folder)
+
+
+def _v3_writers(prefix: str) -> dict:
+    """The reference and motion adapters and the AnimateDiff module of v3 (prefix hm3) or v4 (hm4)."""
+    return {
+        f"{prefix}_reference": lambda d: _save(HM3ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
+        f"{prefix}_motion": lambda d: _save(HM3MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
+        f"{prefix}_animatediff": lambda d: _tiny_motion_adapter().save_pretrained(d),
+    }
+
+
+def _v5_control_proj() -> HM5SD15ControlProj:
+    return HM5SD15ControlProj(BLOCK_OUT_CHANNELS, V5_CONTROL_MID_CHANNELS, BLOCK_OUT_CHANNELS[0])
 
 
 def make_tiny(home: Path, seed: int = 0, progress: ProgressCallback = no_progress) -> WeightCache:
     """Write every tiny component into the cache at `home` and record their hashes."""
     cache = WeightCache(home)
     torch.manual_seed(seed)
-    for done, (name, write) in enumerate(_writers().items()):
-        progress(ProgressEvent("make-tiny", done, len(TINY_COMPONENTS), unit="component"))
+    writers = _writers()
+    for done, (name, write) in enumerate(writers.items()):
+        progress(ProgressEvent("make-tiny", done, len(writers), unit="component"))
         write(cache.path(name))
         cache.mark_tiny(name)
-    progress(ProgressEvent("make-tiny", len(TINY_COMPONENTS), len(TINY_COMPONENTS), unit="component"))
+    progress(ProgressEvent("make-tiny", len(writers), len(writers), unit="component"))
     return cache

@@ -61,7 +61,7 @@ class Component:
     description: str
     files: tuple[LockedFile, ...]
     licence: str
-    needed_for: tuple[str, ...]
+    needed_for: tuple[str, ...] = ()  # runs needing it beyond the versions' (those come from versions.py)
     repo: str = ""
     revision: str = ""
     subfolder: str = ""
@@ -112,7 +112,8 @@ def write_lock(components: dict[str, Component], path: Path | None = None) -> No
             value = getattr(component, key)
             if value:
                 lines.append(f"{key} = {json.dumps(value)}")
-        lines.append(f"needed_for = {json.dumps(list(component.needed_for))}")
+        if component.needed_for:
+            lines.append(f"needed_for = {json.dumps(list(component.needed_for))}")
         lines.append("files = [")
         for f in component.files:
             lines.append(f"  {{ path = {json.dumps(f.path)}, sha256 = {json.dumps(f.sha256)}, size = {f.size} }},")

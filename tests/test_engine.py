@@ -95,7 +95,7 @@ def _weights(module: torch.nn.Module) -> torch.Tensor:
 
 
 def test_plain_sd15_is_one_unet_for_reference_net_and_both_stages(tiny_cache):
-    models = load(tiny_cache)
+    models = load(tiny_cache, control="blendshapes")
     assert models.reference_net.unet is models.denoiser_2d.unet
     assert _weights(models.denoiser_motion.unet) is _weights(models.denoiser_2d.unet)
     assert models.vae_encoder is models.vae_decoder and models.text_encoder is models.reference_text_encoder
@@ -107,7 +107,8 @@ def test_the_pipeline_registers_what_the_control_kind_needs(tiny_cache):
 
     from hellomeme_cli.models import FanEncoder, HMControlNet, HMControlNet2
 
-    blendshapes, pdfgc = load(tiny_cache), load(tiny_cache, control="pdfgc")
+    blendshapes, pdfgc = load(tiny_cache, control="blendshapes"), load(tiny_cache)
+    assert pdfgc.control == "pdfgc"  # the default, as in the official app
     assert isinstance(blendshapes.control_net, HMControlNet) and isinstance(pdfgc.control_net, HMControlNet2)
     assert pdfgc.image_encoder is None and isinstance(pdfgc.fan_encoder, FanEncoder)
     assert (blendshapes.control, pdfgc.control) == ("blendshapes", "pdfgc")
@@ -136,6 +137,59 @@ def test_image_runs_load_no_motion_module(tiny_cache, tmp_path):
     assert models.denoiser_motion is None and models.components["denoiser_motion"] is None
     with pytest.raises(HellomemeError, match="hm_animatediff_frame12"):
         load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(cache))
+
+
+def test_an_image_run_denoises_on_the_checkpoint_unet(tiny_cache, tmp_path):
+    """The official image pipelines run every step on the pipeline's own UNet, the checkpoint's
+    under x1 (only the reference net and the reference's VAE encoder stay SD1.5)."""
+    community = load_sd15(tiny_cache / "sd15")
+    for parameter in community.unet.parameters():
+        parameter.data.mul_(1.1)
+    save_original_layout(community, tmp_path / "community.safetensors")
+    for version in ("v1", "v3", "v5"):
+        models = load_pipeline(version, ModelOptions(device="cpu", checkpoint=str(tmp_path / "community.safetensors")), WeightCache(tiny_cache), mode="image")
+        torch.testing.assert_close(_weights(models.denoiser_2d.unet), _weights(community.unet))
+        assert torch.equal(_weights(models.reference_net.unet), _weights(load_sd15(tiny_cache / "sd15").unet))
+
+
+def test_v3_networks_schedulers_and_sampler(tiny_cache):
+    from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNetMotionModel
+
+    from hellomeme_cli.models import HM3DenoisingNet, HM3MotionAdapter, HM3ReferenceNet, HMControlNetBase, HM4SD15ControlProj
+    from hellomeme_cli.sampler_hm3 import HM3VideoSampler
+
+    v3 = load_pipeline("v3", ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    assert isinstance(v3.reference_net, HM3ReferenceNet) and isinstance(v3.denoiser_2d, HM3DenoisingNet)
+    assert v3.reference_net.unet is v3.denoiser_2d.unet and v3.denoiser_2d.motion_adapter is None
+    assert isinstance(v3.denoiser_motion.unet, UNetMotionModel) and isinstance(v3.denoiser_motion.motion_adapter, HM3MotionAdapter)
+    assert v3.control_proj is None and v3.fan_encoder is not None
+    # The official pipelines' own schedules, not the SD1.5 folder's (PNDM's, steps_offset 1).
+    assert isinstance(v3.scheduler, EulerDiscreteScheduler) and v3.scheduler.config.steps_offset == 0
+    assert isinstance(v3.image_scheduler, DPMSolverMultistepScheduler) and v3.image_scheduler.config.algorithm_type == "sde-dpmsolver++"
+    sampler = v3.sampler()
+    assert isinstance(sampler, HM3VideoSampler) and sampler.image_scheduler is v3.image_scheduler
+    v4 = load_pipeline("v4", ModelOptions(device="cpu", control="blendshapes"), WeightCache(tiny_cache), mode="image")
+    assert isinstance(v4.control_net, HMControlNetBase) and isinstance(v4.control_proj, HM4SD15ControlProj)
+    assert v4.denoiser_motion is None and v4.sampler().control_proj is v4.control_proj
+
+
+def test_v5_runs_every_pass_on_one_denoiser_with_its_motion_modules(tiny_cache):
+    from diffusers import DPMSolverMultistepScheduler
+
+    from hellomeme_cli.models import HM5bReferenceAdapter, HM5DenoisingNet, HM5MotionAdapter, HM5SD15ControlProj
+    from hellomeme_cli.sampler_hm5 import HM5VideoSampler
+
+    video = load_pipeline("v5", ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    assert isinstance(video.denoiser_motion, HM5DenoisingNet) and video.denoiser_2d is video.denoiser_motion
+    assert isinstance(video.denoiser_motion.motion_adapter, HM5MotionAdapter) and isinstance(video.control_proj, HM5SD15ControlProj)
+    assert isinstance(video.scheduler, DPMSolverMultistepScheduler) and video.scheduler.config.algorithm_type == "sde-dpmsolver++"
+    sampler = video.sampler()
+    assert isinstance(sampler, HM5VideoSampler) and sampler.denoiser is video.denoiser_motion and not sampler.reference_control
+    image = load_pipeline("v5c", ModelOptions(device="cpu"), WeightCache(tiny_cache), mode="image")
+    assert image.denoiser_2d.motion_adapter is None and isinstance(image.denoiser_2d.reference_adapter, HM5bReferenceAdapter)
+    assert image.sampler().reference_control
+    prompt = image.encode_prompt("", mode="image")
+    assert not torch.equal(prompt.positive, image.encode_prompt("", mode="video").positive)  # v5c images: the newer prompt
 
 
 def test_lora_goes_to_both_stages_but_not_the_reference_net(tiny_cache, tmp_path):
@@ -177,7 +231,7 @@ def _latents_and_frames(models: HelloMemePipeline) -> torch.Tensor:
         negative_text_embeds=prompt.negative,
         control=control_from_tensors(
             torch.rand(1, 3, frames, SIZE, SIZE, generator=generator) * 2 - 1,
-            torch.rand(1, frames, 52, generator=generator),
+            torch.rand(1, frames, 51, generator=generator),
             torch.randn(1, frames, 3, 1024, generator=generator),
         ),
         num_frames=frames,
@@ -194,9 +248,10 @@ def _latents_and_frames(models: HelloMemePipeline) -> torch.Tensor:
 def test_low_memory_runs_through_diffusers_group_offloading_with_the_same_results(tiny_cache):
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-    offloaded = load(tiny_cache, low_memory=True)
+    offloaded = load(tiny_cache, low_memory=True, control="blendshapes")
     hooked = [network for network in offloaded.networks() if _is_group_offload_enabled(network)]
     assert hooked == offloaded.networks() and len(hooked) == 7  # text encoder, image encoder, control net, VAE, 2 UNets, adapter
     assert offloaded.denoiser_motion.reference_adapter.reference_modules_mid._diffusers_hook is not None
     assert offloaded.device == torch.device("cpu")
-    torch.testing.assert_close(_latents_and_frames(offloaded), _latents_and_frames(load(tiny_cache)), rtol=1e-6, atol=1e-6)
+    plain = load(tiny_cache, control="blendshapes")
+    torch.testing.assert_close(_latents_and_frames(offloaded), _latents_and_frames(plain), rtol=1e-6, atol=1e-6)

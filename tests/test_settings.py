@@ -47,21 +47,34 @@ def test_the_command_line_builds_the_settings_from_the_declarations(monkeypatch)
 
 def test_version_defaults_come_from_the_registry_not_from_the_settings():
     settings = AnimateSettings()
-    defaults = VERSIONS["v1"].defaults
+    assert settings.models.version == "v2"  # the official app's video default
+    defaults = VERSIONS["v2"].defaults
     assert settings.steps is None and settings.resolved("steps") == defaults.steps == 25
-    assert settings.resolved("guidance") == defaults.guidance == 2.0
+    assert settings.resolved("guidance") == defaults.guidance == 1.5
     assert (settings.resolved("window"), settings.resolved("overlap")) == (defaults.window, defaults.overlap)
-    assert settings.models.control_kind.name == defaults.control
+    assert settings.models.control_kind.name == defaults.control == "pdfgc"
     assert AnimateSettings(steps=3).resolved("steps") == 3
+    v1 = AnimateSettings(models=ModelOptions(version="v1"))
+    assert (v1.resolved("guidance"), v1.models.control_kind.name) == (2.0, "pdfgc")
+
+
+@pytest.mark.parametrize(("version", "name", "value"), [("v3", "overlap", 4), ("v4", "overlap", 1), ("v5", "window", 12), ("v5b", "overlap", 2)])
+def test_a_setting_the_version_fixes_is_refused_in_one_line(version, name, value):
+    with pytest.raises(HellomemeError, match=rf"^--{name} does not apply to HelloMeme {version}: its windows"):
+        AnimateSettings(models=ModelOptions(version=version), **{name: value})
+    assert AnimateSettings(models=ModelOptions(version=version)).resolved("window") == 12
 
 
 def test_the_digest_follows_what_changes_the_output_only():
     base = AnimateSettings()
     same = [
         dataclasses.replace(base, models=dataclasses.replace(base.models, device="cuda:1", compile=True, low_memory=True, channels_last=True)),
-        AnimateSettings(steps=25, guidance=2.0, window=12, overlap=4, models=ModelOptions(control="blendshapes")),
+        AnimateSettings(steps=25, guidance=1.5, window=12, overlap=4, models=ModelOptions(control="pdfgc")),
     ]
-    other = [AnimateSettings(steps=3), AnimateSettings(seed=1), AnimateSettings(models=ModelOptions(control="pdfgc")), AnimateSettings(size=256)]
+    other = [
+        AnimateSettings(steps=3), AnimateSettings(seed=1), AnimateSettings(models=ModelOptions(control="blendshapes")),
+        AnimateSettings(size=256), AnimateSettings(models=ModelOptions(version="v1")),
+    ]
     assert all(digest_values(s) == digest_values(base) for s in same)
     assert all(digest_values(s) != digest_values(base) for s in other)
 

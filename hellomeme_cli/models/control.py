@@ -90,7 +90,7 @@ class _SKControlNetBase(ModelMixin, ConfigMixin):
 
 
 class HMControlNet(_SKControlNetBase):
-    """Condition image + 52 blendshape coefficients + 3 face-part CLIP embeddings
+    """Condition image + 51 ARKit blendshape coefficients + 3 face-part CLIP embeddings
     -> {"down_0", "down_1", "down_2"}, each (b, c, f, h', w')."""
 
     output_prefix = "down_"
@@ -111,7 +111,7 @@ class HMControlNet(_SKControlNetBase):
         self.face_proj = TimestepEmbedding(1024, cross_attention_dim)
 
     def forward(self, condition: torch.Tensor, drive_coeff: torch.Tensor, face_parts: torch.Tensor) -> dict[str, torch.Tensor]:
-        """condition (b, 3, f, H, W) in [-1, 1]; drive_coeff (b, f, 52); face_parts (b, f, 3, 1024)."""
+        """condition (b, 3, f, H, W) in [-1, 1]; drive_coeff (b, f, 51); face_parts (b, f, 3, 1024)."""
         return self._run_trunk(condition, self._blendshape_tokens(drive_coeff, face_parts))
 
 

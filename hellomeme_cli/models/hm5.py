@@ -37,7 +37,7 @@ from torch import nn
 
 from .blocks import ResidualDownBlock, _attention, _channels_last_tokens
 from .control import _batch_to_frames
-from .hm4 import PROJECTIONS  # the same projectors, feature maps and injection points as v4's
+from .hm4 import ARKIT_COEFFICIENTS, PROJECTIONS  # the same projectors, feature maps and injection points as v4's
 from .unet import InjectionPoints, _add_control, _batched_timestep, _frames_to_batch, load_folder
 
 ReferenceCache = dict[str, torch.Tensor]
@@ -46,7 +46,6 @@ ControlFeatures = dict[str, torch.Tensor]
 # Expression scalars are scaled before their sinusoidal "timestep" embedding.
 ARKIT_SCALE = 500.0
 PDFGC_SCALE = 20.0
-ARKIT_COEFFICIENTS = 51
 PDFGC_DIM = 548
 FACE_PARTS = 3
 EXPRESSION_EMBEDDING_DIM = 1024
