@@ -60,7 +60,8 @@ POSE_EDGES = (((0, 255, 0), 0, 1), ((0, 0, 255), 1, 2), ((255, 0, 0), 2, 3), ((2
 # The 51 expression coefficients every control net takes (`drive_coeff`): Apple's ARKit
 # blendshapes (ARFaceAnchor.BlendShapeLocation, in the order Apple documents) without
 # tongueOut, as the official predictor (hello_arkit_blendshape.onnx) gives 51. Its order is not
-# published: change this table if the weights say otherwise. Ours come from MediaPipe.
+# published: change this table if the weights say otherwise. Ours come from MediaPipe, which
+# scores the same 51 (and `_neutral`).
 ARKIT_BLENDSHAPES = (
     "eyeBlinkLeft", "eyeLookDownLeft", "eyeLookInLeft", "eyeLookOutLeft", "eyeLookUpLeft", "eyeSquintLeft",
     "eyeWideLeft", "eyeBlinkRight", "eyeLookDownRight", "eyeLookInRight", "eyeLookOutRight", "eyeLookUpRight",
@@ -365,8 +366,8 @@ _ARKIT_SOURCE = np.array([BLENDSHAPE_NAMES.index(name) for name in ARKIT_BLENDSH
 
 
 def arkit_coefficients(blendshapes: np.ndarray) -> np.ndarray:
-    """(n, 52) MediaPipe scores -> (n, 51) float32 coefficients in ARKIT_BLENDSHAPES order
-    (MediaPipe's `_neutral` and tongueOut dropped)."""
+    """(n, 52) MediaPipe scores (`_neutral`, then the 51 by name) -> (n, 51) float32
+    coefficients in ARKIT_BLENDSHAPES order."""
     return blendshapes[:, _ARKIT_SOURCE].astype(np.float32)
 
 

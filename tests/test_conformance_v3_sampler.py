@@ -16,7 +16,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from conformance_case import case_scheduler, control_from_tensors, load_case, relative_error
+from conformance_case import BFLOAT16_LATENTS_TOLERANCE, case_scheduler, control_from_tensors, load_case, networks_to, relative_error
 from conftest import CONFORMANCE_DIR
 from hellomeme_cli.models import HM3DenoisingNet, HM3ReferenceNet, motion_unet
 from hellomeme_cli.models.unet import load_folder
@@ -123,6 +123,20 @@ def test_float32_matches_official(folder):
     print(f"{name} latents relative error {error:.3e}, {'frames' if case['kind'] == 'sampler' else 'image'} MAE {mae:.3e}")
     assert error < LATENT_TOLERANCE, f"{name}: latents {error:.3e}"
     assert mae < PIXEL_TOLERANCE, f"{name}: pixels {mae:.3e}"
+
+
+@pytest.mark.parametrize("folder", _cases())
+def test_bfloat16_stays_near_the_official_float32(folder):
+    sampler, inputs, settings, case, io = build_sampler(folder)
+    networks_to(sampler, torch.bfloat16)
+    generator = torch.Generator().manual_seed(case["seed"])
+    if case["kind"] == "sampler":
+        latents = sampler.sample(inputs, settings, generator)
+    else:
+        latents = sampler.sample_image(inputs, settings, generator)[:, :, 0]
+    error = relative_error(latents, io["out.latents"])
+    print(f"{folder.parent.name}/{folder.name} bfloat16 latents relative error {error:.3e}")
+    assert torch.isfinite(latents).all() and error < BFLOAT16_LATENTS_TOLERANCE[case["kind"]]
 
 
 @pytest.mark.parametrize("folder", _cases("sampler"))

@@ -17,7 +17,7 @@ import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
-from conformance_case import control_from_tensors, load_case, relative_error
+from conformance_case import BFLOAT16_LATENTS_TOLERANCE, control_from_tensors, load_case, networks_to, relative_error
 from conftest import CONFORMANCE_DIR, require
 from hellomeme_cli.models import (
     HM5ControlNetBase,
@@ -30,28 +30,14 @@ from hellomeme_cli.models import (
 from hellomeme_cli.models.unet import load_folder
 from hellomeme_cli.sampler import DrivingFrames, SamplerInputs, SamplerSettings
 from hellomeme_cli.sampler_hm5 import HM5VideoSampler, margin_frames, plan_hm5_windows
-from hellomeme_cli.versions import ControlKind
+from hellomeme_cli.versions import get_version
 from test_conformance_v5_modules import REFERENCE_WITH_OWN_CONTROL, VERSIONS, _load, _weights
 
 LATENT_TOLERANCE = 2e-5  # relative, float32 (README: a faithful implementation is within ~1e-6)
 FRAME_MAE_TOLERANCE = 1e-3
 
-ARKIT = ControlKind(
-    "blendshapes",
-    "head pose + 51 ARKit coefficients + face parts",
-    control_net="hellomeme_cli.models:HM5ControlNetBase",
-    components=(),
-    inputs=("drive_coeff", "face_parts"),
-    encoder="face_parts",
-)
-PDFGC = ControlKind(
-    "pdfgc",
-    "head pose + PD-FGC embedding",
-    control_net="hellomeme_cli.models:HM5ControlNetBase",
-    components=(),
-    inputs=("pd_fpg",),
-    encoder="pdfgc",
-)
+# The registry's v5 control kinds (v5b and v5c take the same inputs).
+ARKIT, PDFGC = (get_version("v5").control(name) for name in ("blendshapes", "pdfgc"))
 # case.json `control` -> kind (module cases say drive / emo, sampler cases blendshapes / pdfgc).
 CONTROL_KINDS = {"blendshapes": ARKIT, "drive": ARKIT, "arkit": ARKIT, "pdfgc": PDFGC, "emo": PDFGC}
 
@@ -129,6 +115,22 @@ def test_float32_matches_official(folder):
     print(f"{label}: latents relative error {latent_error:.3e} (worst frame {worst_frame:.3e}), frames MAE {frame_mae:.3e}")
     assert latent_error < LATENT_TOLERANCE
     assert frame_mae < FRAME_MAE_TOLERANCE
+
+
+@pytest.mark.parametrize("folder", _cases())
+def test_bfloat16_stays_near_the_official_float32(folder):
+    case, io = load_case(folder)
+    sampler = _case_sampler(folder, case)
+    networks_to(sampler, torch.bfloat16)
+    settings = SamplerSettings(steps=case["steps"], guidance=case["guidance_scale"])
+    generator = torch.Generator().manual_seed(case["seed"])
+    if case["kind"] == "sampler":
+        latents, expected = sampler.sample(_case_inputs(case, io), settings, generator), io["out.latents"]
+    else:
+        latents, expected = sampler.sample_image(_case_inputs(case, io), settings, generator), io["out.latents"].unsqueeze(2)
+    error = relative_error(latents, expected)
+    print(f"{case['version']}/{folder.name} bfloat16 latents relative error {error:.3e}")
+    assert torch.isfinite(latents).all() and error < BFLOAT16_LATENTS_TOLERANCE[case["kind"]]
 
 
 def test_window_plan_is_the_official_one():

@@ -18,6 +18,7 @@ import hellomeme_cli.tracking as tracking
 from conftest import SHARED, require
 from hellomeme_cli import signals as S
 from hellomeme_cli.models import FanEncoder, HMControlNet, HMControlNet2
+from hellomeme_cli.models.hm4 import ARKIT_COEFFICIENTS
 from hellomeme_cli.progress import ProgressEvent
 from hellomeme_cli.tracking import FaceTrack
 from hellomeme_cli.video import read_frames
@@ -236,7 +237,7 @@ def test_yaw_to_the_left_shortens_the_red_right_edge():
 def _signals(n=7, trans_ratio=0.0, **embeddings) -> S.DrivingSignals:
     translations = np.tile([0.0, 0.0, -3.5], (n, 1))
     translations[1] = (0.05, 0.03, -3.0)
-    return S.DrivingSignals(np.zeros((n, 3)), translations, OFFICIAL_REFERENCE, np.zeros((n, 52), np.float32), trans_ratio=trans_ratio, **embeddings)
+    return S.DrivingSignals(np.zeros((n, 3)), translations, OFFICIAL_REFERENCE, np.zeros((n, 51), np.float32), trans_ratio=trans_ratio, **embeddings)
 
 
 def test_trans_ratio_zero_ignores_the_driving_translation():
@@ -266,13 +267,14 @@ def test_frame_ranges_use_the_first_frame_of_the_clip():
 def test_blendshapes_land_on_their_arkit_names():
     scores = (np.arange(52, dtype=np.float32) + 1)[None] / 100
     coefficients = S.arkit_coefficients(scores)
-    assert coefficients.shape == (1, 52) and coefficients.dtype == np.float32
+    assert coefficients.shape == (1, 51) and coefficients.dtype == np.float32
     for index, name in enumerate(S.ARKIT_BLENDSHAPES):
-        expected = 0.0 if name == "tongueOut" else (tracking.BLENDSHAPE_NAMES.index(name) + 1) / 100
-        assert coefficients[0, index] == pytest.approx(expected), name
+        assert coefficients[0, index] == pytest.approx((tracking.BLENDSHAPE_NAMES.index(name) + 1) / 100), name
     assert coefficients[0, 17] == pytest.approx(0.26)  # ARKit jawOpen <- MediaPipe 25
     assert coefficients[0, 0] == pytest.approx(0.10)  # ARKit eyeBlinkLeft <- MediaPipe 9
-    assert set(S.ARKIT_BLENDSHAPES) == set(tracking.BLENDSHAPE_NAMES) - {"_neutral"} | {"tongueOut"}
+    assert set(S.ARKIT_BLENDSHAPES) == set(tracking.BLENDSHAPE_NAMES) - {"_neutral"} and "tongueOut" not in S.ARKIT_BLENDSHAPES
+    # The one table: the v4/v5 control nets take exactly as many coefficients.
+    assert len(S.ARKIT_BLENDSHAPES) == ARKIT_COEFFICIENTS == 51
 
 
 # ----------------------------------------------------------------------------------------
@@ -406,7 +408,7 @@ def test_control_inputs_have_the_control_nets_shapes_and_feed_them():
     shapes = {name: tuple(tensor.shape) for name, tensor in inputs.items()}
     assert shapes == {
         "condition": (1, 3, 4, size, size),
-        "drive_coeff": (1, 4, 52),
+        "drive_coeff": (1, 4, 51),
         "face_parts": (1, 4, 3, 1024),
         "pd_fpg": (1, 4, 548),
         "neg_pd_fpg": (1, 1, 548),
@@ -462,7 +464,7 @@ def test_build_driving_signals_streams_frames_in_batches():
     ]
     for signals in results:
         assert signals.face_parts.shape == (5, 3, 1024) and signals.pd_fpg.shape == (5, 548) and signals.neg_pd_fpg.shape == (1, 1, 548)
-        assert signals.angles.shape == signals.translations.shape == (5, 3) and signals.drive_coeff.shape == (5, 52)
+        assert signals.angles.shape == signals.translations.shape == (5, 3) and signals.drive_coeff.shape == (5, 51)
         assert np.array_equal(signals.reference_translation, reference.translation)
     assert torch.allclose(results[0].face_parts, results[1].face_parts) and torch.allclose(results[0].pd_fpg, results[1].pd_fpg)
     assert not torch.equal(results[0].face_parts[0], results[0].face_parts[1])  # each frame its own crops
@@ -529,7 +531,7 @@ def test_turned_head_clip_gives_negative_yaw_and_eye_crops_around_the_eyes(track
 def test_open_jaw_reaches_the_arkit_jaw_open_coefficient(tracks):
     coefficients = S.arkit_coefficients(tracks("jue.mp4").blendshapes)
     assert coefficients[:, S.ARKIT_BLENDSHAPES.index("jawOpen")].max() > 0.3
-    assert (coefficients[:, S.ARKIT_BLENDSHAPES.index("tongueOut")] == 0).all()
+    assert coefficients.shape[1] == 51
 
 
 @pytest.mark.parametrize("name, size, crop", [("ysll.mp4", 512, True), ("jue.mp4", 128, False)])
