@@ -1,7 +1,7 @@
 """The library entry points: load a pipeline once, then make videos and pictures with it.
 
     import hellomeme_cli as hm
-    pipe = hm.load_pipeline(version="v1", device="cuda")
+    pipe = hm.load_pipeline(device="cuda")  # v2, the official app's video default
     result = hm.animate(pipe, "ref.jpg", "drive.mp4", "out.mp4", seed=1)
 
 Settings are the command line's (settings.py), by their names; the ones that choose networks
@@ -24,6 +24,7 @@ from .pipeline import animate as _animate
 from .pipeline import render_image as _render_image
 from .progress import ProgressCallback, no_progress
 from .settings import AnimateSettings, ModelOptions, from_values
+from .versions import DEFAULT_VERSIONS
 from .weights import WeightCache
 
 _MODEL_SETTINGS = {field.name for field in dataclasses.fields(ModelOptions)}
@@ -32,12 +33,15 @@ _MODEL_SETTINGS = {field.name for field in dataclasses.fields(ModelOptions)}
 def load_pipeline(
     version: str | None = None,
     *,
+    mode: str = "video",
     cache: WeightCache | None = None,
     progress: ProgressCallback = no_progress,
     **options: Any,
 ) -> HelloMemePipeline:
-    """Every network of `version` (default: the video default) loaded once onto `device`
-    (`auto`: a CUDA GPU, else MPS, else the CPU). `options` are the model settings: control,
+    """Every network of `version` (default: the official app's for `mode`, v2 for "video", v5 for
+    "image") loaded once onto `device` (`auto`: a CUDA GPU, else MPS, else the CPU). A "video"
+    pipeline serves `animate` and `render_image`; an "image" one only `render_image`, without the
+    motion modules (and v5c exists only as that). `options` are the model settings: control,
     checkpoint, vae, lora (list of FILE[:SCALE]), device, dtype, channels_last, compile, low_memory.
     Raises HellomemeError when weights are missing (`hellomeme weights fetch`)."""
     unknown = sorted(set(options) - _MODEL_SETTINGS - {"lora"})
@@ -45,11 +49,10 @@ def load_pipeline(
         raise HellomemeError(f"load_pipeline: unknown option(s) {', '.join(unknown)} (model options: {', '.join(sorted(_MODEL_SETTINGS))})")
     if "lora" in options:
         options["loras"] = options.pop("lora")
-    if version is not None:
-        options["version"] = version
+    options["version"] = version or DEFAULT_VERSIONS[mode]
     settings = from_values(options)
     with libraries_quiet():
-        return engine_load_pipeline(settings.models.version, settings.models, cache or WeightCache(), progress)
+        return engine_load_pipeline(settings.models.version, settings.models, cache or WeightCache(), progress, mode=mode)
 
 
 def animate(

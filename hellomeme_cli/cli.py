@@ -29,7 +29,7 @@ from rich.table import Table
 from . import __version__
 from .errors import HellomemeError, first_line as _first_line
 from .progress import ProgressCallback, ProgressEvent
-from .versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, users
+from .versions import DEFAULT_VERSIONS, users, version_names
 
 if TYPE_CHECKING:
     from .batch import BatchReport
@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 
 app = typer.Typer(
     name="hellomeme",
-    help="Make meme videos: give a portrait the head motion and expressions of a driving video (HelloMeme v1 or v2, chosen with --version).",
+    help="Make meme videos: give a portrait the head motion and expressions of a driving video (HelloMeme v1, v2, v3, v4, v5, v5b or v5c, chosen with --version).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -111,6 +111,8 @@ def info() -> None:
     if torch.backends.mps.is_available():
         devices.append("mps")
     print(f"devices     {', '.join(devices + ['cpu'])}")
+    print(f"HelloMeme   video: {', '.join(version_names('video'))} (default {DEFAULT_VERSIONS['video']}); "
+          f"image: {', '.join(version_names('image'))} (default {DEFAULT_VERSIONS['image']})")
 
 
 def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable[..., None]]:
@@ -148,7 +150,6 @@ def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[
 
 # Resolving annotations: `AnimateSettings` is imported where it is used (it pulls in torch); here any class will do.
 _LAZY_NAMES = {"AnimateSettings": object}
-DEFAULT_VERSIONS = {"video": DEFAULT_VIDEO_VERSION, "image": DEFAULT_IMAGE_VERSION}
 
 
 @app.command()

@@ -299,7 +299,7 @@ def open_driving(
     drive = Path(drive)
     if is_template(drive):
         return load_template(drive).head(settings.max_frames)
-    smoothing = Smoothing() if settings.smoothing else None
+    smoothing = Smoothing(pose=settings.smooth_pose, expression=settings.smooth_expression) if settings.smoothing else None
     if track_cache is None:
         return track_clip(
             drive, face_index=settings.face_index, smoothing=smoothing, max_frames=settings.max_frames, model_path=face_model, progress=progress
@@ -418,7 +418,10 @@ def _signals(
 
 def _cache_key(sha256: str, settings: AnimateSettings) -> str:
     """What a cached template depends on: the clip's content and the tracking settings."""
-    key = {"sha256": sha256, "face_index": settings.face_index, "smoothing": settings.smoothing, "max_frames": settings.max_frames}
+    key = {
+        "sha256": sha256, "face_index": settings.face_index, "max_frames": settings.max_frames,
+        "smoothing": [settings.smooth_pose, settings.smooth_expression] if settings.smoothing else False,
+    }
     text = json.dumps({**key, "format": TEMPLATE_FORMAT}, sort_keys=True)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 

@@ -381,7 +381,7 @@ def _unique(modules) -> list[torch.nn.Module]:
 
 def _convolution_networks(pipeline: HelloMemePipeline) -> list[torch.nn.Module]:
     unets = [d.unet for d in (pipeline.reference_net, pipeline.denoiser_2d, pipeline.denoiser_motion) if d is not None]
-    return _unique([*unets, pipeline.control_net, pipeline.vae_encoder, pipeline.vae_decoder])
+    return _unique([*unets, pipeline.control_net, pipeline.control_proj, pipeline.vae_encoder, pipeline.vae_decoder])
 
 
 def compile_blocks(pipeline: HelloMemePipeline, **compile_options) -> int:

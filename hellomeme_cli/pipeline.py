@@ -1,7 +1,8 @@
 """The animate pipeline: reference and driving clip in, mp4 out, as numbered steps.
 
 1. read the reference picture; track the driving clip (one decode) or load its motion template
-2. the output's timing and the driving signals: crops, head pose, expression, face-part embeddings
+2. the output's timing and the driving signals: crops, head pose, expression, face-part embeddings;
+   the motion controls (steering.py) on them
 3. the reference net's cache and the prompt (once per clip)
 4. the version's sampler (v1/v2: two stages; v3+: coarse to fine over 12-frame windows)
 5. decode and write the mp4 with the driving audio, frames streamed to the encoder
@@ -26,6 +27,7 @@ from .sampler import DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
 from .driving import check_driving, check_driving_image, prepare_driving, prepare_driving_image
 from .settings import AnimateSettings
 from .signals import DrivingSignals, ReferenceFace, prepare_reference
+from .steering import needs_reference_signals, steer
 from .tracking import MODEL_FILE, track_image
 from .versions import get_version
 from .video import check_destination, read_image, write_image, write_video
@@ -110,7 +112,8 @@ def animate(
 
     # 1 and 2. Track the driving clip (decoded once) or load its template, the output's timing, the driving signals.
     drive = prepare_driving(driving, reference.face, settings, models, progress=progress, track_cache=track_cache)
-    signals, fps = drive.signals, drive.timing.rate
+    own = _own_signals(reference, settings, models) if needs_reference_signals(settings.pose, settings.motion) else None
+    signals, fps = _steered(drive.signals, own, settings), drive.timing.rate
 
     # 3 and 4. Prompt, reference cache and the version's sampler.
     sampler = _sampler(models)
@@ -152,8 +155,9 @@ def render_image(
     check_destination(output, force, [reference.path, driving_image])
     signals = prepare_driving_image(driving_image, reference.face, settings, models, progress=progress)
     own = None
-    if models.version.reference_control:  # v5c: the reference's own pose and expression too
-        own = prepare_driving_image(reference.path, reference.face, dataclasses.replace(settings, face_index=0), models)
+    if models.version.reference_control or needs_reference_signals(settings.pose, settings.motion):
+        own = _own_signals(reference, settings, models)  # v5c's reference net takes them too
+    signals = _steered(signals, own, settings)
     sampler = _sampler(models)
     latents = sampler.sample_image(
         _sampler_inputs(reference.face, signals, settings, models, mode="image", own=own),
@@ -166,6 +170,15 @@ def render_image(
         frame = PasteBack.from_reference(reference.picture, reference.face).paste(frame)
     write_image(frame, output, force=force, protect=[reference.path, driving_image])
     return settings.seed
+
+
+def _own_signals(reference: Reference, settings: AnimateSettings, models: HelloMemePipeline) -> DrivingSignals:
+    """The reference picture's own head pose and expression, as a one-frame driving signal."""
+    return prepare_driving_image(reference.path, reference.face, dataclasses.replace(settings, face_index=0), models)
+
+
+def _steered(signals: DrivingSignals, own: DrivingSignals | None, settings: AnimateSettings) -> DrivingSignals:
+    return steer(signals, own, settings.pose, settings.motion, settings.expression_scale)
 
 
 def _sampler(models: HelloMemePipeline) -> VideoSampler:

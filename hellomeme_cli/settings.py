@@ -80,6 +80,10 @@ def _one_of(choices: tuple[str, ...], option: str) -> Callable[[Any], str | None
     return lambda value: None if value is None or value in choices else f"--{option} must be one of {', '.join(choices)} (got {value!r})"
 
 
+POSES = ("absolute", "relative")
+MOTIONS = ("all", "pose", "expression")
+
+
 def _by_version(name: str) -> str:
     """A version default as the docs and --help show it, e.g. "the version's (v1: 2; v2, v3: 1.5)"."""
     groups: dict[str, list[str]] = {}
@@ -211,13 +215,28 @@ class AnimateSettings:
     fps: float | None = _setting(None, "Output frame rate (default: the driving clip's).", check=_within(0, 240, "fps", open_low=True), shown="the clip's")
     max_frames: int | None = _setting(None, "Use only the first N frames of the driving clip.", check=_at_least(1, "max-frames"), shown="all")
     trans_ratio: float = _setting(0.0, "How much of the driving head's movement across the frame to follow (0..1).", check=_within(0, 1, "trans-ratio"))
+    pose: str = _setting(
+        "absolute", "Head pose: absolute (the driver's) or relative (the driver's turn since its first frame, on the reference's own pose).",
+        check=_one_of(POSES, "pose"),
+    )
+    motion: str = _setting(
+        "all", "Which motion to take: all, pose (keep the reference's expression) or expression (keep its head pose).",
+        check=_one_of(MOTIONS, "motion"),
+    )
+    expression_scale: float = _setting(
+        1.0, "How far the expression moves from the clip's first frame (0: frozen, 2: doubled).", check=_within(0, 5, "expression-scale")
+    )
     prompt: str = _setting("", "Extra prompt, put before the version's portrait prompt.", shown="empty")
     negative_prompt: str = _setting("", "Negative prompt.", shown="empty")
     window: int | None = _setting(None, "Frames per motion-module window.", check=_at_least(2, "window"), shown=_by_version("window"))
     overlap: int | None = _setting(None, "Frames shared by neighbouring windows.", check=_at_least(0, "overlap"), shown=_by_version("overlap"))
     crop: bool = _setting(True, "Crop the reference and the clip around the face (--no-crop: whole frames).", flags=("--crop/--no-crop",))
     face_index: int = _setting(0, "Which face of the driving clip to follow (0: the largest).", check=_at_least(0, "face-index"))
-    smoothing: bool = _setting(True, "Smooth the driving landmarks and pose over time.", flags=("--smooth/--no-smooth",))
+    smoothing: bool = _setting(True, "Smooth the driving motion over time (--no-smooth: both strengths 0).", flags=("--smooth/--no-smooth",))
+    smooth_pose: float = _setting(1.0, "Head-pose smoothing strength (0: none, 1: default, more: steadier).", check=_within(0, 10, "smooth-pose"))
+    smooth_expression: float = _setting(
+        1.0, "Expression (landmarks, blendshapes) smoothing strength (0: none, 1: default, more: steadier).", check=_within(0, 10, "smooth-expression")
+    )
     size: int = _setting(512, "Working size in pixels (multiple of 64); the released weights are trained at 512.", check=_size)
     paste_back: bool = _setting(False, "Blend the generated face back into the whole reference picture, at its full size.", flags=("--paste-back",))
 
@@ -227,6 +246,10 @@ class AnimateSettings:
         for name, reason in spec.defaults.fixed.items():
             if getattr(self, name) is not None:
                 raise HellomemeError(f"--{name.replace('_', '-')} does not apply to HelloMeme {spec.name}: {reason}")
+        if self.motion == "expression" and (self.pose == "relative" or self.trans_ratio):
+            raise HellomemeError("--motion expression keeps the reference's head pose: --pose relative and --trans-ratio do not apply")
+        if self.motion == "pose" and self.expression_scale != 1.0:
+            raise HellomemeError("--motion pose keeps the reference's expression: --expression-scale does not apply")
         window, overlap = self.resolved("window"), self.resolved("overlap")
         if not 0 <= overlap < window:
             raise HellomemeError(f"--overlap must be in [0, window) = [0, {window}) (got {overlap})")

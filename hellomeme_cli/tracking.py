@@ -89,11 +89,22 @@ class Smoothing:
     backwards over the clip and averages the two, so it adds no lag. The defaults were tuned on the
     test clips (docs/tracking.md): a still face wobbles 0.10 px instead of 0.28, a 30-degree
     head turn is followed within 1 degree.
+
+    `pose` and `expression` are strengths (0: off, 1: these settings, 2: the cutoffs halved, ...)
+    for the head pose and for what carries the expression (landmarks, blendshape scores).
     """
 
     min_cutoff: float = 1.0
     beta: float = 10.0
     d_cutoff: float = 1.0
+    pose: float = 1.0
+    expression: float = 1.0
+
+    def scaled(self, strength: float) -> "Smoothing | None":
+        """The filter at `strength` (min_cutoff and beta divided by it); None for 0."""
+        if strength <= 0:
+            return None
+        return dataclasses.replace(self, min_cutoff=self.min_cutoff / strength, beta=self.beta / strength)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -333,19 +344,26 @@ def _pose(rotation: np.ndarray, translation: np.ndarray) -> np.ndarray:
 
 
 def smooth_track(track: FaceTrack, smoothing: Smoothing = Smoothing()) -> FaceTrack:
-    """A copy with landmarks and pose One Euro filtered (rotation as a unit quaternion, so it stays a
-    rotation); blendshapes and `filled` unchanged. track_video does this unless told not to."""
+    """A copy with the pose (rotation as a unit quaternion, so it stays a rotation, and
+    translation) One Euro filtered at `smoothing.pose` strength, landmarks and blendshape scores
+    at `smoothing.expression` strength; `filled` unchanged. track_video does this unless told not to."""
     if len(track) < 2:
         return track
-    boxes = track.landmarks[:, :, :2].max(axis=1) - track.landmarks[:, :, :2].min(axis=1)
-    face_size = float(np.median(np.sqrt(boxes[:, 0] * boxes[:, 1]))) or 1.0
-    landmarks = _one_euro(track.landmarks.reshape(len(track), -1) / face_size, track.fps, smoothing) * face_size
-    quaternions = _continuous(np.stack([_matrix_to_quaternion(m[:3, :3]) for m in track.matrices]))
-    quaternions = _one_euro(quaternions, track.fps, smoothing)
-    quaternions /= np.linalg.norm(quaternions, axis=1, keepdims=True)
-    translations = _one_euro(track.matrices[:, :3, 3] / FACE_SIZE_CM, track.fps, smoothing) * FACE_SIZE_CM
-    matrices = np.stack([_pose(_quaternion_to_matrix(q), t) for q, t in zip(quaternions, translations)])
-    return dataclasses.replace(track, landmarks=landmarks.reshape(track.landmarks.shape).astype(np.float32), matrices=matrices)
+    pose, expression = smoothing.scaled(smoothing.pose), smoothing.scaled(smoothing.expression)
+    changes = {}
+    if expression is not None:
+        boxes = track.landmarks[:, :, :2].max(axis=1) - track.landmarks[:, :, :2].min(axis=1)
+        face_size = float(np.median(np.sqrt(boxes[:, 0] * boxes[:, 1]))) or 1.0
+        landmarks = _one_euro(track.landmarks.reshape(len(track), -1) / face_size, track.fps, expression) * face_size
+        changes["landmarks"] = landmarks.reshape(track.landmarks.shape).astype(np.float32)
+        changes["blendshapes"] = np.clip(_one_euro(track.blendshapes, track.fps, expression), 0.0, 1.0).astype(np.float32)
+    if pose is not None:
+        quaternions = _continuous(np.stack([_matrix_to_quaternion(m[:3, :3]) for m in track.matrices]))
+        quaternions = _one_euro(quaternions, track.fps, pose)
+        quaternions /= np.linalg.norm(quaternions, axis=1, keepdims=True)
+        translations = _one_euro(track.matrices[:, :3, 3] / FACE_SIZE_CM, track.fps, pose) * FACE_SIZE_CM
+        changes["matrices"] = np.stack([_pose(_quaternion_to_matrix(q), t) for q, t in zip(quaternions, translations)])
+    return dataclasses.replace(track, **changes)
 
 
 def _one_euro(signal: np.ndarray, fps: float, smoothing: Smoothing) -> np.ndarray:

@@ -294,6 +294,7 @@ VERSIONS: dict[str, Version] = {
 # The official app's defaults.
 DEFAULT_VIDEO_VERSION = "v2"
 DEFAULT_IMAGE_VERSION = "v5"
+DEFAULT_VERSIONS = {"video": DEFAULT_VIDEO_VERSION, "image": DEFAULT_IMAGE_VERSION}
 
 
 def get_version(name: str, mode: str = "video") -> Version:

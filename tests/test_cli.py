@@ -61,6 +61,7 @@ def test_info_names_torch_and_devices():
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0
     assert "torch" in result.stdout and "cpu" in result.stdout
+    assert "video: v1, v2, v3, v4, v5, v5b (default v2); image: v1, v2, v3, v4, v5, v5b, v5c (default v5)" in result.stdout
 
 
 def test_console_script_entry_point_runs():

@@ -255,3 +255,31 @@ def test_low_memory_runs_through_diffusers_group_offloading_with_the_same_result
     assert offloaded.device == torch.device("cpu")
     plain = load(tiny_cache, control="blendshapes")
     torch.testing.assert_close(_latents_and_frames(offloaded), _latents_and_frames(plain), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("version", ["v3", "v5c"])
+def test_low_memory_gives_the_same_picture_for_the_later_versions(tiny_cache, version):
+    """Group offloading hooks every network of the v3-v5 families too, and changes no value."""
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    from hellomeme_cli.sampler import DrivingFrames
+
+    def picture(**options) -> torch.Tensor:
+        models = load_pipeline(version, ModelOptions(device="cpu", control="blendshapes", **options), WeightCache(tiny_cache), mode="image")
+        if options:
+            assert all(_is_group_offload_enabled(network) for network in models.networks())
+        generator = torch.Generator().manual_seed(4)
+        condition = torch.rand(1, 3, 1, SIZE, SIZE, generator=generator) * 2 - 1
+        drive = (torch.rand(1, 1, 51, generator=generator), torch.randn(1, 1, 3, 1024, generator=generator))
+        prompt = models.encode_prompt("", mode="image")
+        inputs = SamplerInputs(
+            ref_image=torch.rand(1, 3, SIZE, SIZE, generator=generator) * 2 - 1,
+            text_embeds=prompt.positive,
+            negative_text_embeds=prompt.negative,
+            control=control_from_tensors(condition, *drive),
+            num_frames=1,
+            reference_control=DrivingFrames(condition, *drive),
+        )
+        return models.sampler().sample_image(inputs, SamplerSettings(steps=2, guidance=1.5), torch.Generator().manual_seed(0))
+
+    torch.testing.assert_close(picture(low_memory=True), picture(), rtol=1e-6, atol=1e-6)

@@ -199,8 +199,24 @@ def test_smoothing_follows_a_real_head_turn(tracks):
     assert np.abs(yaw_degrees(smoothed) - yaw_degrees(raw)).max() < 2.0  # of a 30-degree turn
     deviation = np.linalg.norm(smoothed.landmarks[:, :, :2] - raw.landmarks[:, :, :2], axis=2).mean(axis=1)
     assert deviation.max() < 4.0  # pixels, on a face about 250 pixels wide
-    assert np.array_equal(smoothed.blendshapes, raw.blendshapes)
+    # The blendshape scores are smoothed with the landmarks, and follow the mouth within 0.1.
+    assert np.abs(smoothed.blendshapes - raw.blendshapes).max() < 0.1 and not np.array_equal(smoothed.blendshapes, raw.blendshapes)
     assert_rotations(smoothed)
+
+
+def test_pose_and_expression_smoothing_strengths_act_on_their_own_signals(tracks):
+    raw = tracks("ysll.mp4", smoothed=False)
+    pose_only = tracking.smooth_track(raw, tracking.Smoothing(expression=0))
+    expression_only = tracking.smooth_track(raw, tracking.Smoothing(pose=0))
+    assert np.array_equal(pose_only.landmarks, raw.landmarks) and np.array_equal(pose_only.blendshapes, raw.blendshapes)
+    assert not np.array_equal(pose_only.matrices, raw.matrices)
+    assert np.array_equal(expression_only.matrices, raw.matrices) and not np.array_equal(expression_only.landmarks, raw.landmarks)
+
+    def roughness(track):  # mean frame-to-frame change of the yaw's second difference
+        return float(np.abs(np.diff(yaw_degrees(track), 2)).mean())
+
+    default, strong = tracking.smooth_track(raw), tracking.smooth_track(raw, tracking.Smoothing(pose=4))
+    assert roughness(strong) < roughness(default) < roughness(raw)
 
 
 def test_track_video_smooths_by_default(model):

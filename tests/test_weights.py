@@ -354,6 +354,9 @@ def test_make_tiny_and_imported_face_model_give_a_cache_verify_accepts(tiny_home
     lock = read_lock()
     states = {line.split()[0]: line.split()[1] for line in listing.stdout.splitlines() if line.split()[:1] and line.split()[0] in lock}
     assert states == {name: "ok" for name in lock}
+    # Which runs need a component comes from the version registry.
+    needed = {line.split()[0]: line for line in listing.stdout.splitlines() if line.split()[:1] and line.split()[0] in lock}
+    assert needed["hm5_motion"].rstrip().endswith("v5 (video), v5b (video)") and needed["hm5c_reference"].rstrip().endswith("v5c")
     verified = runner.invoke(app, ["weights", "verify"])
     assert verified.exit_code == 0, verified.output
 
