@@ -85,11 +85,11 @@ def test_expression_scale_freezes_or_multiplies_the_change_from_the_first_frame(
 
 @pytest.mark.parametrize(
     "options",
-    [["--pose", "relative"], ["--motion", "pose"], ["--motion", "expression"], ["--expression-scale", "3"], ["--smooth-pose", "0"]],
+    [["--pose", "relative"], ["--motion", "pose"], ["--motion", "expression"], ["--expression-scale", "3"], ["--smooth-pose", "10"], ["--smooth-expression", "0"]],
 )
 def test_each_control_changes_the_video(workdir, options):
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "ysll.mp4", "clip")
-    common = [str(reference), str(clip), "--size", "128", "--steps", "2", "--max-frames", "6", "--seed", "3", "--version", "v1"]
+    common = [str(reference), str(clip), "--size", "128", "--steps", "2", "--max-frames", "6", "--seed", "3", "--version", "v1", "--control", "blendshapes"]
     baseline = workdir / "baseline.mp4"
     if not baseline.exists():
         assert runner.invoke(app, ["animate", *common, "-o", str(baseline)]).exit_code == 0
