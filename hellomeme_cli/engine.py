@@ -107,6 +107,7 @@ class HelloMemePipeline(DiffusionPipeline):
         self.options = options or ModelOptions(version=self.version.name, control=self.control_kind.name)  # what was asked for: equal options reuse the pipeline
         self.cache = cache or WeightCache()  # where the weights came from
         self._onload_device: torch.device | None = None  # set by `enable_low_memory`
+        self._upscaler = None  # loaded by `upscaler` when a run first asks for it
 
     @property
     def control(self) -> str:
@@ -152,6 +153,15 @@ class HelloMemePipeline(DiffusionPipeline):
             control=self.control_kind,
             device=self.device,
         )
+
+    def upscaler(self):
+        """The official app's Real-ESRGAN x2 (`--upscale 2`) on this pipeline's device and dtype,
+        loaded on first use and kept for the next clips."""
+        if self._upscaler is None:
+            from .upscale import COMPONENT, load_upscaler
+
+            self._upscaler = load_upscaler(self.cache.require([COMPONENT])[COMPONENT], self.device, self.dtype)
+        return self._upscaler
 
     def enable_low_memory(self, device: torch.device) -> None:
         """diffusers' group offloading, block by block: the weights stay on the CPU (pinned, on

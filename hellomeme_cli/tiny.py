@@ -143,6 +143,17 @@ def _tiny_motion_adapter() -> MotionAdapter:
     )
 
 
+def write_esrgan(folder: Path) -> Path:
+    """A tiny x2 RRDBNet saved as the released RealESRGAN_x2plus.pth is: its tensors under `params_ema`."""
+    from .models.rrdbnet import RRDBNet
+    from .upscale import WEIGHTS_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4)
+    torch.save({"params_ema": model.state_dict()}, folder / WEIGHTS_FILE)
+    return folder / WEIGHTS_FILE
+
+
 def _writers():
     return {
         "sd15": write_sd15,
@@ -165,6 +176,7 @@ def _writers():
         "image_encoder": lambda d: _image_encoder().save_pretrained(d),
         # The PD-FGC encoder's layout is fixed by its 224x224 input; it is small (8.5 M values).
         "pd_fgc_motion": lambda d: FanEncoder().half().save_pretrained(d),
+        "esrgan": write_esrgan,
     }
 
 

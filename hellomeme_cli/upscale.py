@@ -28,7 +28,6 @@ from .models.rrdbnet import UNSHUFFLE, RRDBNet
 
 COMPONENT = "esrgan"  # its weight component in weights.lock
 WEIGHTS_FILE = "RealESRGAN_x2plus.pth"
-CHOICES = (1, 2)  # --upscale: 1 is off
 # The official `RealESRGANer` defaults for padding. Tiles of 256 input pixels keep one tile's
 # activations near 80 MB in float32 (a 1024 x 1024 output is nine tiles); tile=0 processes the
 # frame whole, as the official app does, which differs from the tiled frame only along tile seams.
