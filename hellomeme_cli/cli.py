@@ -384,6 +384,21 @@ def weights_fetch(
     out.print(f"weights ready in {cache.home} and the Hugging Face cache {cache.hub_cache}", highlight=False)
 
 
+@weights_app.command("presets")
+def weights_presets() -> None:
+    """Show the official app's checkpoints and LoRAs by name (`--checkpoint NAME`, `--lora NAME[:SCALE]`), fetched on first use."""
+    from .presets import all_presets, is_fetched
+
+    cache = _cache()
+    rows = [("name", "kind", "source", "state")]
+    for preset in all_presets():
+        source = f"{preset.repo}/{preset.files[0]}" if preset.kind == "lora" else preset.repo
+        state = "the base model (component sd15)" if preset.kind == "base" else "in cache" if is_fetched(preset, cache) else "fetched on first use"
+        rows.append((preset.name, "checkpoint" if preset.kind == "base" else preset.kind, source, state))
+    for row in _aligned(rows):
+        typer.echo(row)
+
+
 @weights_app.command("verify")
 def weights_verify(
     names: Annotated[list[str] | None, typer.Argument(help="Components to check (default: all).")] = None,

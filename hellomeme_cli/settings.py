@@ -144,7 +144,7 @@ class ModelOptions:
         check=_known_control, shown="the version's (v1: blendshapes)",
     )
     checkpoint: str | None = _setting(
-        None, "SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id.",
+        None, "SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder, a preset name (hellomeme weights presets) or a Hugging Face repo id.",
         cli_type=str, shown="SD1.5",
     )
     vae: Path | None = _setting(
@@ -152,7 +152,7 @@ class ModelOptions:
         shown="the checkpoint's",
     )
     loras: tuple[tuple[Path, float], ...] = _setting(
-        (), "LoRA file, FILE or FILE:SCALE; repeat for several (CSV: separated by ;).", cli_type=list[str],
+        (), "LoRA file or preset name (hellomeme weights presets), FILE or FILE:SCALE; repeat for several (CSV: separated by ;).", cli_type=list[str],
         flags=("--lora",), parse=_loras, shown="none",
     )
     device: str = _setting("auto", "auto, cpu, cuda, cuda:N or mps.", cli_type=str, per_clip=False, in_digest=False)
