@@ -31,6 +31,7 @@ from .progress import ProgressCallback, ProgressEvent, no_progress
 from .sampler import VideoSampler
 from .settings import ModelOptions
 from .tracking import MODEL_FILE
+from .upscale import COMPONENT as UPSCALER_COMPONENT, Upscaler, load_upscaler
 from .versions import ControlKind, Version, get_version, resolve
 from .weights import WeightCache
 
@@ -108,7 +109,7 @@ class HelloMemePipeline(DiffusionPipeline):
         self.options = options or ModelOptions(version=self.version.name, control=self.control_kind.name)  # what was asked for: equal options reuse the pipeline
         self.cache = cache or WeightCache()  # where the weights came from
         self._onload_device: torch.device | None = None  # set by `enable_low_memory`
-        self._upscaler = None  # loaded by `upscaler` when a run first asks for it
+        self._upscaler: Upscaler | None = None  # loaded by `upscaler` when a run first asks for it
 
     @property
     def control(self) -> str:
@@ -155,13 +156,12 @@ class HelloMemePipeline(DiffusionPipeline):
             device=self.device,
         )
 
-    def upscaler(self):
+    def upscaler(self) -> Upscaler:
         """The official app's Real-ESRGAN x2 (`--upscale 2`) on this pipeline's device and dtype,
         loaded on first use and kept for the next clips."""
         if self._upscaler is None:
-            from .upscale import COMPONENT, load_upscaler
-
-            self._upscaler = load_upscaler(self.cache.require([COMPONENT])[COMPONENT], self.device, self.dtype)
+            folder = self.cache.require([UPSCALER_COMPONENT])[UPSCALER_COMPONENT]
+            self._upscaler = load_upscaler(folder, self.device, self.dtype)
         return self._upscaler
 
     def enable_low_memory(self, device: torch.device) -> None:

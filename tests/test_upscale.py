@@ -19,10 +19,10 @@ from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.models.rrdbnet import RRDBNet
 from hellomeme_cli.pasteback import PasteBack
 from hellomeme_cli.pipeline import AnimateSettings, prepare_run
+from hellomeme_cli.signals import SquareCrop
 from hellomeme_cli.upscale import COMPONENT, TILE, TILE_PAD, WEIGHTS_FILE, Upscaler, load_rrdbnet, load_upscaler, read_rrdbnet_state
 from hellomeme_cli.video import probe_video, read_frames, read_image
 from test_pasteback import oval_landmarks, smooth_picture
-from hellomeme_cli.signals import SquareCrop
 
 FAST = ["--size", "128", "--steps", "2"]
 runner = CliRunner()
