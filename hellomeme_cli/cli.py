@@ -366,21 +366,27 @@ def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
 
 @weights_app.command("fetch")
 def weights_fetch(
-    names: Annotated[list[str] | None, typer.Argument(help="Components to fetch (default: all).")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Components or preset names (`weights presets`) to fetch (default: every component).")] = None,
     version: Annotated[
         str | None, typer.Option("--version", help="Fetch what this HelloMeme version needs, every control and mode (docs/versions.md), besides any components named.")
     ] = None,
 ) -> None:
     """Download missing components into the Hugging Face cache (sha256-checked before use)."""
+    from .presets import fetch_preset, find_preset
     from .versions import any_version
 
     cache = _cache()
     if version is not None:
         names = list(dict.fromkeys([*(names or []), *any_version(version).all_components()]))
-    for name in names or []:
+    presets = [preset for name in names or [] if name not in cache.lock and (preset := find_preset(name, ("checkpoint", "lora")))]
+    names = [name for name in names or [] if not any(preset.name.casefold() == name.casefold() for preset in presets)]
+    for name in names:
         cache.component(name)
     with _progress_bars() as report:
-        cache.fetch(names or None, progress=report)
+        for preset in presets:
+            fetch_preset(preset, cache, report)
+        if names or not presets:
+            cache.fetch(names or None, progress=report)
     out.print(f"weights ready in {cache.home} and the Hugging Face cache {cache.hub_cache}", highlight=False)
 
 

@@ -82,6 +82,12 @@ def test_a_lora_preset_is_fetched_into_the_hf_cache_on_first_use_only(hub, tmp_p
     assert any(line.split()[0] == "MoreDetails" and line.endswith("in cache") for line in listing.splitlines())
 
 
+def test_weights_fetch_takes_preset_names_and_fetches_only_them(hub):
+    result = runner.invoke(app, ["weights", "fetch", "moredetails"])
+    assert result.exit_code == 0, result.output
+    assert hub.gets() == ["/songkey/loras_sd_1_5/resolve/main/more_details.safetensors"]
+
+
 def test_a_checkpoint_preset_resolves_to_its_repos_folder_in_the_hf_cache(hub, tmp_path):
     folder = resolve_checkpoint("RealisticVisionV60B1", WeightCache())
     assert folder == _snapshot(tmp_path / "hf", REALISTIC)
