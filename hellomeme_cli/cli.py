@@ -368,22 +368,43 @@ def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
 
 @weights_app.command("fetch")
 def weights_fetch(
-    names: Annotated[list[str] | None, typer.Argument(help="Components to fetch (default: all).")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Components or preset names (`weights presets`) to fetch (default: every component).")] = None,
     version: Annotated[
         str | None, typer.Option("--version", help="Fetch what this HelloMeme version needs, every control and mode (docs/versions.md), besides any components named.")
     ] = None,
 ) -> None:
     """Download missing components into the Hugging Face cache (sha256-checked before use)."""
+    from .presets import fetch_preset, find_preset
     from .versions import any_version
 
     cache = _cache()
     if version is not None:
         names = list(dict.fromkeys([*(names or []), *any_version(version).all_components()]))
-    for name in names or []:
+    presets = [preset for name in names or [] if name not in cache.lock and (preset := find_preset(name, ("checkpoint", "lora")))]
+    names = [name for name in names or [] if not any(preset.name.casefold() == name.casefold() for preset in presets)]
+    for name in names:
         cache.component(name)
     with _progress_bars() as report:
-        cache.fetch(names or None, progress=report)
+        for preset in presets:
+            fetch_preset(preset, cache, report)
+        if names or not presets:
+            cache.fetch(names or None, progress=report)
     out.print(f"weights ready in {cache.home} and the Hugging Face cache {cache.hub_cache}", highlight=False)
+
+
+@weights_app.command("presets")
+def weights_presets() -> None:
+    """Show the official app's checkpoints and LoRAs by name (`--checkpoint NAME`, `--lora NAME[:SCALE]`), fetched on first use."""
+    from .presets import all_presets, is_fetched
+
+    cache = _cache()
+    rows = [("name", "kind", "source", "state")]
+    for preset in all_presets():
+        source = f"{preset.repo}/{preset.files[0]}" if preset.kind == "lora" else preset.repo
+        state = "the base model (component sd15)" if preset.kind == "base" else "in cache" if is_fetched(preset, cache) else "fetched on first use"
+        rows.append((preset.name, "checkpoint" if preset.kind == "base" else preset.kind, source, state))
+    for row in _aligned(rows):
+        typer.echo(row)
 
 
 @weights_app.command("verify")

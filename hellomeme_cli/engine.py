@@ -26,10 +26,12 @@ from .checkpoints import PICKLE_SUFFIXES, load_sd15, load_vae
 from .errors import HellomemeError
 from .models import FanEncoder, motion_unet
 from .models.unet import load_folder
+from .presets import checkpoint_preset, fetch_preset, lora_preset
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .sampler import VideoSampler
 from .settings import ModelOptions
 from .tracking import MODEL_FILE
+from .upscale import COMPONENT as UPSCALER_COMPONENT, Upscaler, load_upscaler
 from .versions import ControlKind, Version, get_version, resolve
 from .weights import WeightCache
 
@@ -113,6 +115,7 @@ class HelloMemePipeline(DiffusionPipeline):
         self.options = options or ModelOptions(version=self.version.name, control=self.control_kind.name)  # what was asked for: equal options reuse the pipeline
         self.cache = cache or WeightCache()  # where the weights came from
         self._onload_device: torch.device | None = None  # set by `enable_low_memory`
+        self._upscaler: Upscaler | None = None  # loaded by `upscaler` when a run first asks for it
 
     @property
     def control(self) -> str:
@@ -149,6 +152,14 @@ class HelloMemePipeline(DiffusionPipeline):
     def sampler(self) -> VideoSampler:
         """The version's sampler on these networks and schedulers."""
         return resolve(self.version.sampler).from_pipeline(self)
+
+    def upscaler(self) -> Upscaler:
+        """The official app's Real-ESRGAN x2 (`--upscale 2`) on this pipeline's device and dtype,
+        loaded on first use and kept for the next clips."""
+        if self._upscaler is None:
+            folder = self.cache.require([UPSCALER_COMPONENT])[UPSCALER_COMPONENT]
+            self._upscaler = load_upscaler(folder, self.device, self.dtype)
+        return self._upscaler
 
     def enable_low_memory(self, device: torch.device) -> None:
         """diffusers' group offloading, block by block: the weights stay on the CPU (pinned, on
@@ -216,14 +227,21 @@ def _is_repo_id(value: str) -> bool:
     return re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
 
 
-def resolve_checkpoint(value: str, cache: WeightCache) -> Path:
-    """A local folder or file as it is; an `owner/name` Hugging Face repo id downloaded (diffusers
-    layout, safetensors only) under the cache's `checkpoints/` folder."""
+def resolve_checkpoint(value: str, cache: WeightCache, progress: ProgressCallback = no_progress) -> Path | None:
+    """A local folder or file as it is; a preset name (presets.py) fetched into the Hugging Face
+    cache (None for SD1.5: the base model, no swap); an `owner/name` Hugging Face repo id
+    downloaded (diffusers layout, safetensors only) under the cache's `checkpoints/` folder."""
     path = Path(value).expanduser()
     if path.exists():
         return path
+    preset = checkpoint_preset(value)
+    if preset:
+        return None if preset.kind == "base" else fetch_preset(preset, cache, progress)
     if not _is_repo_id(value):
-        raise HellomemeError(f"checkpoint not found: {value} (give a folder, a .safetensors/.ckpt file or a Hugging Face repo id)")
+        raise HellomemeError(
+            f"checkpoint not found: {value} (give a folder, a .safetensors/.ckpt file, a preset name from "
+            "`hellomeme weights presets` or a Hugging Face repo id)"
+        )
     from huggingface_hub import snapshot_download
 
     try:
@@ -235,16 +253,23 @@ def resolve_checkpoint(value: str, cache: WeightCache) -> Path:
         raise HellomemeError(f"cannot download checkpoint {value} from Hugging Face: {first_line}") from err
 
 
+def resolve_loras(loras: tuple[tuple[Path, float], ...], cache: WeightCache, progress: ProgressCallback = no_progress) -> tuple[tuple[Path, float], ...]:
+    """Each LoRA file as it is; a preset name (presets.py) fetched into the Hugging Face cache."""
+    return tuple((fetch_preset(preset, cache, progress) if (preset := lora_preset(path)) else path, scale) for path, scale in loras)
+
+
 def check_options(options: ModelOptions) -> None:
     """Everything about the options that can be wrong, found before any loading starts."""
     resolve_dtype(options.dtype, resolve_device(options.device))
-    local = [(path, "LoRA") for path, _ in options.loras] + ([(options.vae, "VAE")] if options.vae else [])
-    if options.checkpoint and (Path(options.checkpoint).expanduser().exists() or not _is_repo_id(options.checkpoint)):
+    local = [(path, "LoRA") for path, _ in options.loras if not lora_preset(path)] + ([(options.vae, "VAE")] if options.vae else [])
+    remote = options.checkpoint and (_is_repo_id(options.checkpoint) or checkpoint_preset(options.checkpoint))
+    if options.checkpoint and (Path(options.checkpoint).expanduser().exists() or not remote):
         local.append((Path(options.checkpoint), "checkpoint"))
     for path, what in local:
         path = Path(path).expanduser()
         if not path.exists():
-            raise HellomemeError(f"{what} not found: {path}")
+            hint = "" if what == "VAE" else " (nor is it a preset name: `hellomeme weights presets` lists them)"
+            raise HellomemeError(f"{what} not found: {path}{hint}")
         if path.is_file() and path.suffix.lower() not in WEIGHT_SUFFIXES:
             raise HellomemeError(f"{path}: not a weight file for the {what} (expected {', '.join(WEIGHT_SUFFIXES)})")
 
@@ -265,8 +290,9 @@ def load_pipeline(
     device = resolve_device(options.device)
     dtype = resolve_dtype(options.dtype, device)
     folders = cache.require(version.components(kind.name, mode))
-    checkpoint = resolve_checkpoint(options.checkpoint, cache) if options.checkpoint else None
-    steps = ["SD1.5", "LoRAs" if options.loras else None, "checkpoint" if checkpoint else None, "HelloMeme modules"]
+    checkpoint = resolve_checkpoint(options.checkpoint, cache, progress) if options.checkpoint else None
+    loras = resolve_loras(options.loras, cache, progress)
+    steps = ["SD1.5", "LoRAs" if loras else None, "checkpoint" if checkpoint else None, "HelloMeme modules"]
     steps = [step for step in steps if step]
     # Low-memory mode: every network waits on the CPU, the offloading hooks bring it over block by block.
     load_device = torch.device("cpu") if options.low_memory else device
@@ -280,11 +306,11 @@ def load_pipeline(
 
     base = sd15()
     loaded("SD1.5")
-    styled = sd15(loras=options.loras) if options.loras else base
-    if options.loras:
+    styled = sd15(loras=loras) if loras else base
+    if loras:
         loaded("LoRAs")
     if checkpoint:
-        stage2 = sd15(checkpoint=checkpoint, vae=options.vae, loras=options.loras)
+        stage2 = sd15(checkpoint=checkpoint, vae=options.vae, loras=loras)
         loaded("checkpoint")
     else:
         stage2 = styled

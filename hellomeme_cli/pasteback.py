@@ -70,9 +70,12 @@ class PasteBack:
     """Puts generated frames back into `picture` (H, W, 3 uint8 RGB) where `crop` took the working
     square from; `landmarks` (478, 2+) are the reference face's in picture pixels. `travel`
     (working pixels) widens the head region by how far the generated head may move
-    (`head_travel`); `match_colours=False` pastes the generated colours as they are."""
+    (`head_travel`); `match_colours=False` pastes the generated colours as they are. Frames are
+    `frame_scale` times the working size (2 after `--upscale 2`)."""
 
-    def __init__(self, picture: np.ndarray, crop: SquareCrop, landmarks: np.ndarray, *, travel: float = 0.0, match_colours: bool = True):
+    def __init__(
+        self, picture: np.ndarray, crop: SquareCrop, landmarks: np.ndarray, *, travel: float = 0.0, match_colours: bool = True, frame_scale: int = 1
+    ):
         if picture.ndim != 3 or picture.shape[2] != 3 or picture.dtype != np.uint8:
             raise ValueError(f"the picture must be (H, W, 3) uint8, not {picture.shape} {picture.dtype}")
         height, width = picture.shape[:2]
@@ -80,7 +83,8 @@ class PasteBack:
         if work.bottom <= work.top or work.right <= work.left:
             raise ValueError(f"the crop {crop} does not overlap the {width} x {height} picture")
         self.picture, self.crop = picture, crop
-        self._interpolation = cv2.INTER_AREA if crop.width * crop.height < crop.size**2 else cv2.INTER_CUBIC
+        self.frame_size = crop.size * frame_scale
+        self._interpolation = cv2.INTER_AREA if crop.width * crop.height < self.frame_size**2 else cv2.INTER_CUBIC
 
         head, face_size = _head_region(np.asarray(landmarks, dtype=np.float64)[:, :2])
         unit = min(face_size, min(crop.width, crop.height) / 3)  # a face filling the crop still gets a border
@@ -107,12 +111,14 @@ class PasteBack:
             self._colour = _ColourMatch(self._original, self._alpha, _smoothstep(1.0 - inward / self.feather), self.feather)
 
     @classmethod
-    def from_reference(cls, picture: np.ndarray, reference: ReferenceFace, *, travel: float = 0.0, match_colours: bool = True) -> PasteBack:
+    def from_reference(
+        cls, picture: np.ndarray, reference: ReferenceFace, *, travel: float = 0.0, match_colours: bool = True, frame_scale: int = 1
+    ) -> PasteBack:
         """For the picture `reference` was prepared from (`prepare_reference(picture, ...)`)."""
         crop = reference.crop
         working = reference.track.landmarks[0, :, :2].astype(np.float64)
         landmarks = working / crop.scale + (crop.left, crop.top)
-        return cls(picture, crop, landmarks, travel=travel, match_colours=match_colours)
+        return cls(picture, crop, landmarks, travel=travel, match_colours=match_colours, frame_scale=frame_scale)
 
     @property
     def alpha(self) -> np.ndarray:
@@ -123,9 +129,9 @@ class PasteBack:
         return full
 
     def paste(self, frame: np.ndarray) -> np.ndarray:
-        """One generated (size, size, 3) uint8 frame -> a new picture-sized frame."""
-        if frame.shape != (self.crop.size, self.crop.size, 3) or frame.dtype != np.uint8:
-            raise ValueError(f"generated frames must be ({self.crop.size}, {self.crop.size}, 3) uint8, not {frame.shape} {frame.dtype}")
+        """One generated (frame_size, frame_size, 3) uint8 frame -> a new picture-sized frame."""
+        if frame.shape != (self.frame_size, self.frame_size, 3) or frame.dtype != np.uint8:
+            raise ValueError(f"generated frames must be ({self.frame_size}, {self.frame_size}, 3) uint8, not {frame.shape} {frame.dtype}")
         resized = cv2.resize(frame, (self.crop.width, self.crop.height), interpolation=self._interpolation)
         generated = resized[self.box.top - self.crop.top : self.box.bottom - self.crop.top, self.box.left - self.crop.left : self.box.right - self.crop.left]
         if self._colour is not None:

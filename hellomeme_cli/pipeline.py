@@ -5,7 +5,8 @@
    the motion controls (steering.py) on them
 3. the reference net's cache and the prompt (once per clip)
 4. the version's sampler (v1/v2: two stages; v3+: coarse to fine over 12-frame windows)
-5. decode and write the mp4 with the driving audio, frames streamed to the encoder
+5. decode and write the mp4 with the driving audio, frames streamed to the encoder (through
+   the upscaler with --upscale 2, then the paste-back with --paste-back)
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from .settings import AnimateSettings
 from .signals import DrivingSignals, ReferenceFace, prepare_reference
 from .steering import needs_reference_signals, steer
 from .tracking import MODEL_FILE, track_image
+from .upscale import components as upscale_components
 from .versions import get_version
 from .video import check_destination, read_image, write_image, write_video
 from .weights import WeightCache
@@ -73,7 +75,8 @@ def prepare_run(
     read_image(reference)  # an unreadable picture is said before missing weights
     (check_driving if mode == "video" else check_driving_image)(driving)
     cache = cache or WeightCache()
-    face_model = cache.require(options.spec.components(options.control, mode))["face_landmarker"] / MODEL_FILE
+    needed = [*options.spec.components(options.control, mode), *upscale_components(settings.upscale)]
+    face_model = cache.require(needed)["face_landmarker"] / MODEL_FILE
     return load_reference(reference, settings, face_model), settings
 
 
@@ -126,8 +129,11 @@ def animate(
 
     # 5. Decode straight into the encoder, with the driving clip's audio.
     frames = (frame for batch in sampler.decode(latents, progress=progress) for frame in batch)
+    if settings.upscale != 1:
+        frames = models.upscaler()(frames)
     if settings.paste_back:
-        frames = PasteBack.from_reference(reference.picture, reference.face, travel=head_travel(signals))(frames)
+        paste = PasteBack.from_reference(reference.picture, reference.face, travel=head_travel(signals), frame_scale=settings.upscale)
+        frames = paste(frames)
     metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed), **(extra_tags or {})}
     write_video(
         frames, output, fps, audio_from=drive.audio, metadata=metadata, force=force, protect=[reference.path, driving],
@@ -166,8 +172,10 @@ def render_image(
         progress,
     )
     frame = next(sampler.decode(latents))[0]
+    if settings.upscale != 1:
+        frame = models.upscaler().upscale(frame)
     if settings.paste_back:
-        frame = PasteBack.from_reference(reference.picture, reference.face).paste(frame)
+        frame = PasteBack.from_reference(reference.picture, reference.face, frame_scale=settings.upscale).paste(frame)
     write_image(frame, output, force=force, protect=[reference.path, driving_image])
     return settings.seed
 

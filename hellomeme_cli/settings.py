@@ -20,6 +20,7 @@ from .errors import HellomemeError
 from .versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, VERSIONS, get_version
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+UPSCALE_CHOICES = (1, 2)  # --upscale: 1 is off, 2 the official app's Real-ESRGAN x2
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
 
@@ -76,8 +77,8 @@ def _within(low: float, high: float, option: str, *, open_low: bool = False) -> 
     return check
 
 
-def _one_of(choices: tuple[str, ...], option: str) -> Callable[[Any], str | None]:
-    return lambda value: None if value is None or value in choices else f"--{option} must be one of {', '.join(choices)} (got {value!r})"
+def _one_of(choices: tuple[Any, ...], option: str) -> Callable[[Any], str | None]:
+    return lambda value: None if value is None or value in choices else f"--{option} must be one of {', '.join(map(str, choices))} (got {value!r})"
 
 
 POSES = ("absolute", "relative")
@@ -159,7 +160,7 @@ class ModelOptions:
         check=_known_control, shown=_by_version("control"),
     )
     checkpoint: str | None = _setting(
-        None, "SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder or a Hugging Face repo id.",
+        None, "SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder, a preset name (hellomeme weights presets) or a Hugging Face repo id.",
         cli_type=str, shown="SD1.5",
     )
     vae: Path | None = _setting(
@@ -167,7 +168,7 @@ class ModelOptions:
         shown="the checkpoint's",
     )
     loras: tuple[tuple[Path, float], ...] = _setting(
-        (), "LoRA file, FILE or FILE:SCALE; repeat for several (CSV: separated by ;).", cli_type=list[str],
+        (), "LoRA file or preset name (hellomeme weights presets), FILE or FILE:SCALE; repeat for several (CSV: separated by ;).", cli_type=list[str],
         flags=("--lora",), parse=_loras, shown="none",
     )
     device: str = _setting("auto", "auto, cpu, cuda, cuda:N or mps.", cli_type=str, per_clip=False, in_digest=False)
@@ -239,6 +240,10 @@ class AnimateSettings:
     )
     size: int = _setting(512, "Working size in pixels (multiple of 64); the released weights are trained at 512.", check=_size)
     paste_back: bool = _setting(False, "Blend the generated face back into the whole reference picture, at its full size.", flags=("--paste-back",))
+    upscale: int = _setting(
+        1, "Enlarge the generated frames 2x with the official app's Real-ESRGAN x2 (1: off); with --paste-back before blending.",
+        check=_one_of(UPSCALE_CHOICES, "upscale"), shown="1 (off)",
+    )
 
     def __post_init__(self) -> None:
         _check(self)

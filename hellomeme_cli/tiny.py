@@ -174,6 +174,17 @@ def _tiny_motion_adapter() -> MotionAdapter:
     )
 
 
+def write_esrgan(folder: Path) -> Path:
+    """A tiny x2 RRDBNet saved as the released RealESRGAN_x2plus.pth is: its tensors under `params_ema`."""
+    from .models.rrdbnet import RRDBNet
+    from .upscale import WEIGHTS_FILE
+
+    folder.mkdir(parents=True, exist_ok=True)
+    model = RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4)
+    torch.save({"params_ema": model.state_dict()}, folder / WEIGHTS_FILE)
+    return folder / WEIGHTS_FILE
+
+
 def _writers():
     return {
         "sd15": write_sd15,
@@ -204,6 +215,7 @@ def _writers():
         ).save_pretrained(d),
         "hm5_control_proj": lambda d: _save(_v5_control_proj(), d),
         "hm5c_control_proj": lambda d: _save(_v5_control_proj(), d),
+        "esrgan": write_esrgan,
     }
 
 

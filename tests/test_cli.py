@@ -37,7 +37,7 @@ def help_rows(*command: str) -> dict[str, str | None]:
 
 def test_help_lists_every_command_and_no_other():
     assert set(help_rows()) == {"--version", "--debug", "--help", "info", "animate", "image", "batch", "track", "weights"}
-    assert set(help_rows("weights")) == {"--help", "list", "fetch", "verify", "import", "lock", "make-tiny"}
+    assert set(help_rows("weights")) == {"--help", "list", "fetch", "presets", "verify", "import", "lock", "make-tiny"}
 
 
 def test_animate_help_lists_every_declared_setting_with_its_default():

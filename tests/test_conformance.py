@@ -4,7 +4,8 @@ Runs every case folder under $HELLOMEME_CONFORMANCE_DIR (default ../shared/confo
 any depth, dispatching on its case.json: module cases check every `out.*` tensor of the
 networks, sampler cases the whole two-stage sampler (official `HMVideoPipeline.__call__`),
 image cases the one-frame sampler (official `HMImagePipeline.__call__`), each with the networks
-of the registry version the case names.
+of the registry version the case names; upscale cases the `--upscale` stage (official
+`RealESRGANer.enhance`), loaded from the case's weights file as the product loads the released one.
 All sizes, batch, timestep and schedule come from the case itself, so unseen cases run
 unchanged. The cases this file has no runner for are run by the file named in
 `ELSEWHERE` (each reads every case folder too and takes the kinds and versions it runs);
@@ -19,6 +20,8 @@ import torch
 
 from conformance_case import case_kind, find_cases, load_case, relative_error, run_module_case, sampler_case
 from conftest import CONFORMANCE_DIR
+from hellomeme_cli.models.rrdbnet import RRDBNet
+from hellomeme_cli.upscale import STATE_KEYS, Upscaler, load_rrdbnet
 from hellomeme_cli.versions import VERSIONS
 
 FLOAT32_TOLERANCE = 1e-4
@@ -34,6 +37,11 @@ SAMPLER_BFLOAT16_TOLERANCE = 2e-2
 # The image case's latents in bfloat16: measured 2.0e-2 on v2/image_public, far below what its
 # control changes (0.35 to 0.41, v2 README).
 IMAGE_BFLOAT16_TOLERANCE = 5e-2
+# Upscale cases: the uint8 image, at most one grey level from the official one (float32
+# rounding before the uint8 rounding); in bfloat16 the mean difference (measured 0.43 grey
+# levels on upscale_public, max 2).
+UPSCALE_GREY_LEVELS = 1
+UPSCALE_BFLOAT16_MEAN_GREY_LEVELS = 1.0
 TOLERANCES = {
     ("module", torch.float32): FLOAT32_TOLERANCE,
     ("module", torch.bfloat16): BFLOAT16_TOLERANCE,
@@ -41,6 +49,8 @@ TOLERANCES = {
     ("sampler", torch.bfloat16): SAMPLER_BFLOAT16_TOLERANCE,
     ("image", torch.float32): SAMPLER_LATENTS_TOLERANCE,
     ("image", torch.bfloat16): IMAGE_BFLOAT16_TOLERANCE,
+    ("upscale", torch.float32): UPSCALE_GREY_LEVELS,
+    ("upscale", torch.bfloat16): UPSCALE_BFLOAT16_MEAN_GREY_LEVELS,
 }
 
 
@@ -125,7 +135,33 @@ def _check_image(case, dtype, tolerance):
         assert image.shape == io["out.image"].shape and image_mae < SAMPLER_FRAMES_MAE_TOLERANCE
 
 
-RUNNERS = {"module": _check_modules, "sampler": _check_sampler, "image": _check_image}
+def _check_upscale(case, dtype, tolerance):
+    """The case's RRDBNet file through the product's loader, its enhance settings as the case
+    gives them (tile, tile_pad, pre_pad, half, outscale); the float32 run is the case's own
+    precision (float16 where it says half)."""
+    spec, io = load_case(case)
+    enhance = spec["enhance"]
+    assert spec.get("weights_key", STATE_KEYS[0]) in STATE_KEYS
+    run_dtype = (torch.float16 if enhance.get("half") else torch.float32) if dtype == torch.float32 else dtype
+    model = load_rrdbnet(case / spec["weights_file"], dtype=run_dtype)
+    shape = RRDBNet.shape_of(model.state_dict())  # what the loader read from the file
+    assert {name: shape.get(name) for name in spec.get("rrdbnet", {})} == spec.get("rrdbnet", {})
+    upscaler = Upscaler(model, tile=enhance["tile"], tile_pad=enhance["tile_pad"], pre_pad=enhance["pre_pad"], outscale=enhance.get("outscale"))
+    image = io["in.image"].numpy().astype(np.uint8)
+    bgr = "BGR" in enhance.get("input", "uint8 BGR")
+    ours = upscaler.upscale(image[..., ::-1] if bgr else image)
+    ours = (ours[..., ::-1] if bgr else ours).astype(np.float64)
+    expected = io["out.image"].numpy().astype(np.float64)
+    assert ours.shape == expected.shape
+    difference = np.abs(ours - expected)
+    print(f"{case.name} {str(run_dtype)[6:]} max {difference.max():.0f} grey levels, mean {difference.mean():.4f}, {(difference > 0).mean():.3%} of values differ")
+    if dtype == torch.float32:
+        assert difference.max() <= tolerance
+    else:
+        assert difference.mean() <= tolerance
+
+
+RUNNERS = {"module": _check_modules, "sampler": _check_sampler, "image": _check_image, "upscale": _check_upscale}
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
