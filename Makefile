@@ -17,10 +17,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e ".[test]"
 	touch $@
 
+# The main job on an example: fetches the weights and an example portrait and clip, animates them.
 demo: install
-	$(BIN)/hellomeme --version
-	$(BIN)/hellomeme info
-	$(BIN)/hellomeme weights list
+	$(BIN)/hellomeme demo
 
 test: install
 	$(BIN)/python -m pytest

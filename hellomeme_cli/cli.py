@@ -165,9 +165,30 @@ def animate(
     settings: AnimateSettings,
 ) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
-    from .pipeline import animate as run_animate, default_output
+    from .pipeline import default_output
 
-    output = output or default_output(reference, drive)
+    _animate(reference, drive, output or default_output(reference, drive), force, settings)
+
+
+@app.command()
+@_with_generation_options("video")
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The mp4 to write.")] = Path("hellomeme-demo.mp4"),
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    *,
+    settings: AnimateSettings,
+) -> None:
+    """The main job on an example: fetch what animate needs and an example portrait and clip, animate them, say where the mp4 is."""
+    from .demo import fetch_demo
+
+    with _progress_bars() as report:
+        portrait, clip = fetch_demo(settings, _cache(), report)
+    _animate(portrait, clip, output, force, settings)
+
+
+def _animate(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings) -> None:
+    from .pipeline import animate as run_animate
+
     source, settings, cache = _prepare_run(reference, drive, output, force, settings, "video")
     with _progress_bars() as report:
         result = run_animate(source, drive, output, settings, _load_models(settings, cache, report), force=force, progress=report)
