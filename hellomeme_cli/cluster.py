@@ -25,6 +25,7 @@ import time
 from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from queue import Empty
 
 import torch
 
@@ -276,9 +277,11 @@ class _Driver:
 
     def _show_stages(self) -> None:
         """Each worker's current clip and stage, as the workers sent them."""
-        with contextlib.suppress(Exception):  # an empty queue, or one read as it fills: nothing to show now
-            for label, event in self.events.get_nowait_batch(self.events.qsize()):
-                self.progress(dataclasses.replace(event, task=label))
+        events = []
+        with contextlib.suppress(Empty):  # fewer than counted: shown next time
+            events = self.events.get_nowait_batch(self.events.qsize())
+        for label, event in events:
+            self.progress(dataclasses.replace(event, task=label))
 
     def _stop(self) -> None:
         """Every worker stopped (an interrupted clip's partial file removed), the queue too."""
