@@ -20,7 +20,9 @@ import dataclasses
 import logging
 import os
 import secrets
+import signal
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -68,6 +70,7 @@ def _runtime(ray, options: ClusterOptions) -> Iterator[None]:
         yield
         return
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
+    handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
         if options.address is None:
             cpus = max(os.cpu_count() or 1, options.workers or 1)  # `workers` CPU workers always fit
@@ -77,6 +80,10 @@ def _runtime(ray, options: ClusterOptions) -> Iterator[None]:
     except (ConnectionError, ValueError, RuntimeError) as error:
         where = f"the Ray cluster at {options.address}" if options.address else "a local Ray runtime"
         raise HellomemeError(f"cannot start or reach {where}: {str(error).strip().splitlines()[0]}") from None
+    if threading.current_thread() is threading.main_thread():
+        for number, handler in handlers.items():  # Ray's own would abort the driver before the report is written
+            if handler is not None:
+                signal.signal(number, handler)
     try:
         yield
     finally:
@@ -158,10 +165,16 @@ class _Driver:
         self.workers = 0  # started so far: each has its own number
         self.token = secrets.token_hex(8)
         self.events = Queue(actor_options={"num_cpus": 0})
+        self.folders = sorted({self.ledger.plan.report.parent, *(job.output.parent for job in self.jobs)})
+        self.inputs = sorted({str(path) for job in self.jobs for path in (job.reference, job.driving)})
         resources = ray.cluster_resources()
         self.gpus = int(resources.get("GPU", 0))
         self.target = options.workers or max(self.gpus, 1)
-        each = {"num_gpus": 1, "num_cpus": 1} if self.gpus else {"num_cpus": max(1, int(resources.get("CPU", 1)) // self.target)}
+        if self.gpus:
+            each = {"num_gpus": 1, "num_cpus": 1}
+        else:  # the cores shared between the workers, none asking for more than one node has
+            largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
+            each = {"num_cpus": max(1, min(int(resources.get("CPU", 1)) // self.target, int(largest)))}
         self.actor = ray.remote(max_restarts=0, **each)(Worker)
         references = {id(task.reference): task.reference for task in tasks}
         self.references = {key: ray.put(reference) for key, reference in references.items()}  # each picture sent once
@@ -196,8 +209,8 @@ class _Driver:
             self._hand_out()
 
     def _write_markers(self) -> list[Path]:
-        folders = {self.ledger.plan.report.parent, *(job.output.parent for job in self.jobs)}
-        markers = [folder / f"{CHECK_PREFIX}{self.token}" for folder in folders]
+        """A hidden file in each folder the batch writes to, that every worker must see."""
+        markers = [folder / f"{CHECK_PREFIX}{self.token}" for folder in self.folders]
         for marker in markers:
             marker.write_text(self.token)
         return markers
@@ -205,9 +218,8 @@ class _Driver:
     def _start_worker(self) -> None:
         self.workers += 1
         worker = self.actor.remote(self.workers, str(self.cache.home), self.events)
-        inputs = sorted({str(path) for job in self.jobs for path in (job.reference, job.driving)})
-        markers = {str(folder): self.token for folder in {self.ledger.plan.report.parent, *(job.output.parent for job in self.jobs)}}
-        self.starting[worker.check.remote(inputs, markers, self.jobs)] = worker
+        markers = {str(folder): self.token for folder in self.folders}
+        self.starting[worker.check.remote(self.inputs, markers, self.jobs)] = worker
 
     def _started(self, ref) -> None:
         worker = self.starting.pop(ref)
@@ -250,6 +262,7 @@ class _Driver:
         """The worker died during the clip: its partial file goes, the clip goes to another worker
         (a new one takes the lost one's place) unless this was its second try."""
         task = busy.task
+        self.ray.kill(busy.worker)  # were it only unreachable for a while, it must not come back to finish the clip
         remove_leftovers(task.job.output)
         lost = self.lost.setdefault(task.index, [])
         lost.append(busy.label)

@@ -3,12 +3,14 @@
 The same folder gives the same report as the batch in this process; a worker killed during a clip
 loses nothing (the clip is redone on another worker, or reported after a second loss, and no
 partial file stays); a rerun skips finished clips; a worker that does not see the batch's files
-stops the batch before any work."""
+stops the batch before any work; SIGTERM stops the workers as it stops the batch in one process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
+import subprocess
 import sys
 import threading
 import time
@@ -19,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hellomeme_cli import cluster
-from hellomeme_cli.batch import DONE, ClusterOptions, plan_folder, run_batch
+from hellomeme_cli.batch import DONE, NOT_RUN, ClusterOptions, plan_folder, run_batch
 from hellomeme_cli.cli import _ray_address_filled, app
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.pipeline import AnimateSettings
@@ -90,17 +92,20 @@ def test_on_two_ray_workers_a_folder_gives_the_local_report_and_a_rerun_skips_th
     assert [again[name]["status"] for name in ("broken.mp4", "faceless.jpg", "blank.mp4")] == ["failed"] * 3
 
 
-def clip_makers() -> list[int]:
-    """Process ids of the Ray workers making a clip now (Ray titles a busy actor `ray::CLASS.METHOD`)."""
+def ray_workers(title: bytes = b"ray::Worker") -> list[int]:
+    """Process ids of hellomeme's Ray workers alive; Ray titles an actor `ray::CLASS`, and
+    `ray::CLASS.METHOD` while it runs one (`ray::Worker.make`: making a clip)."""
     found = []
     for entry in Path("/proc").iterdir():
         if entry.name.isdigit():
-            try:
-                if (entry / "cmdline").read_bytes().startswith(b"ray::Worker.make"):
+            with contextlib.suppress(OSError):
+                if (entry / "cmdline").read_bytes().startswith(title):
                     found.append(int(entry.name))
-            except OSError:
-                continue
     return found
+
+
+def clip_makers() -> list[int]:
+    return ray_workers(b"ray::Worker.make")
 
 
 class Killer(threading.Thread):
@@ -164,3 +169,26 @@ def test_a_worker_that_does_not_see_the_batch_files_stops_it_before_any_work(tmp
     (folder / f"{cluster.CHECK_PREFIX}0123abcd").write_text("0123abcd")
     problem = worker.check([str(tmp_path / "clips" / "a.mp4")], {str(folder): "0123abcd"}, [])[1]
     assert problem == f"{tmp_path / 'clips' / 'a.mp4'}: not found on the Ray worker node2/gpu0 ({cluster.SHARED})"
+
+
+
+@pytest.mark.skipif(not Path("/proc/self/cmdline").exists(), reason="finds Ray's worker processes in /proc")
+def test_sigterm_stops_the_workers_writes_the_report_and_leaves_no_partial_file(workdir):
+    folder = clips_folder(workdir / "clips", "jue.mp4", "qie.mp4", "tndtc.mp4", "ysll.mp4")
+    out = workdir / "out"
+    command = [sys.executable, "-m", "hellomeme_cli", "batch", str(folder), "--ref", str(media("civitai1.jpg")), "-o", str(out), *FAST, "--ray", "--workers", "2"]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not finished_outputs(out) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=120)
+    assert process.returncode == 130, errors
+    assert "interrupted" in errors and "Traceback" not in errors
+    report = read_report(out / "batch-report.json")
+    statuses = [report[name]["status"] for name in ("jue.mp4", "qie.mp4", "tndtc.mp4", "ysll.mp4")]
+    assert report[""]["finished"] is False and "ok" in statuses and "skipped" in statuses
+    assert all(report[name]["reason"] == NOT_RUN for name in report if name and report[name]["status"] == "skipped")
+    assert finished_outputs(out) == sorted(f"civitai1_{Path(name).stem}.mp4" for name in report if name and report[name]["status"] == "ok")
+    assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
+    assert not ray_workers()  # the runtime the batch started went with it
