@@ -163,6 +163,7 @@ class _Driver:
         self.idle: list[tuple[object, str]] = []
         self.made: dict[str, int] = {}  # clips each worker has made
         self.workers = 0  # started so far: each has its own number
+        self.first: set[object] = set()  # the checks of the first workers still running
         self.token = secrets.token_hex(8)
         self.events = Queue(actor_options={"num_cpus": 0})
         self.folders = sorted({self.ledger.plan.report.parent, *(job.output.parent for job in self.jobs)})
@@ -184,6 +185,7 @@ class _Driver:
         try:
             for _ in range(min(self.target, len(self.pending))):
                 self._start_worker()
+            self.first = set(self.starting)  # every first worker checks the files before any clip is handed out
             self._loop()
         finally:
             for path in markers:
@@ -199,6 +201,7 @@ class _Driver:
             done, _ = self.ray.wait(waiting, num_returns=1, timeout=POLL_SECONDS) if waiting else ([], [])
             for ref in done:
                 if ref in self.starting:
+                    self.first.discard(ref)
                     self._started(ref)
                 else:
                     self._finished(ref)
@@ -233,7 +236,7 @@ class _Driver:
         self._say(label, "ready")
 
     def _hand_out(self) -> None:
-        while self.idle and self.pending:
+        while self.idle and self.pending and not self.first:
             worker, label = self.idle.pop()
             task = self.pending.popleft()
             reference = self.references[id(task.reference)]

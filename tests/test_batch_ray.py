@@ -21,7 +21,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hellomeme_cli import cluster
-from hellomeme_cli.batch import DONE, NOT_RUN, ClusterOptions, plan_folder, run_batch
+from hellomeme_cli.batch import DONE, NOT_RUN, ClusterOptions, plan_folder, plan_pairs, run_batch
 from hellomeme_cli.cli import _ray_address_filled, app
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.pipeline import AnimateSettings
@@ -192,3 +192,22 @@ def test_sigterm_stops_the_workers_writes_the_report_and_leaves_no_partial_file(
     assert finished_outputs(out) == sorted(f"civitai1_{Path(name).stem}.mp4" for name in report if name and report[name]["status"] == "ok")
     assert not [path.name for path in out.iterdir() if path.name.startswith(".")]
     assert not ray_workers()  # the runtime the batch started went with it
+
+
+@pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="a path only this process sees: /proc/self/fd")
+def test_an_input_a_worker_cannot_see_stops_the_batch_before_any_work(workdir, tiny_cache):
+    """/proc/self/fd/N names a file only in the process that holds descriptor N open: as a clip on
+    storage the workers do not share would be."""
+    with media("qie.mp4").open("rb") as clip:
+        private = os.dup2(clip.fileno(), 900)
+        try:
+            table = workdir / "pairs.csv"
+            table.write_text(f"reference,driving\n{media('majicmix1.jpg')},/proc/self/fd/{private}\n")
+            plan = plan_pairs(table, SETTINGS)
+            with pytest.raises(HellomemeError) as error:
+                run_batch(plan, cache=WeightCache(tiny_cache), cluster=ClusterOptions(workers=2))
+        finally:
+            os.close(private)
+    assert str(error.value).startswith(f"/proc/self/fd/{private}: not found on the Ray worker ")
+    assert str(error.value).endswith(f"({cluster.SHARED})")
+    assert not list((workdir / "hellomeme").iterdir())  # no clip made, no marker left
