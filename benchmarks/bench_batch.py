@@ -3,7 +3,8 @@
     python -m benchmarks.bench_batch [--clips 8] [--workers 1 --workers 2] [--json out.json]
 
 Every run makes the same folder of clips (links to the project's test clips, cycled) from scratch:
-a fresh output folder and no tracks cached, so each run tracks and loads its models itself. The
+a fresh output folder and no tracks cached, so each run tracks and loads its models itself (with
+`--home`, the tracks the cache holds are kept: the runs after the first find them). The
 time is the wall clock of `run_batch`, Ray's start and every worker's model loading included (what
 a user waits for); `first ready` says how much of it went to starting the first worker. CPU with
 tiny random weights by default (`--home` for a weight cache of real ones; on GPUs Ray gives each
@@ -25,7 +26,7 @@ from pathlib import Path
 import torch
 
 from hellomeme_cli import __version__
-from hellomeme_cli.batch import ClusterOptions, plan_folder, run_batch
+from hellomeme_cli.batch import TRACK_CACHE, ClusterOptions, plan_folder, run_batch
 from hellomeme_cli.pipeline import AnimateSettings
 from hellomeme_cli.progress import ProgressEvent
 from hellomeme_cli.tiny import make_tiny
@@ -44,11 +45,12 @@ def clip_folder(folder: Path, count: int, media: Path) -> Path:
     return folder
 
 
-def one_run(folder: Path, reference: Path, settings: AnimateSettings, cache: WeightCache, workers: int | None) -> dict:
-    """One batch from scratch: `workers` None runs in this process."""
+def one_run(folder: Path, reference: Path, settings: AnimateSettings, cache: WeightCache, workers: int | None, cold: bool) -> dict:
+    """One batch from scratch (`cold`: no track cached either); `workers` None runs in this process."""
     output = folder.parent / f"out-{workers or 'local'}"
     shutil.rmtree(output, ignore_errors=True)
-    shutil.rmtree(cache.home / "tracks", ignore_errors=True)
+    if cold:
+        shutil.rmtree(cache.home / TRACK_CACHE, ignore_errors=True)
     started = time.monotonic()
     ready: list[float] = []
 
@@ -96,7 +98,8 @@ def main(argv: list[str] | None = None) -> int:
             cache.import_path(SHARED / "models" / "face_landmarker.task")
         folder = clip_folder(scratch / "clips", arguments.clips, SHARED / "media")
         runs = [None] * (not arguments.no_local) + (arguments.workers or [1, 2])
-        results = [one_run(folder, arguments.reference, settings, cache, workers) for workers in runs]
+        cold = arguments.home is None  # a weight cache of the user's keeps its tracks
+        results = [one_run(folder, arguments.reference, settings, cache, workers, cold) for workers in runs]
     report = {
         "hellomeme": __version__,
         "machine": {"cpus": os.cpu_count(), "gpus": torch.cuda.device_count(), "python": platform.python_version(), "torch": torch.__version__},

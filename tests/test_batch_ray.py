@@ -8,6 +8,7 @@ stops the batch before any work; SIGTERM stops the workers as it stops the batch
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -211,3 +212,14 @@ def test_an_input_a_worker_cannot_see_stops_the_batch_before_any_work(workdir, t
     assert str(error.value).startswith(f"/proc/self/fd/{private}: not found on the Ray worker ")
     assert str(error.value).endswith(f"({cluster.SHARED})")
     assert not list((workdir / "hellomeme").iterdir())  # no clip made, no marker left
+
+
+def test_the_batch_benchmark_reports_clips_per_minute_for_each_run(tiny_cache, tmp_path, capsys):
+    from benchmarks import bench_batch
+
+    arguments = ["--clips", "2", "--workers", "2", "--no-local", "--max-frames", "2", "--steps", "1", "--home", str(tiny_cache), "--json", str(tmp_path / "b.json")]
+    assert bench_batch.main(arguments) == 0
+    (run,) = json.loads((tmp_path / "b.json").read_text())["runs"]
+    assert (run["workers"], run["clips"], run["ok"]) == (2, 2, 2)
+    assert run["clips_per_minute"] > 0 and 0 < run["first_ready_seconds"] < run["seconds"]
+    assert "clips/min" in capsys.readouterr().out
