@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 import secrets
 import signal
@@ -98,12 +99,14 @@ class Worker:
 
         gpus = ray.get_gpu_ids()
         host = socket.gethostname()
+        assigned = ray.get_runtime_context().get_assigned_resources()
         if gpus:
             device, self.label = "cuda", f"{host}/gpu{gpus[0]}"
+            if assigned.get("GPU", 1) < 1:  # one GPU, several workers
+                self.label += f"#{number}"
         else:
             device, self.label = "cpu", f"{host}/cpu{number}"
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU", 1)
-            torch.set_num_threads(max(1, int(cpus)))
+            torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
         self.host = host
         self.maker = _ClipMaker(self.label, device, WeightCache(Path(cache_home)))
         self.events = events
@@ -171,8 +174,8 @@ class _Driver:
         resources = ray.cluster_resources()
         self.gpus = int(resources.get("GPU", 0))
         self.target = options.workers or max(self.gpus, 1)
-        if self.gpus:
-            each = {"num_gpus": 1, "num_cpus": 1}
+        if self.gpus:  # more workers than GPUs: as many on each GPU as it takes to place them all
+            each = {"num_gpus": 1 / math.ceil(self.target / self.gpus), "num_cpus": 1}
         else:  # the cores shared between the workers, none asking for more than one node has
             largest = max((node["Resources"].get("CPU", 0) for node in ray.nodes() if node["Alive"]), default=1)
             each = {"num_cpus": max(1, min(int(resources.get("CPU", 1)) // self.target, int(largest)))}

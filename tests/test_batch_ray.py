@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from hellomeme_cli import cluster
@@ -186,6 +188,7 @@ def test_sigterm_stops_the_workers_writes_the_report_and_leaves_no_partial_file(
     _, errors = process.communicate(timeout=120)
     assert process.returncode == 130, errors
     assert "interrupted" in errors and "Traceback" not in errors
+    assert "Ray" not in errors and "logging.cc" not in errors  # Ray's own logs stay out of the terminal
     report = read_report(out / "batch-report.json")
     statuses = [report[name]["status"] for name in ("jue.mp4", "qie.mp4", "tndtc.mp4", "ysll.mp4")]
     assert report[""]["finished"] is False and "ok" in statuses and "skipped" in statuses
@@ -223,3 +226,16 @@ def test_the_batch_benchmark_reports_clips_per_minute_for_each_run(tiny_cache, t
     assert (run["workers"], run["clips"], run["ok"]) == (2, 2, 2)
     assert run["clips_per_minute"] > 0 and 0 < run["first_ready_seconds"] < run["seconds"]
     assert "clips/min" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a GPU Ray is told of and torch cannot use")
+def test_in_a_runtime_already_started_two_workers_share_its_one_gpu_and_check_their_device(workdir, tiny_cache):
+    ray.init(num_cpus=2, num_gpus=1, object_store_memory=cluster.OBJECT_STORE_BYTES, include_dashboard=False, log_to_driver=False)
+    try:
+        plan = plan_folder(clips_folder(workdir / "clips", "qie.mp4", "jue.mp4"), media("majicmix1.jpg"), SETTINGS)
+        with pytest.raises(HellomemeError) as error:
+            run_batch(plan, cache=WeightCache(tiny_cache), cluster=ClusterOptions(workers=2))
+        assert ray.is_initialized()  # a runtime the batch did not start is left running
+    finally:
+        ray.shutdown()
+    assert re.fullmatch(r"on the Ray worker \S+/gpu0#[12]: device 'cuda' is not available here \(CUDA GPUs: 0\)", str(error.value))
