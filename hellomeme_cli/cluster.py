@@ -32,10 +32,12 @@ from queue import Empty
 
 import torch
 
-from .batch import ClipReport, ClusterOptions, _check_setup, _ClipMaker, _failed, _Ledger, _Task, remove_leftovers
+from .batch import DIGEST_TAG, ClipReport, ClusterOptions, _check_setup, _ClipMaker, _failed, _Ledger, _Task, remove_leftovers
 from .engine import check_options
 from .errors import HellomemeError
+from .pipeline import SEED_TAG
 from .progress import ProgressCallback, ProgressEvent
+from .video import probe_video
 from .weights import WeightCache
 
 INSTALL = 'hellomeme batch --ray needs Ray: pip install "hellomeme-cli[cluster]"'
@@ -45,6 +47,7 @@ OBJECT_STORE_BYTES = 200_000_000  # a local runtime's object store: clips travel
 POLL_SECONDS = 0.2  # how often the driver looks at workers' stages between finished clips
 GROW_SECONDS = 5.0  # how often it looks for GPUs added to the cluster
 EVENT_SECONDS = 0.25  # a worker sends at most this often the progress of one stage (its start and end always)
+STOP_SECONDS = 30.0  # how long a stopped batch waits for its killed workers to be gone
 CHECK_PREFIX = ".hellomeme-shared-"  # hidden: a folder plan leaves it out
 
 
@@ -149,6 +152,15 @@ class _Busy:
     worker: object
     label: str
     task: _Task
+    before: tuple[int, int] | None  # the output's (mtime, size) when the clip was handed out
+
+
+def _signature(path: Path) -> tuple[int, int] | None:
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size
 
 
 class _Driver:
@@ -243,7 +255,8 @@ class _Driver:
             worker, label = self.idle.pop()
             task = self.pending.popleft()
             reference = self.references[id(task.reference)]
-            self.busy[worker.make.remote(dataclasses.replace(task, reference=None), reference)] = _Busy(worker, label, task)
+            made = worker.make.remote(dataclasses.replace(task, reference=None), reference)
+            self.busy[made] = _Busy(worker, label, task, _signature(task.job.output))
         self.ledger.running = len(self.busy)
         self.ledger.show()
 
@@ -306,11 +319,35 @@ class _Driver:
         """Every worker stopped (an interrupted clip's partial file removed), the queue too."""
         for worker in [*self.starting.values(), *(busy.worker for busy in self.busy.values()), *(worker for worker, _ in self.idle)]:
             self.ray.kill(worker)
-        for busy in self.busy.values():
+        if self.busy:  # a killed worker's clip is answered once the worker is gone: then none can still put an output in place
+            self.ray.wait(list(self.busy), num_returns=len(self.busy), timeout=STOP_SECONDS)
+        for ref, busy in self.busy.items():
             remove_leftovers(busy.task.job.output)
+            try:
+                made = self.ray.get(ref, timeout=0)
+            except self.ray.exceptions.RayError:
+                made = _made_meanwhile(busy)
+            if made:
+                self.ledger.record(busy.task.index, made)
         for task_index in self.lost:
             remove_leftovers(self.ledger.plan.jobs[task_index].output)
         self.events.shutdown()
+
+
+def _made_meanwhile(busy: _Busy) -> ClipReport | None:
+    """The report of a clip whose worker put its output in place just before it was stopped (the
+    output changed since it was handed out and carries the clip's digest), as a rerun would see it."""
+    job = busy.task.job
+    if _signature(job.output) in (None, busy.before):
+        return None
+    try:
+        info = probe_video(job.output)
+    except HellomemeError:
+        return None
+    if info.tags.get(DIGEST_TAG) != busy.task.digest:
+        return None
+    seed = info.tags.get(SEED_TAG, "")
+    return ClipReport(job.driving, job.reference, job.output, "ok", frames=info.frame_count, seed=int(seed) if seed.isdigit() else None, device=busy.label)
 
 
 def _first_line(error: BaseException) -> str:
