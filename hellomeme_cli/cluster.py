@@ -33,7 +33,6 @@ from queue import Empty
 import torch
 
 from .batch import DIGEST_TAG, ClipReport, ClusterOptions, _check_setup, _ClipMaker, _failed, _Ledger, _Task, remove_leftovers
-from .engine import check_options
 from .errors import HellomemeError
 from .pipeline import SEED_TAG
 from .progress import ProgressCallback, ProgressEvent
@@ -110,7 +109,6 @@ class Worker:
         else:
             device, self.label = "cpu", f"{host}/cpu{number}"
             torch.set_num_threads(max(1, int(assigned.get("CPU", 1))))
-        self.host = host
         self.maker = _ClipMaker(self.label, device, WeightCache(Path(cache_home)))
         self.events = events
         self.last: tuple[str, float] = ("", 0.0)  # the stage last sent, and when
@@ -126,9 +124,7 @@ class Worker:
             if not Path(path).exists():
                 return self.label, f"{path}: not found on the Ray worker {self.label} ({SHARED})"
         try:
-            _check_setup(jobs, None, self.maker.cache)
-            for models in {job.settings.models for job in jobs}:
-                check_options(dataclasses.replace(models, device=self.maker.device))
+            _check_setup(jobs, self.maker.device, self.maker.cache)
         except HellomemeError as error:
             return self.label, f"on the Ray worker {self.label}: {error}"
         return self.label, ""
@@ -252,8 +248,9 @@ class _Driver:
 
     def _hand_out(self) -> None:
         while self.idle and self.pending and not self.first:
-            worker, label = self.idle.pop()
             task = self.pending.popleft()
+            elsewhere = [number for number, (_, label) in enumerate(self.idle) if label not in self.lost.get(task.index, ())]
+            worker, label = self.idle.pop(elsewhere[-1] if elsewhere else -1)  # a retry: not where it was lost, if it can
             reference = self.references[id(task.reference)]
             made = worker.make.remote(dataclasses.replace(task, reference=None), reference)
             self.busy[made] = _Busy(worker, label, task, _signature(task.job.output))
