@@ -32,7 +32,7 @@ from . import __version__
 from .engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device
 from .errors import HellomemeError
 from .driving import TEMPLATE_SUFFIX, expected_frames
-from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference
+from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, run_components
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .settings import Setting, all_settings, digest_values, from_values, parse_cell
 from .tracking import MODEL_FILE
@@ -308,7 +308,7 @@ def _check_setup(jobs: Sequence[BatchJob], device: str | None, cache: WeightCach
     if device is not None:
         for options in {job.settings.models for job in jobs}:
             check_options(dataclasses.replace(options, device=device))
-    components = {name for job in jobs for name in job.settings.models.spec.components(job.settings.models.control)}
+    components = {name for job in jobs for name in run_components(job.settings, "video")}
     cache.require(sorted(components))
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import HellomemeError
+from .pipeline import run_components
 from .progress import ProgressCallback, no_progress
 from .settings import AnimateSettings
-from .upscale import components as upscaler_components
 from .weights import WeightCache, hub_endpoint
 
 EXAMPLES = ("demo_portrait", "demo_clip")
@@ -19,8 +19,7 @@ EXAMPLES = ("demo_portrait", "demo_clip")
 
 def fetch_demo(settings: AnimateSettings, cache: WeightCache, progress: ProgressCallback = no_progress) -> tuple[Path, Path]:
     """Everything the demo run needs, fetched where missing; returns the example portrait and clip."""
-    models = settings.models
-    names = [*models.spec.components(models.control, "video"), *upscaler_components(settings.upscale), *EXAMPLES]
+    names = [*run_components(settings, "video"), *EXAMPLES]
     try:
         cache.fetch(names, progress)
     except HellomemeError as error:
