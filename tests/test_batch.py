@@ -55,6 +55,17 @@ def finished_outputs(folder: Path) -> list[str]:
     return sorted(path.name for path in folder.glob("*.mp4") if not path.name.startswith("."))
 
 
+def terminate_after_first_output(command: list[str], out: Path) -> tuple[int, str]:
+    """Run `command`, SIGTERM it once a video is finished under `out`; its exit code and stderr."""
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 600
+    while not finished_outputs(out) and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    process.send_signal(signal.SIGTERM)
+    _, errors = process.communicate(timeout=120)
+    return process.returncode, errors
+
+
 def gray_clip(path: Path, frames: int = 3) -> Path:
     return write_video([np.full((128, 128, 3), 128, np.uint8)] * frames, path, 15)
 
@@ -104,13 +115,8 @@ def test_a_killed_run_leaves_no_partial_output_and_the_next_run_finishes_it(work
     folder = clips_folder(workdir / "clips", "jue.mp4", "qie.mp4")
     out = workdir / "out"
     command = [sys.executable, "-m", "hellomeme_cli", "batch", str(folder), "--ref", str(media("chillout.jpg")), "-o", str(out), *FAST]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not finished_outputs(out) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, errors = process.communicate(timeout=120)
-    assert process.returncode == 130, errors
+    returncode, errors = terminate_after_first_output(command, out)
+    assert returncode == 130, errors
     assert "interrupted" in errors and "Traceback" not in errors
 
     assert finished_outputs(out) == ["chillout_jue.mp4"]

@@ -12,7 +12,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import sys
 import threading
 import time
@@ -30,7 +29,7 @@ from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.pipeline import AnimateSettings
 from hellomeme_cli.video import probe_video, write_image
 from hellomeme_cli.weights import WeightCache
-from test_batch import FAST, clips_folder, finished_outputs, gray_clip, media, read_report
+from test_batch import FAST, clips_folder, finished_outputs, gray_clip, media, read_report, terminate_after_first_output
 
 ray = pytest.importorskip("ray", reason='Ray is the optional extra: pip install -e ".[test,cluster]"')
 runner = CliRunner()
@@ -180,13 +179,8 @@ def test_sigterm_stops_the_workers_writes_the_report_and_leaves_no_partial_file(
     folder = clips_folder(workdir / "clips", "jue.mp4", "qie.mp4", "tndtc.mp4", "ysll.mp4")
     out = workdir / "out"
     command = [sys.executable, "-m", "hellomeme_cli", "batch", str(folder), "--ref", str(media("civitai1.jpg")), "-o", str(out), *FAST, "--ray", "--workers", "2"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 600
-    while not finished_outputs(out) and process.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.05)
-    process.send_signal(signal.SIGTERM)
-    _, errors = process.communicate(timeout=120)
-    assert process.returncode == 130, errors
+    returncode, errors = terminate_after_first_output(command, out)
+    assert returncode == 130, errors
     assert "interrupted" in errors and "Traceback" not in errors
     assert "Ray" not in errors and "logging.cc" not in errors  # Ray's own logs stay out of the terminal
     report = read_report(out / "batch-report.json")

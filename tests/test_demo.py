@@ -16,7 +16,7 @@ from hellomeme_cli import weights
 from hellomeme_cli.cli import app
 from hellomeme_cli.video import probe_video
 from hellomeme_cli.weights import read_lock, write_lock
-from test_weights import FakeHub, _sha256
+from test_weights import _sha256, serve_hub
 
 EXAMPLES = {"demo_portrait": "chillout.jpg", "demo_clip": "jue.mp4", "face_landmarker": None}
 
@@ -38,14 +38,10 @@ def test_demo_fetches_and_animates_the_examples(tiny_cache, tmp_path, monkeypatc
         if files:
             url = {} if component.repo else {"url": f"{{endpoint}}/files/{name}/{component.files[0].path}"}
             lock[name] = dataclasses.replace(component, files=tuple(files), **url)
-    hub = FakeHub(served)
+    hub = serve_hub(served, tmp_path, monkeypatch)
     lock = {name: dataclasses.replace(c, url=c.url.format(endpoint=hub.endpoint)) if c.url else c for name, c in lock.items()}
     write_lock(lock, tmp_path / "weights.lock")
     monkeypatch.setattr(weights, "LOCK_PATH", tmp_path / "weights.lock")
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HELLOMEME_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.chdir(tmp_path)
     try:
         result = CliRunner().invoke(app, ["demo", "--size", "128", "--steps", "2", "--max-frames", "3"])

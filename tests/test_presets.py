@@ -22,7 +22,7 @@ from hellomeme_cli.settings import ModelOptions, from_values
 from hellomeme_cli.video import read_frames
 from hellomeme_cli.weights import WeightCache
 from test_animate import kohya_attention_lora
-from test_weights import COMMIT, FakeHub
+from test_weights import COMMIT, serve_hub
 
 runner = CliRunner()
 LORA = b"lora bytes" * 100
@@ -38,11 +38,7 @@ def hub(tmp_path, monkeypatch):
     """The fake hub serving MoreDetails' LoRA and RealisticVisionV60B1's files."""
     files = {"songkey/loras_sd_1_5/more_details.safetensors": LORA}
     files.update({f"{REALISTIC}/{path}": f"{path} content".encode() for path in CHECKPOINT_FILES})
-    server = FakeHub(files)
-    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HELLOMEME_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    server = serve_hub(files, tmp_path, monkeypatch)
     yield server
     server.stop()
 
@@ -128,11 +124,8 @@ def test_animate_with_a_checkpoint_and_a_lora_by_name(tiny_cache, tmp_path, monk
     served.update({f"{REALISTIC}/{path}": (home / "sd15" / path).read_bytes() for path in CHECKPOINT_FILES if not path.startswith("unet/")})
     save_file(kohya_attention_lora(base.unet), tmp_path / "style.safetensors")
     served["songkey/loras_sd_1_5/more_details.safetensors"] = (tmp_path / "style.safetensors").read_bytes()
-    server = FakeHub(served)
-    monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    server = serve_hub(served, tmp_path, monkeypatch)
     monkeypatch.setenv("HELLOMEME_HOME", str(home))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.chdir(tmp_path)
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
     common = [str(reference), str(clip), "--size", "128", "--steps", "2", "--max-frames", "3", "--seed", "2"]

@@ -113,14 +113,19 @@ class _HubHandler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(content[start:])
 
 
-@pytest.fixture
-def hub(tmp_path, monkeypatch):
-    """The fake hub, with HF_ENDPOINT at it, and HF_HUB_CACHE and HELLOMEME_HOME in tmp_path."""
-    server = FakeHub(dict(FILES))
+def serve_hub(files: dict[str, bytes], tmp_path: Path, monkeypatch) -> FakeHub:
+    """A fake hub serving `files`, with HF_ENDPOINT at it, and HF_HUB_CACHE and HELLOMEME_HOME in tmp_path."""
+    server = FakeHub(files)
     monkeypatch.setenv("HF_ENDPOINT", server.endpoint)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     monkeypatch.setenv("HELLOMEME_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    return server
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    server = serve_hub(dict(FILES), tmp_path, monkeypatch)
     yield server
     server.stop()
 
@@ -407,11 +412,7 @@ def test_animate_offline_from_tiny_weights_fetched_through_the_hub(tiny_home, tm
         lock[name] = component
     write_lock(lock, tmp_path / "weights.lock")
     monkeypatch.setattr(weights, "LOCK_PATH", tmp_path / "weights.lock")
-    hub = FakeHub(served)
-    monkeypatch.setenv("HF_ENDPOINT", hub.endpoint)
-    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
-    monkeypatch.setenv("HELLOMEME_HOME", str(tmp_path / "home"))
-    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    hub = serve_hub(served, tmp_path, monkeypatch)
     runner = CliRunner()
     try:
         examples = [str(MEDIA / name) for name in ("chillout.jpg", "jue.mp4")]  # the demo's, matched by hash
