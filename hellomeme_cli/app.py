@@ -24,7 +24,7 @@ from . import api
 from .errors import HellomemeError, first_line
 from .presets import all_presets
 from .progress import ProgressCallback, ProgressEvent
-from .settings import DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values
+from .settings import DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell
 from .versions import DEFAULT_VERSIONS, VERSIONS, version_names
 from .weights import WeightCache
 
@@ -110,9 +110,11 @@ def _component(setting: Setting, mode: str, cache: WeightCache) -> gr.components
         return gr.Dropdown(choices, value=setting.default, allow_custom_value=setting.name == "device", **common)
     if setting.cli_type is bool:
         return gr.Checkbox(value=setting.default, **common)
-    if setting.cli_type in (int, int | None):
+    if setting.cli_type in (int | None, float | None):  # empty means the default (a number field would send 0)
+        return gr.Textbox(value="", placeholder=setting.shown_default, **common)
+    if setting.cli_type is int:
         return gr.Number(value=setting.default, precision=0, **common)
-    if setting.cli_type in (float, float | None):
+    if setting.cli_type is float:
         return gr.Number(value=setting.default, **common)
     return gr.Textbox(value=setting.default or "", **common)
 
@@ -121,11 +123,15 @@ def _value(setting: Setting, value: Any) -> Any:
     """An input's value as the setting's (empty means the default; numbers typed as declared)."""
     if (setting.name, value) in (("control", DEFAULT_CONTROL), ("checkpoint", BASE_MODEL)):
         return None
+    if isinstance(value, str):
+        value = value.strip()
     if value in ("", None):
         return setting.default
-    if setting.cli_type in (int, int | None):
+    if isinstance(value, str) and setting.cli_type in (int | None, float | None):
+        return parse_cell(setting, value)
+    if setting.cli_type is int:
         return int(value)
-    if setting.cli_type in (float, float | None):
+    if setting.cli_type is float:
         return float(value)
     return value
 
@@ -146,7 +152,10 @@ def _one_line_errors(run: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return run(*args)
         except HellomemeError as error:
-            raise gr.Error(html.escape(first_line(error)), duration=None, print_exception=False) from None
+            message = first_line(error)
+            for upload in (arg for arg in args if isinstance(arg, str) and Path(arg).is_file()):
+                message = message.replace(str(upload), Path(upload).name)  # the name the user gave, not Gradio's upload folder
+            raise gr.Error(html.escape(message), duration=None, print_exception=False) from None
         except gr.Error:
             raise
         except Exception as error:
@@ -247,7 +256,7 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
 
             generate.click(
                 _named(animate, video_names), [reference, driving, *video_tab.inputs.values()], [result, download, used_seed, shown],
-                api_name="animate", concurrency_id="generation",
+                api_name="animate", concurrency_id="generation", show_progress_on=result,
             )
             reuse.click(lambda seed: seed, used_seed, video_tab.inputs["seed"], api_name=False)
 
@@ -290,7 +299,7 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
 
             image_generate.click(
                 _named(render, ["reference", "driving", *image_tab.inputs]), [image_reference, image_driving, *image_tab.inputs.values()],
-                [image_result, image_seed, image_shown], api_name="render_image", concurrency_id="generation",
+                [image_result, image_seed, image_shown], api_name="render_image", concurrency_id="generation", show_progress_on=image_result,
             )
             image_reuse.click(lambda seed: seed, image_seed, image_tab.inputs["seed"], api_name=False)
 

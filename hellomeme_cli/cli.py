@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -480,7 +481,7 @@ def main() -> None:
     except HellomemeError as error:
         if debug:
             console.print_exception()
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]", highlight=False)
