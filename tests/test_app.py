@@ -125,6 +125,22 @@ def test_api_endpoint_returns_the_video_and_its_seed(server):
     assert seed == 7 and shown["seed"] == 7 and shown["steps"] == 2 and shown["size"] == 128
 
 
+def test_check_driving_and_image_endpoints(server):
+    """/check_driving gives the track preview of the clip's first frames; /render_image a picture."""
+    from gradio_client import Client, handle_file
+
+    portrait, clip = require(MEDIA / "majicmix1.jpg", "test portrait"), require(MEDIA / "jue.mp4", "test clip")
+    client = Client(server.local_url, verbose=False)
+    preview = client.predict(driving=handle_file(str(clip)), face_index=0, max_frames="3", smoothing=True, api_name="/check_driving")
+    info = probe_video(Path(preview))
+    assert info.frame_count == 3 and info.has_audio
+    picture, seed, shown = client.predict(
+        reference=handle_file(str(portrait)), driving=handle_file(str(portrait)), size=128, steps="2", seed="3", api_name="/render_image"
+    )
+    assert cv2.imread(picture).shape[:2] == (128, 128)
+    assert seed == 3 and shown["version"] == "v5"
+
+
 def test_models_load_once_per_model_options_least_recent_let_go(monkeypatch):
     """Equal model options reuse the loaded pipeline; a third kind lets the oldest go."""
     loaded = []
