@@ -221,7 +221,7 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
     def run_folder() -> Path:
         return Path(tempfile.mkdtemp(prefix="run-", dir=output_root))
 
-    with gr.Blocks(title="hellomeme") as demo:
+    with gr.Blocks(title="hellomeme", analytics_enabled=False) as demo:  # no usage reports to Gradio
         gr.Markdown("# hellomeme\nGive a portrait the head motion and expressions of a driving video (HelloMeme).")
         with gr.Tab("Video"):
             with gr.Row():

@@ -337,7 +337,7 @@ def track(
 def web_app(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="Port (default: Gradio's, 7860 or the next free one).")] = None,
-    share: Annotated[bool, typer.Option(help="Also serve it through a public gradio.live link.")] = False,
+    share: Annotated[bool, typer.Option("--share", help="Also serve it through a public gradio.live link.")] = False,
 ) -> None:
     """Serve the web page (Gradio): video and image tabs with every setting, the clip check, results with their seed (docs/app.md)."""
     try:
