@@ -14,15 +14,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,app]"
+	$(BIN)/pip install --quiet -e ".[test,cluster,app]"
 	# The app's browser test drives Debian's chromium (apt, in CI) with Playwright; no browser is downloaded.
 	$(BIN)/pip install --quiet playwright
 	touch $@
 
+# The main job on an example: fetches the weights and an example portrait and clip, animates them.
 demo: install
-	$(BIN)/hellomeme --version
-	$(BIN)/hellomeme info
-	$(BIN)/hellomeme weights list
+	$(BIN)/hellomeme demo
 
 test: install
 	$(BIN)/python -m pytest

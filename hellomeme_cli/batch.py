@@ -5,9 +5,9 @@
 2. check the setup (options valid on every device, weights present) before any work
 3. remove temporary files a killed run left; skip outputs already made with the same settings
    (each output carries a digest of what made it in its metadata); read every reference once
-4. make the clips, grouped by the models they need: in this process on one device, or in one
-   spawned worker process per device; each loads the models once (again only for a clip that needs
-   another control). A clip that fails is recorded with its reason and the batch goes on.
+4. make the clips, grouped by the models they need: in this process on one device, or on Ray
+   workers (cluster.py, one per GPU); each loads the models once (again only for a clip that needs
+   other models). A clip that fails is recorded with its reason and the batch goes on.
 5. the JSON report, rewritten after every clip, so a killed run leaves one too
 """
 
@@ -19,14 +19,10 @@ import dataclasses
 import gc
 import hashlib
 import json
-import multiprocessing
-import os
-import queue
+import re
 import signal
-import threading
 import time
 import traceback
-from collections import deque
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
@@ -36,7 +32,7 @@ from . import __version__
 from .engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device
 from .errors import HellomemeError
 from .driving import TEMPLATE_SUFFIX, expected_frames
-from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference
+from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, run_components
 from .progress import ProgressCallback, ProgressEvent, no_progress
 from .settings import Setting, all_settings, digest_values, from_values, parse_cell
 from .tracking import MODEL_FILE
@@ -243,57 +239,76 @@ class _Task:
     replace: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class ClusterOptions:
+    """Where a batch runs on Ray: `address` None starts a local runtime on this machine (or uses the
+    one this process already started), `auto` or `ray://HOST:PORT` joins a cluster; `workers` None
+    is one per GPU (one on a machine without), else that many."""
+
+    address: str | None = None
+    workers: int | None = None
+
+    def __post_init__(self) -> None:
+        address = self.address
+        if address is not None and address != "auto" and not address.startswith("ray://") and not _HOST_PORT.fullmatch(address):
+            raise HellomemeError(f"--ray {address}: not a Ray address (auto, ray://HOST:PORT or HOST:PORT; give the clips folder before --ray)")
+        if self.workers is not None and self.workers < 1:
+            raise HellomemeError(f"--workers must be at least 1 (got {self.workers})")
+
+
+_HOST_PORT = re.compile(r"[\w.\-\[\]:]+:\d+")
+
+
 def run_batch(
     plan: BatchPlan,
-    devices: Sequence[str] = ("auto",),
     *,
     force: bool = False,
     cache: WeightCache | None = None,
     progress: ProgressCallback = no_progress,
+    cluster: ClusterOptions | None = None,
 ) -> BatchReport:
-    """Make the plan's clips; `force` remakes finished ones too. Several devices: one worker process
-    each. Setup problems raise before any work; a clip's own problem goes into its report. On
-    KeyboardInterrupt (Ctrl-C, or SIGTERM under `sigterm_interrupts`) it stops the workers, leaves no
-    partial file under a final name, records the clips not made as skipped and returns."""
+    """Make the plan's clips; `force` remakes finished ones too. Without `cluster`: one after the
+    other in this process, on the device the settings name; with it: on Ray workers (cluster.py).
+    Setup problems raise before any work; a clip's own problem goes into its report. On
+    KeyboardInterrupt (Ctrl-C, or SIGTERM under `sigterm_interrupts`) it stops, leaves no partial
+    file under a final name, records the clips not made as skipped and returns."""
+    if cluster is not None:
+        from .cluster import import_ray
+
+        import_ray()  # without Ray, say how to install it before anything else
     cache = cache or WeightCache()
-    workers = _worker_labels(devices)
-    _check_setup(plan.jobs, [device for _, device in workers], cache)
+    device = str(resolve_device(plan.jobs[0].settings.models.device)) if plan.jobs and cluster is None else None
+    _check_setup(plan.jobs, device, cache)
     for folder in {plan.report.parent, *(job.output.parent for job in plan.jobs)}:
         folder.mkdir(parents=True, exist_ok=True)
     for path in (plan.report, *(job.output for job in plan.jobs)):
-        for leftover in leftover_temporaries(path):
-            leftover.unlink(missing_ok=True)
+        remove_leftovers(path)
     ledger = _Ledger(plan, progress)
     try:
         tasks = _prepare(plan.jobs, ledger, force, cache.path("face_landmarker") / MODEL_FILE, progress)
-        if len(workers) == 1 or len(tasks) <= 1:
-            _run_here(tasks, workers[0], cache, ledger, progress)
-        else:
-            _run_in_workers(tasks, workers, cache, ledger, progress)
+        if cluster is None:
+            _run_here(tasks, device, cache, ledger, progress)
+        elif tasks:
+            from .cluster import run_on_ray  # Ray is an optional extra: imported only when asked for
+            run_on_ray(tasks, cluster, cache, ledger, progress)
     except KeyboardInterrupt:
         return ledger.close(finished=False)
     return ledger.close(finished=True)
 
 
-def _worker_labels(devices: Sequence[str]) -> list[tuple[str, str]]:
-    """(label, device) per worker: devices resolved (`auto`), a device named twice labelled `cpu#1`, `cpu#2`."""
-    if not devices:
-        raise HellomemeError("no devices given")
-    resolved = [str(resolve_device(device.strip())) for device in devices]
-    numbers: dict[str, int] = {}
-    labels = []
-    for device in resolved:
-        numbers[device] = numbers.get(device, 0) + 1
-        labels.append((f"{device}#{numbers[device]}" if resolved.count(device) > 1 else device, device))
-    return labels
+def remove_leftovers(output: Path) -> None:
+    """The temporary files a killed writer of `output` left (SIGKILL, power loss, a lost worker)."""
+    for leftover in leftover_temporaries(output):
+        leftover.unlink(missing_ok=True)
 
 
-def _check_setup(jobs: Sequence[BatchJob], devices: Sequence[str], cache: WeightCache) -> None:
-    """What would fail every clip, found before any work: options invalid on a device, weights missing."""
-    for options in {job.settings.models for job in jobs}:
-        for device in devices:
+def _check_setup(jobs: Sequence[BatchJob], device: str | None, cache: WeightCache) -> None:
+    """What would fail every clip, found before any work: options invalid on the device (each Ray
+    worker checks its own: `device` None), weights missing."""
+    if device is not None:
+        for options in {job.settings.models for job in jobs}:
             check_options(dataclasses.replace(options, device=device))
-    components = {name for job in jobs for name in job.settings.models.spec.components(job.settings.models.control)}
+    components = {name for job in jobs for name in run_components(job.settings, "video")}
     cache.require(sorted(components))
 
 
@@ -373,12 +388,18 @@ class _Ledger:
         self.plan = plan
         self.progress = progress
         self.entries: list[ClipReport | None] = [None] * len(plan.jobs)
+        self.running = 0  # clips being made now, set by whoever makes them
 
     def record(self, index: int, entry: ClipReport) -> None:
         self.entries[index] = entry
-        done = sum(entry is not None for entry in self.entries)
-        self.progress(ProgressEvent("clips", done, len(self.entries), "clips"))
+        self.show()
         self._save(finished=False)
+
+    def show(self) -> None:
+        """The bar over clips: how many are done, and how they went."""
+        made = [entry.status for entry in self.entries if entry is not None]
+        counts = ", ".join(f"{made.count(status)} {status}" for status in STATUSES)
+        self.progress(ProgressEvent("clips", len(made), len(self.entries), "clips", detail=f"{counts}, {self.running} running"))
 
     def close(self, finished: bool) -> BatchReport:
         self._save(finished)
@@ -463,115 +484,18 @@ def _reason(error: Exception) -> str:
     return str(error) if isinstance(error, HellomemeError) else f"{type(error).__name__}: {error}"
 
 
-def _run_here(tasks: Sequence[_Task], worker: tuple[str, str], cache: WeightCache, ledger: _Ledger, progress: ProgressCallback) -> None:
-    maker = _ClipMaker(*worker, cache)
+def _run_here(tasks: Sequence[_Task], device: str, cache: WeightCache, ledger: _Ledger, progress: ProgressCallback) -> None:
+    maker = _ClipMaker(device, device, cache)
     for task in tasks:
-        ledger.record(task.index, maker.make(task, progress))
-
-
-def _run_in_workers(
-    tasks: Sequence[_Task], workers: Sequence[tuple[str, str]], cache: WeightCache, ledger: _Ledger, progress: ProgressCallback
-) -> None:
-    """One spawned process per device, each sent a clip whenever it is free. A worker that dies
-    fails its clip; the others go on."""
-    context = multiprocessing.get_context("spawn")
-    outbox = context.Queue()
-    cpu_workers = sum(device == "cpu" for _, device in workers)
-    threads = max(1, (os.cpu_count() or 1) // max(cpu_workers, 1))
-    inboxes = [context.Queue() for _ in workers]
-    processes = [
-        context.Process(
-            target=_work,
-            args=(number, label, device, cache.home, threads if device == "cpu" else None, inboxes[number], outbox),
-            name=f"hellomeme {label}",
-            daemon=True,
-        )
-        for number, (label, device) in enumerate(workers)
-    ]
-    pending = deque(tasks)
-    busy: dict[int, _Task] = {}
-
-    def hand_out(number: int) -> None:
-        if pending:
-            busy[number] = pending.popleft()
-            inboxes[number].put(busy[number])
-
-    try:
-        with _sigint_ignored():  # inherited: a worker must not die of Ctrl-C before it can ignore it itself
-            for process in processes:
-                process.start()
-        for number in range(len(processes)):
-            hand_out(number)
-        while busy:
-            try:
-                kind, number, payload = outbox.get(timeout=1.0)
-            except queue.Empty:
-                for number in [number for number in busy if not processes[number].is_alive()]:
-                    task = busy.pop(number)
-                    reason = f"the worker on {workers[number][0]} stopped (exit code {processes[number].exitcode})"
-                    ledger.record(task.index, _failed(task.job, reason))
-                continue
-            if kind == "progress":
-                progress(dataclasses.replace(payload, task=f"{workers[number][0]} {payload.task}"))
-            else:
-                ledger.record(busy.pop(number).index, payload)
-                hand_out(number)
-    except BaseException:
-        for process in processes:
-            if process.is_alive():
-                process.terminate()  # SIGTERM: the worker stops as on Ctrl-C, removing its temporary file
-        raise
-    finally:
-        for inbox in inboxes:
-            inbox.put(None)
-        for process in processes:
-            if process.pid is not None:
-                process.join(timeout=60)
-            if process.is_alive():
-                process.kill()
-                process.join()
-        for inbox in inboxes:
-            inbox.cancel_join_thread()  # what a dead worker did not read must not keep this process from exiting
-    for task in pending:
-        ledger.record(task.index, _failed(task.job, "no worker left to make it"))
-
-
-def _work(
-    number: int, label: str, device: str, cache_home: Path, threads: int | None, inbox, outbox
-) -> None:
-    """A worker process: make each clip it is sent until it is sent None. It ignores Ctrl-C (which
-    reaches the whole process group): the parent stops it with SIGTERM."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, _raise_interrupt)
-    if threads:
-        torch.set_num_threads(threads)
-    maker = _ClipMaker(label, device, WeightCache(cache_home))
-
-    def forward(event: ProgressEvent) -> None:
-        outbox.put(("progress", number, event))
-
-    try:
-        while (task := inbox.get()) is not None:
-            outbox.put(("done", number, maker.make(task, forward)))
-    except KeyboardInterrupt:
-        outbox.cancel_join_thread()  # the parent may no longer read: exit without waiting on the queue
+        ledger.running = 1
+        ledger.show()
+        report = maker.make(task, progress)
+        ledger.running = 0
+        ledger.record(task.index, report)
 
 
 def _raise_interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """Within, Ctrl-C is ignored (only the main thread can change that; elsewhere this does nothing)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
 
 
 @contextlib.contextmanager

@@ -75,7 +75,8 @@ def _progress_bars() -> Iterator[ProgressCallback]:
         def report(event: ProgressEvent) -> None:
             if event.task not in tasks:
                 tasks[event.task] = bars.add_task(event.task, total=event.total, unit=event.unit)
-            bars.update(tasks[event.task], completed=event.completed, total=event.total)
+            description = f"{event.task} {event.detail}" if event.detail else event.task
+            bars.update(tasks[event.task], completed=event.completed, total=event.total, description=description, unit=event.unit)
 
         yield report
 
@@ -151,6 +152,7 @@ def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[
 
 # Resolving annotations: `AnimateSettings` is imported where it is used (it pulls in torch); here any class will do.
 _LAZY_NAMES = {"AnimateSettings": object}
+LOCAL_RAY = "local"  # `--ray local`, or `--ray` alone: a Ray runtime started on this machine
 
 
 @app.command()
@@ -166,9 +168,30 @@ def animate(
     settings: AnimateSettings,
 ) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
-    from .pipeline import animate as run_animate, default_output
+    from .pipeline import default_output
 
-    output = output or default_output(reference, drive)
+    _animate(reference, drive, output or default_output(reference, drive), force, settings)
+
+
+@app.command()
+@_with_generation_options("video")
+def demo(
+    output: Annotated[Path, typer.Option("--output", "-o", help="The mp4 to write.")] = Path("hellomeme-demo.mp4"),
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    *,
+    settings: AnimateSettings,
+) -> None:
+    """The main job on an example: fetch what animate needs and an example portrait and clip, animate them, say where the mp4 is."""
+    from .demo import fetch_demo
+
+    with _progress_bars() as report:
+        portrait, clip = fetch_demo(settings, _cache(), report)
+    _animate(portrait, clip, output, force, settings)
+
+
+def _animate(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings) -> None:
+    from .pipeline import animate as run_animate
+
     source, settings, cache = _prepare_run(reference, drive, output, force, settings, "video")
     with _progress_bars() as report:
         result = run_animate(source, drive, output, settings, _load_models(settings, cache, report), force=force, progress=report)
@@ -222,7 +245,7 @@ def _load_models(settings: AnimateSettings, cache, report: ProgressCallback, mod
 
 
 @app.command()
-@_with_generation_options("video", skip=("device",))
+@_with_generation_options("video")
 def batch(
     input_dir: Annotated[
         Path | None, typer.Argument(help="Folder of driving clips: each video directly in it (other files are reported as failed).")
@@ -235,16 +258,24 @@ def batch(
         Path | None, typer.Option("--output-dir", "-o", help="Where outputs and the report go (default: a hellomeme folder in INPUT_DIR, or beside the CSV).")
     ] = None,
     report: Annotated[Path | None, typer.Option(help="The JSON report to write (default: OUTPUT_DIR/batch-report.json).")] = None,
-    devices: Annotated[
-        str, typer.Option(help="Comma-separated devices, e.g. cuda:0,cuda:1: one worker process each; one device runs in this process.")
-    ] = "auto",
+    ray: Annotated[
+        str | None,
+        typer.Option(
+            "--ray", metavar="[ADDRESS]",
+            help="Run on Ray: alone (or `local`), a local Ray runtime, one worker per GPU; auto or ray://HOST:PORT, a cluster (docs/batch.md).",
+        ),
+    ] = None,
+    workers: Annotated[int | None, typer.Option(help="With --ray: this many workers (default: one per GPU, one without a GPU).")] = None,
     force: Annotated[bool, typer.Option(help="Remake every clip, replacing finished outputs too.")] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """Animate many clips with models loaded once; re-running skips finished clips. Exit code 1 if any clip failed."""
-    from .batch import plan_folder, plan_pairs, run_batch, sigterm_interrupts
+    from .batch import ClusterOptions, plan_folder, plan_pairs, run_batch, sigterm_interrupts
 
+    if workers is not None and ray is None:
+        raise HellomemeError("--workers needs --ray (without it the batch runs in this process, on --device)")
+    cluster = None if ray is None else ClusterOptions(None if ray == LOCAL_RAY else ray, workers)
     if pairs and input_dir:
         raise HellomemeError("give a folder of clips or --pairs, not both")
     if pairs:
@@ -254,7 +285,7 @@ def batch(
     else:
         raise HellomemeError("give a folder of clips and --ref REF, or --pairs FILE.csv")
     with _progress_bars() as bars, sigterm_interrupts():
-        result = run_batch(plan, devices.split(","), force=force, cache=_cache(), progress=bars)
+        result = run_batch(plan, force=force, cache=_cache(), progress=bars, cluster=cluster)
     out.print(_batch_table(result))
     out.print(f"report {result.path}", highlight=False)
     if not result.finished:
@@ -471,11 +502,22 @@ def weights_make_tiny(
     out.print(f"tiny weights in {folder}; add the face model with `HELLOMEME_HOME={folder} hellomeme weights import FILE`")
 
 
+def _ray_address_filled(arguments: list[str]) -> list[str]:
+    """`--ray` without an address (last, or before another option) means `--ray local`: typer has no
+    options with an optional value."""
+    filled = []
+    for number, argument in enumerate(arguments):
+        filled.append(argument)
+        if argument == "--ray" and (number + 1 == len(arguments) or arguments[number + 1].startswith("-")):
+            filled.append(LOCAL_RAY)
+    return filled
+
+
 def main() -> None:
     """Errors end as one red line and exit code 1; `--debug` anywhere on the line (or HELLOMEME_DEBUG=1)
     shows the traceback too. An unexpected error (a bug) says so and how to see its traceback."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("HELLOMEME_DEBUG", "") not in ("", "0")
-    arguments = [argument for argument in sys.argv[1:] if argument != "--debug"]
+    arguments = _ray_address_filled([argument for argument in sys.argv[1:] if argument != "--debug"])
     try:
         app(args=arguments)
     except HellomemeError as error:

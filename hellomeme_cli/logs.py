@@ -31,3 +31,17 @@ def libraries_quiet() -> Iterator[None]:
                 logging.enable_progress_bar()
         if not hub_bars:
             huggingface_hub.utils.enable_progress_bars()
+
+
+@contextlib.contextmanager
+def hub_logs_quiet() -> Iterator[None]:
+    """Within: huggingface_hub logs errors only (its download retries warn on stderr; failures
+    reach the caller as exceptions). Its progress bars are left alone: downloads report through ours."""
+    from huggingface_hub.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        logging.set_verbosity(level)

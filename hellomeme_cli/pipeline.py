@@ -61,6 +61,13 @@ class Reference:
     picture: np.ndarray  # the whole picture, for --paste-back
 
 
+def run_components(settings: AnimateSettings, mode: str) -> list[str]:
+    """Every weight component a run with these settings needs: the version's for the control and
+    mode (the face model included), and the upscaler's with --upscale 2."""
+    options = settings.models
+    return [*options.spec.components(options.control, mode), *upscale_components(settings.upscale)]
+
+
 def prepare_run(
     reference: Path, driving: Path, output: Path, settings: AnimateSettings, *, mode: str, force: bool = False, cache: WeightCache | None = None
 ) -> tuple[Reference, AnimateSettings]:
@@ -75,7 +82,7 @@ def prepare_run(
     read_image(reference)  # an unreadable picture is said before missing weights
     (check_driving if mode == "video" else check_driving_image)(driving)
     cache = cache or WeightCache()
-    needed = [*options.spec.components(options.control, mode), *upscale_components(settings.upscale)]
+    needed = run_components(settings, mode)
     face_model = cache.require(needed)["face_landmarker"] / MODEL_FILE
     return load_reference(reference, settings, face_model), settings
 

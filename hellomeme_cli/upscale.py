@@ -127,15 +127,15 @@ class Upscaler:
         return output
 
     def _tiled(self, image: torch.Tensor, tile: int) -> torch.Tensor:
-        """The network tile by tile: each tile of `tile` pixels read with `tile_pad` pixels of its
+        """The network tile by tile: each tile of `tile` pixels read with `self.tile_pad` pixels of its
         neighbours around it, and only the tile's own part of the result kept."""
         _, channels, height, width = image.shape
         output = image.new_zeros((1, channels, height * self.scale, width * self.scale))
         for top in range(0, math.ceil(height / tile) * tile, tile):
             for left in range(0, math.ceil(width / tile) * tile, tile):
                 bottom, right = min(top + tile, height), min(left + tile, width)
-                pad_top, pad_left = max(top - tile_pad, 0), max(left - tile_pad, 0)
-                pad_bottom, pad_right = min(bottom + tile_pad, height), min(right + tile_pad, width)
+                pad_top, pad_left = max(top - self.tile_pad, 0), max(left - self.tile_pad, 0)
+                pad_bottom, pad_right = min(bottom + self.tile_pad, height), min(right + self.tile_pad, width)
                 result = self.model(image[:, :, pad_top:pad_bottom, pad_left:pad_right])
                 s = self.scale
                 inner_top, inner_left = (top - pad_top) * s, (left - pad_left) * s

@@ -31,6 +31,7 @@ from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf
 from huggingface_hub.file_download import http_get
 
 from .errors import HellomemeError
+from .logs import hub_logs_quiet
 from .files import atomic_output, write_atomically
 from .progress import ProgressCallback, ProgressEvent, no_progress
 
@@ -380,7 +381,7 @@ class WeightCache:
                 unchecked = state.where == "hub" and self._hub_key(component, locked, state.location) not in record
                 if state.state != "ok" or unchecked:
                     todo.append((component, locked))
-        with concurrent.futures.ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
+        with hub_logs_quiet(), concurrent.futures.ThreadPoolExecutor(DOWNLOAD_WORKERS) as pool:
             jobs = [
                 pool.submit(self._fetch_hub_file if c.repo else self._fetch_url_file, c, f, progress) for c, f in todo
             ]

@@ -1,4 +1,4 @@
-"""`hellomeme batch`: planning, failures recorded per clip, resuming, CSV pairs, several workers.
+"""`hellomeme batch` in this process: planning, failures recorded per clip, resuming, CSV pairs (on Ray: test_batch_ray.py).
 
 Clips are made with tiny random networks on real clips at the smallest useful cost (128 px, one
 step, no guidance, 3 frames); the control flow (errors, interrupts, model groups) runs with the
@@ -150,17 +150,6 @@ def test_pairs_csv_paths_outputs_and_per_row_options(workdir):
     assert clips["jue.mp4"]["reference"] == str(media("chillout.jpg"))
 
 
-def test_several_devices_share_the_clips_one_worker_each(workdir):
-    folder = clips_folder(workdir / "clips", "jue.mp4", "tndtc.mp4")
-    result = runner.invoke(app, ["batch", str(folder), "--ref", str(media("civitai1.jpg")), "--devices", "cpu,cpu", *FAST])
-    assert result.exit_code == 0, result.output
-    clips = read_report(folder / "hellomeme" / "batch-report.json")
-    assert {clips[name]["device"] for name in ("jue.mp4", "tndtc.mp4")} == {"cpu#1", "cpu#2"}
-    for name in ("jue", "tndtc"):
-        info = probe_video(folder / "hellomeme" / f"civitai1_{name}.mp4")
-        assert info.frame_count == 3 and DIGEST_TAG in info.tags
-
-
 # -- the control flow, with the networks replaced by fakes --------------------
 
 
@@ -205,7 +194,7 @@ def test_unexpected_errors_are_recorded_and_models_load_once_per_control(fake_mo
     calls, behaviour = fake_models
     plan = fake_plan(workdir, ["blendshapes", "pdfgc", "blendshapes"])
     behaviour["qie.mp4"] = RuntimeError("out of memory, say")
-    report = run_batch(plan, ["cpu"], cache=WeightCache(tiny_cache))
+    report = run_batch(plan, cache=WeightCache(tiny_cache))
     assert calls["load"] == ["blendshapes", "pdfgc"]
     assert [name for name, *_ in calls["animate"]] == ["jue.mp4", "ysll.mp4", "qie.mp4"]
     assert [clip.status for clip in report.clips] == ["ok", "failed", "ok"]  # plan order
@@ -216,7 +205,7 @@ def test_an_interrupt_stops_the_batch_and_writes_the_report(fake_models, workdir
     _, behaviour = fake_models
     plan = fake_plan(workdir, ["blendshapes"] * 3)
     behaviour["qie.mp4"] = KeyboardInterrupt()
-    report = run_batch(plan, ["cpu"], cache=WeightCache(tiny_cache))
+    report = run_batch(plan, cache=WeightCache(tiny_cache))
     assert not report.finished and [clip.status for clip in report.clips] == ["ok", "skipped", "skipped"]
     assert report.clips[1].reason == NOT_RUN
     saved = json.loads(plan.report.read_text())
@@ -226,17 +215,17 @@ def test_an_interrupt_stops_the_batch_and_writes_the_report(fake_models, workdir
 def test_a_rerun_skips_finished_clips_until_a_setting_or_an_input_changes(fake_models, workdir, tiny_cache):
     calls, _ = fake_models
     plan = fake_plan(workdir, ["blendshapes"] * 2)
-    assert [clip.status for clip in run_batch(plan, ["cpu"], cache=WeightCache(tiny_cache)).clips] == ["ok", "ok"]
-    again = run_batch(plan, ["cpu"], cache=WeightCache(tiny_cache))
+    assert [clip.status for clip in run_batch(plan, cache=WeightCache(tiny_cache)).clips] == ["ok", "ok"]
+    again = run_batch(plan, cache=WeightCache(tiny_cache))
     assert [(clip.status, clip.reason, clip.frames) for clip in again.clips] == [("skipped", DONE, 2)] * 2
     assert len(calls["animate"]) == 2
 
     first, second = plan.jobs
     changed = dataclasses.replace(plan, jobs=(dataclasses.replace(first, settings=dataclasses.replace(first.settings, steps=3)), second))
-    assert [clip.status for clip in run_batch(changed, ["cpu"], cache=WeightCache(tiny_cache)).clips] == ["ok", "skipped"]
+    assert [clip.status for clip in run_batch(changed, cache=WeightCache(tiny_cache)).clips] == ["ok", "skipped"]
     second.driving.unlink()
     second.driving.symlink_to(media("nice.mp4"))  # same name, other clip
-    assert [clip.status for clip in run_batch(changed, ["cpu"], cache=WeightCache(tiny_cache)).clips] == ["skipped", "ok"]
+    assert [clip.status for clip in run_batch(changed, cache=WeightCache(tiny_cache)).clips] == ["skipped", "ok"]
     assert calls["animate"][2:] == [("jue.mp4", "blendshapes", True), ("qie.mp4", "blendshapes", True)]
 
 
@@ -248,12 +237,12 @@ def test_outputs_hellomeme_did_not_make_are_kept_unless_forced_and_broken_ones_r
     gray_clip(foreign)
     kept = foreign.stat().st_mtime_ns
     broken.write_bytes(b"cut short")
-    report = run_batch(plan, ["cpu"], cache=WeightCache(tiny_cache))
+    report = run_batch(plan, cache=WeightCache(tiny_cache))
     assert [clip.status for clip in report.clips] == ["failed", "ok"] and FOREIGN in report.clips[0].reason
     assert calls["animate"] == [("qie.mp4", "blendshapes", True)]
     assert foreign.stat().st_mtime_ns == kept
 
-    forced = run_batch(plan, ["cpu"], force=True, cache=WeightCache(tiny_cache))
+    forced = run_batch(plan, force=True, cache=WeightCache(tiny_cache))
     assert [clip.status for clip in forced.clips] == ["ok", "ok"]
     assert calls["animate"][1:] == [("jue.mp4", "blendshapes", True), ("qie.mp4", "blendshapes", True)]
 
@@ -308,18 +297,18 @@ def test_a_bad_pairs_row_refuses_the_table_naming_its_line(tmp_path, text, messa
 
 def test_batch_builds_the_settings_from_the_options_it_shares_with_animate(tmp_path, monkeypatch):
     commands = typer.main.get_command(app).commands
-    shared = {parameter.name for parameter in commands["animate"].params} - {"reference", "drive", "output", "device", "force"}
-    assert {"steps", "seed", "control", "loras", "size", "window", "version"} <= shared <= {p.name for p in commands["batch"].params}
+    shared = {parameter.name for parameter in commands["animate"].params} - {"reference", "drive", "output", "force"}
+    assert {"steps", "seed", "control", "loras", "size", "window", "version", "device"} <= shared <= {p.name for p in commands["batch"].params}
     seen = {}
 
-    def run_batch(plan, devices, **options):
-        seen.update(plan=plan, devices=devices)
+    def run_batch(plan, **options):
+        seen.update(plan=plan, **options)
         raise typer.Exit()
 
     monkeypatch.setattr(batch, "run_batch", run_batch)
     folder = clips_folder(tmp_path / "clips", "jue.mp4")
-    arguments = ["batch", str(folder), "--ref", str(media("majicmix1.jpg")), "--steps", "3", "--control", "pdfgc", "--devices", "cpu,cuda:1"]
+    arguments = ["batch", str(folder), "--ref", str(media("majicmix1.jpg")), "--steps", "3", "--control", "pdfgc", "--device", "cuda:1"]
     assert runner.invoke(app, arguments).exit_code == 0
     (job,) = seen["plan"].jobs
-    assert (job.settings.steps, job.settings.models.control, job.settings.seed) == (3, "pdfgc", None)
-    assert seen["devices"] == ["cpu", "cuda:1"]
+    assert (job.settings.steps, job.settings.models.control, job.settings.seed, job.settings.models.device) == (3, "pdfgc", None, "cuda:1")
+    assert seen["cluster"] is None

@@ -36,13 +36,13 @@ def help_rows(*command: str) -> dict[str, str | None]:
 
 
 def test_help_lists_every_command_and_no_other():
-    assert set(help_rows()) == {"--version", "--debug", "--help", "info", "animate", "image", "batch", "track", "app", "weights"}
+    assert set(help_rows()) == {"--version", "--debug", "--help", "info", "animate", "demo", "image", "batch", "track", "app", "weights"}
     assert set(help_rows("weights")) == {"--help", "list", "fetch", "presets", "verify", "import", "lock", "make-tiny"}
 
 
 def test_animate_help_lists_every_declared_setting_with_its_default():
     """The options and their shown defaults are the declarations of settings.py, the same on
-    animate, image and batch (batch says its devices with --devices)."""
+    animate, image and batch."""
     declared = {setting.flags[0].split("/")[0]: setting for setting in all_settings()}
     rows = help_rows("animate")
     assert set(rows) == {"reference", "drive", "--output", "--force", "--help", *declared}
@@ -54,7 +54,7 @@ def test_animate_help_lists_every_declared_setting_with_its_default():
     assert image["--version"] == f"({DEFAULT_IMAGE_VERSION})"
     for flag in set(declared) - {"--version"}:
         assert image[flag] == rows[flag]
-        assert batch.get(flag, "absent") == (rows[flag] if flag != "--device" else "absent")
+        assert batch[flag] == rows[flag]
 
 
 def test_info_names_torch_and_devices():

@@ -199,8 +199,8 @@ def test_smoothing_follows_a_real_head_turn(tracks):
     assert np.abs(yaw_degrees(smoothed) - yaw_degrees(raw)).max() < 2.0  # of a 30-degree turn
     deviation = np.linalg.norm(smoothed.landmarks[:, :, :2] - raw.landmarks[:, :, :2], axis=2).mean(axis=1)
     assert deviation.max() < 4.0  # pixels, on a face about 250 pixels wide
-    # The blendshape scores are smoothed with the landmarks, and follow the mouth within 0.1.
-    assert np.abs(smoothed.blendshapes - raw.blendshapes).max() < 0.1 and not np.array_equal(smoothed.blendshapes, raw.blendshapes)
+    # The blendshape scores are smoothed with the landmarks, and follow the mouth within 0.15.
+    assert np.abs(smoothed.blendshapes - raw.blendshapes).max() < 0.15 and not np.array_equal(smoothed.blendshapes, raw.blendshapes)
     assert_rotations(smoothed)
 
 

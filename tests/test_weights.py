@@ -348,7 +348,9 @@ def test_make_tiny_and_imported_face_model_give_a_cache_verify_accepts(tiny_home
     monkeypatch.setenv("HELLOMEME_HOME", str(tiny_home))
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
     runner = CliRunner()
-    assert runner.invoke(app, ["weights", "import", str(face_model)]).exit_code == 0
+    examples = [require(MEDIA / name, "demo example") for name in ("chillout.jpg", "jue.mp4")]  # `hellomeme demo`'s, matched by hash
+    for file in (face_model, *examples):
+        assert runner.invoke(app, ["weights", "import", str(file)]).exit_code == 0
     listing = runner.invoke(app, ["weights", "list"])
     assert listing.exit_code == 0 and "missing" not in listing.stdout
     lock = read_lock()
@@ -412,7 +414,9 @@ def test_animate_offline_from_tiny_weights_fetched_through_the_hub(tiny_home, tm
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     runner = CliRunner()
     try:
-        assert runner.invoke(app, ["weights", "import", str(face_model)]).exit_code == 0
+        examples = [str(MEDIA / name) for name in ("chillout.jpg", "jue.mp4")]  # the demo's, matched by hash
+        for file in (str(face_model), *examples):
+            assert runner.invoke(app, ["weights", "import", file]).exit_code == 0
         fetched = runner.invoke(app, ["weights", "fetch"])
         assert fetched.exit_code == 0, fetched.output
         assert len(hub.gets()) == len(served)
