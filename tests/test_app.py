@@ -141,6 +141,19 @@ def test_check_driving_and_image_endpoints(server):
     assert seed == 3 and shown["version"] == "v5"
 
 
+def test_unreadable_clip_is_one_line_naming_it(server, tmp_path):
+    """A file that is not a video: the endpoint's error is the library's one line, by the upload's name."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    broken = tmp_path / "broken.mp4"
+    broken.write_bytes(b"not a video")
+    with pytest.raises(AppError) as error:
+        Client(server.local_url, verbose=False).predict(driving=handle_file(str(broken)), api_name="/check_driving")
+    message = str(error.value)
+    assert message.startswith("broken.mp4: ") and "\n" not in message and "Traceback" not in message
+
+
 def test_models_load_once_per_model_options_least_recent_let_go(monkeypatch):
     """Equal model options reuse the loaded pipeline; a third kind lets the oldest go."""
     loaded = []
