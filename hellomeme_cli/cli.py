@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     DownloadColumn,
@@ -363,6 +364,22 @@ def track(
     )
 
 
+@app.command("app")
+def web_app(
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: Gradio's, 7860 or the next free one).")] = None,
+    share: Annotated[bool, typer.Option("--share", help="Also serve it through a public gradio.live link.")] = False,
+) -> None:
+    """Serve the web page (Gradio): video and image tabs with every setting, the clip check, results with their seed (docs/app.md)."""
+    try:
+        from .app import launch
+    except ImportError as error:
+        if (error.name or "").split(".")[0] != "gradio":
+            raise
+        raise HellomemeError('the app needs Gradio: pip install "hellomeme-cli[app]"') from None
+    launch(host=host, port=port, share=share)
+
+
 def _cache():
     from .weights import WeightCache
 
@@ -506,7 +523,7 @@ def main() -> None:
     except HellomemeError as error:
         if debug:
             console.print_exception()
-        console.print(f"[red]error:[/red] {error}", highlight=False)
+        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]", highlight=False)

@@ -1,0 +1,328 @@
+"""`hellomeme app`: the web page (Gradio) over the library, as the official app offers it.
+
+Every input is made from the one settings source (settings.all_settings), every run goes through
+the library API (api.load_pipeline, api.animate, api.render_image), progress comes through the
+library's callback. Loaded models are kept while the model options stay the same (`ModelCache`),
+and one generation runs at a time: the others wait in Gradio's queue.
+"""
+
+from __future__ import annotations
+
+import html
+import inspect
+import logging
+import tempfile
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from . import api
+from .errors import HellomemeError, first_line
+from .presets import all_presets
+from .progress import ProgressCallback, ProgressEvent
+from .settings import DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell
+from .versions import DEFAULT_VERSIONS, VERSIONS, version_names
+from .weights import WeightCache
+
+MAX_UPLOAD = "200mb"  # Gradio refuses larger uploads (launch's max_file_size)
+MODELS_KEPT = 2  # loaded pipelines kept (video and image, or two checkpoints); the oldest is let go
+DEFAULT_CONTROL = "the version's"
+# Settings that concern clips only: the image tab leaves them out.
+CLIP_ONLY = ("fps", "max_frames", "window", "overlap")
+BASE_MODEL = next(preset.name for preset in all_presets() if preset.kind == "base")  # checkpoint: no swap
+_log = logging.getLogger(__name__)
+
+
+class ModelCache:
+    """Loaded pipelines by (mode, ModelOptions), the least recently used let go beyond `size`, as
+    the official app's pipeline_dict keeps one per configuration."""
+
+    def __init__(self, cache: WeightCache, size: int = MODELS_KEPT):
+        self.cache, self.size = cache, size
+        self._pipes: OrderedDict[tuple[str, Any], Any] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, mode: str, values: dict[str, Any], progress: ProgressCallback):
+        """The pipeline for these model settings (by name, as the inputs give them), loaded on first use."""
+        options = from_values(values).models
+        key = (mode, options)
+        with self._lock:
+            if key in self._pipes:
+                self._pipes.move_to_end(key)
+                return self._pipes[key]
+            while len(self._pipes) >= self.size:
+                self._pipes.popitem(last=False)
+            options_by_name = {name: value for name, value in values.items() if name != "version"}
+            if "loras" in options_by_name:
+                options_by_name["lora"] = options_by_name.pop("loras")
+            pipe = api.load_pipeline(options.version, mode=mode, cache=self.cache, progress=progress, **options_by_name)
+            self._pipes[key] = pipe
+            return pipe
+
+    def __len__(self) -> int:
+        return len(self._pipes)
+
+
+def _cached_weights(folder: Path) -> list[str]:
+    """What a cache folder holds: weight files put there, and the Hugging Face repos a run
+    downloaded into it (`models--OWNER--NAME`, offered as OWNER/NAME)."""
+    if not folder.is_dir():
+        return []
+    files = [str(path) for path in folder.iterdir() if path.is_file() and path.suffix in WEIGHT_SUFFIXES]
+    repos = ["/".join(path.name.split("--")[1:]) for path in folder.glob("models--*--*") if path.is_dir()]
+    return sorted(files) + sorted(repos)
+
+
+def _choices(setting: Setting, mode: str, cache: WeightCache) -> list | None:
+    """The values a setting takes, where there is a known list (free text is allowed where marked)."""
+    if setting.name == "version":
+        return list(version_names(mode))
+    if setting.name == "control":
+        return [DEFAULT_CONTROL, *sorted({name for version in VERSIONS.values() for name in version.controls})]
+    if setting.name == "checkpoint":
+        presets = [preset.name for preset in all_presets() if preset.kind in ("base", "checkpoint")]  # the base first
+        return presets + _cached_weights(cache.home / "checkpoints")
+    if setting.name == "loras":
+        return [preset.name for preset in all_presets() if preset.kind == "lora"] + _cached_weights(cache.home / "loras")
+    fixed = {"dtype": DTYPES, "pose": POSES, "motion": MOTIONS, "upscale": UPSCALE_CHOICES, "device": ("auto", "cpu", "cuda", "mps")}
+    return list(fixed[setting.name]) if setting.name in fixed else None
+
+
+def _component(setting: Setting, mode: str, cache: WeightCache) -> gr.components.Component:
+    """One input for a declared setting: its kind from the setting's type, its label the option's name."""
+    label = setting.flags[0].split("/")[0].removeprefix("--")
+    info = f"{setting.help} Default: {DEFAULT_VERSIONS[mode] if setting.name == 'version' else setting.shown_default}."
+    common = dict(label=label, info=info, elem_id=f"{mode}-{setting.name}")
+    choices = _choices(setting, mode, cache)
+    if setting.name == "version":
+        return gr.Dropdown(choices, value=DEFAULT_VERSIONS[mode], **common)
+    if setting.name == "control":
+        return gr.Dropdown(choices, value=DEFAULT_CONTROL, **common)
+    if setting.name == "loras":
+        return gr.Dropdown(choices, value=[], multiselect=True, allow_custom_value=True, **{**common, "info": info + " NAME or FILE, :SCALE after it."})
+    if setting.name == "checkpoint":
+        return gr.Dropdown(choices, value=choices[0], allow_custom_value=True, **{**common, "info": info + " Or a file, folder or repo id."})
+    if choices is not None:
+        return gr.Dropdown(choices, value=setting.default, allow_custom_value=setting.name == "device", **common)
+    if setting.cli_type is bool:
+        return gr.Checkbox(value=setting.default, **common)
+    if setting.cli_type in (int | None, float | None):  # empty means the default (a number field would send 0)
+        return gr.Textbox(value="", placeholder=setting.shown_default, **common)
+    if setting.cli_type is int:
+        return gr.Number(value=setting.default, precision=0, **common)
+    if setting.cli_type is float:
+        return gr.Number(value=setting.default, **common)
+    return gr.Textbox(value=setting.default or "", **common)
+
+
+def _value(setting: Setting, value: Any) -> Any:
+    """An input's value as the setting's (empty means the default; numbers typed as declared)."""
+    if (setting.name, value) in (("control", DEFAULT_CONTROL), ("checkpoint", BASE_MODEL)):
+        return None
+    if isinstance(value, str):
+        value = value.strip()
+    if value in ("", None):
+        return setting.default
+    if isinstance(value, str) and setting.cli_type in (int | None, float | None):
+        return parse_cell(setting, value)
+    if setting.cli_type is int:
+        return int(value)
+    if setting.cli_type is float:
+        return float(value)
+    return value
+
+
+def _reporter(progress: gr.Progress) -> ProgressCallback:
+    """The library's progress events shown in the page, one bar per stage."""
+
+    def report(event: ProgressEvent) -> None:
+        progress((event.completed, event.total), desc=event.task, unit=event.unit)
+
+    return report
+
+
+def _one_line_errors(run: Callable[..., Any]) -> Callable[..., Any]:
+    """Bad input said in the page in one line (gr.Error), never a traceback; a bug is logged on the server."""
+
+    def guarded(*args: Any) -> Any:
+        try:
+            return run(*args)
+        except HellomemeError as error:
+            message = first_line(error)
+            for upload in (arg for arg in args if isinstance(arg, str) and Path(arg).is_file()):
+                message = message.replace(str(upload), Path(upload).name)  # the name the user gave, not Gradio's upload folder
+            raise gr.Error(html.escape(message), duration=None, print_exception=False) from None
+        except gr.Error:
+            raise
+        except Exception as error:
+            _log.exception("hellomeme app: unexpected error")
+            raise gr.Error(html.escape(f"unexpected {type(error).__name__}: {first_line(error)}"), duration=None, print_exception=False) from None
+
+    return guarded
+
+
+def _named(run: Callable[..., Any], names: Iterable[str]) -> Callable[..., Any]:
+    """`run(*values, progress)` with a signature naming each input: Gradio finds the progress
+    parameter by its default, and the API (gradio_client) names its parameters after the settings."""
+
+    def handler(*args: Any) -> Any:
+        return run(*args)
+
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    parameters = [inspect.Parameter(name, kind) for name in names]
+    handler.__signature__ = inspect.Signature([*parameters, inspect.Parameter("progress", kind, default=gr.Progress())])
+    handler.__name__ = run.__name__
+    return handler
+
+
+class _Tab:
+    """One tab's settings inputs, and its values split as the library wants them."""
+
+    def __init__(self, mode: str, cache: WeightCache):
+        self.mode = mode
+        self.settings = [s for s in all_settings() if mode == "video" or s.name not in CLIP_ONLY]
+        self.inputs: dict[str, gr.components.Component] = {}
+        for group, title in (("models", "Models"), ("generation", "Generation")):
+            with gr.Accordion(title, open=group == "generation"):
+                for setting in self.settings:
+                    if setting.group == group:
+                        self.inputs[setting.name] = _component(setting, mode, cache)
+
+    def split(self, values: Iterable[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+        """(model settings, generation settings) by name, from the inputs' values in order."""
+        typed = {setting.name: _value(setting, value) for setting, value in zip(self.settings, values)}
+        groups = {setting.name: setting.group for setting in self.settings}
+        models = {name: value for name, value in typed.items() if groups[name] == "models"}
+        return models, {name: value for name, value in typed.items() if groups[name] == "generation"}
+
+
+def _shown_settings(models: dict[str, Any], generation: dict[str, Any], seed: int) -> dict[str, Any]:
+    """The run's settings as shown beside the result: every setting, the version's defaults filled in, the seed the one used."""
+    settings = from_values({**models, **generation, "seed": seed})
+    values = {name: settings.resolved(name) if value is None and hasattr(settings.models.spec.defaults, name) else value
+              for name, value in flat_values(settings).items()}
+    values["control"] = settings.models.control_kind.name
+    return {name: (str(value) if isinstance(value, Path) else [f"{p}:{s:g}" for p, s in value] if name == "loras" else value)
+            for name, value in values.items()}
+
+
+def create_app(cache: WeightCache | None = None, output_dir: Path | None = None) -> gr.Blocks:
+    """The page: a video tab, an image tab, the driving clip's check. Outputs go to `output_dir`
+    (default: a new temporary folder), one subfolder per run."""
+    cache = cache or WeightCache()
+    output_root = Path(output_dir or tempfile.mkdtemp(prefix="hellomeme-app-"))
+    output_root.mkdir(parents=True, exist_ok=True)
+    models = ModelCache(cache)
+
+    def run_folder() -> Path:
+        return Path(tempfile.mkdtemp(prefix="run-", dir=output_root))
+
+    with gr.Blocks(title="hellomeme", analytics_enabled=False) as demo:  # no usage reports to Gradio
+        gr.Markdown("# hellomeme\nGive a portrait the head motion and expressions of a driving video (HelloMeme).")
+        with gr.Tab("Video"):
+            with gr.Row():
+                with gr.Column():
+                    reference = gr.Image(type="filepath", label="reference portrait", elem_id="video-reference")
+                    driving = gr.Video(label="driving clip", sources=["upload"], include_audio=True, elem_id="video-driving")
+                    with gr.Row():
+                        generate = gr.Button("Generate", variant="primary", elem_id="video-generate")
+                        check = gr.Button("Check the driving clip", elem_id="video-check")
+                    video_tab = _Tab("video", cache)
+                with gr.Column():
+                    preview = gr.Video(label="driving clip as tracked (crop, landmarks, pose, expression)", interactive=False, elem_id="video-preview")
+                    result = gr.Video(label="result", interactive=False, elem_id="video-result")
+                    download = gr.File(label="download", interactive=False, elem_id="video-download")
+                    used_seed = gr.Number(label="seed used", precision=0, interactive=False, elem_id="video-used-seed")
+                    reuse = gr.Button("Reuse this seed", elem_id="video-reuse-seed")
+                    shown = gr.JSON(label="settings of this result", elem_id="video-settings")
+
+            video_names = ["reference", "driving", *video_tab.inputs]
+
+            @_one_line_errors
+            def animate(reference_path, driving_path, *rest):
+                *values, progress = rest
+                if not reference_path or not driving_path:
+                    raise HellomemeError("upload a reference portrait and a driving clip")
+                model_values, generation = video_tab.split(values)
+                report = _reporter(progress)
+                pipe = models.get("video", model_values, report)
+                output = run_folder() / f"{Path(reference_path).stem}_{Path(driving_path).stem}.mp4"
+                done = api.animate(pipe, reference_path, driving_path, output, progress=report, **generation)
+                return str(done.output), str(done.output), done.seed, _shown_settings(model_values, generation, done.seed)
+
+            generate.click(
+                _named(animate, video_names), [reference, driving, *video_tab.inputs.values()], [result, download, used_seed, shown],
+                api_name="animate", concurrency_id="generation", show_progress_on=result,
+            )
+            reuse.click(lambda seed: seed, used_seed, video_tab.inputs["seed"], api_name=False)
+
+            @_one_line_errors
+            def check_clip(driving_path, face_index, max_frames, smoothing, progress):
+                if not driving_path:
+                    raise HellomemeError("upload a driving clip")
+                return str(_write_track_preview(Path(driving_path), run_folder(), cache, int(face_index or 0), max_frames, smoothing, _reporter(progress)))
+
+            check.click(
+                _named(check_clip, ["driving", "face_index", "max_frames", "smoothing"]),
+                [driving, video_tab.inputs["face_index"], video_tab.inputs["max_frames"], video_tab.inputs["smoothing"]],
+                preview, api_name="check_driving",
+            )
+
+        with gr.Tab("Image"):
+            with gr.Row():
+                with gr.Column():
+                    image_reference = gr.Image(type="filepath", label="reference portrait", elem_id="image-reference")
+                    image_driving = gr.Image(type="filepath", label="driving picture (head pose and expression)", elem_id="image-driving")
+                    image_generate = gr.Button("Generate", variant="primary", elem_id="image-generate")
+                    image_tab = _Tab("image", cache)
+                with gr.Column():
+                    image_result = gr.Image(label="result", type="filepath", interactive=False, elem_id="image-result")
+                    image_seed = gr.Number(label="seed used", precision=0, interactive=False, elem_id="image-used-seed")
+                    image_reuse = gr.Button("Reuse this seed", elem_id="image-reuse-seed")
+                    image_shown = gr.JSON(label="settings of this result", elem_id="image-settings")
+
+            @_one_line_errors
+            def render(reference_path, driving_path, *rest):
+                *values, progress = rest
+                if not reference_path or not driving_path:
+                    raise HellomemeError("upload a reference portrait and a driving picture")
+                model_values, generation = image_tab.split(values)
+                report = _reporter(progress)
+                pipe = models.get("image", model_values, report)
+                output = run_folder() / f"{Path(reference_path).stem}_{Path(driving_path).stem}.png"
+                seed = api.render_image(pipe, reference_path, driving_path, output, progress=report, **generation)
+                return str(output), seed, _shown_settings(model_values, generation, seed)
+
+            image_generate.click(
+                _named(render, ["reference", "driving", *image_tab.inputs]), [image_reference, image_driving, *image_tab.inputs.values()],
+                [image_result, image_seed, image_shown], api_name="render_image", concurrency_id="generation", show_progress_on=image_result,
+            )
+            image_reuse.click(lambda seed: seed, image_seed, image_tab.inputs["seed"], api_name=False)
+
+    demo.models = models  # the loaded pipelines, for a caller (tests) to inspect
+    demo.output_root = output_root
+    return demo.queue(default_concurrency_limit=1)
+
+
+def _write_track_preview(
+    driving: Path, folder: Path, cache: WeightCache, face_index: int, max_frames: float | None, smoothing: bool, progress: ProgressCallback
+) -> Path:
+    """The preview `hellomeme track --preview` writes: what the model will follow in the clip."""
+    from .preview import write_preview
+    from .tracking import Smoothing, default_model_path, track_video
+    from .video import read_frames
+
+    frames = None if max_frames in (None, "") else int(max_frames)
+    track = track_video(driving, face_index=face_index, smoothing=Smoothing() if smoothing else None, max_frames=frames,
+                        model_path=default_model_path(cache), progress=progress)
+    output = folder / f"{driving.stem}_preview.mp4"
+    return write_preview(track, read_frames(driving, len(track)), output, audio_from=driving, protect=[driving], progress=progress)
+
+
+def launch(host: str = "127.0.0.1", port: int | None = None, share: bool = False, **options: Any) -> None:
+    """Serve the page until interrupted: on 127.0.0.1 unless `host` or `share` says otherwise."""
+    create_app().launch(server_name=host, server_port=port, share=share, max_file_size=MAX_UPLOAD, **options)
