@@ -37,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from hellomeme_cli import __version__
+from hellomeme_cli.versions import get_version
 from hellomeme_cli.engine import HelloMemePipeline, apply_speed_options, load_pipeline, resolve_device, resolve_dtype
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.models import HMControlNet, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
@@ -158,7 +159,7 @@ class ClipRun:
 def measure_clip(run: ClipRun, models=None) -> dict:
     """Load the models (unless given), then animate once with a `StageClock`; -> stage seconds,
     seconds per output frame, RSS after loading and at peak (this process), GPU peak on CUDA."""
-    options = ModelOptions(device=run.device, dtype=run.dtype)
+    options = ModelOptions(version="v1", control="blendshapes", device=run.device, dtype=run.dtype)
     started = time.perf_counter()
     models = models or load_pipeline(options.version, options, WeightCache(Path(run.home)))
     loading = time.perf_counter() - started
@@ -237,6 +238,9 @@ def tracking_speed(clips: list[Path], face_model: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
+V1 = get_version("v1")  # the version these benchmarks measure (full_size_models builds its networks)
+
+
 def full_size_models(face_model: Path, device: torch.device, dtype: torch.dtype, options=None):
     """A HelloMemePipeline with the real architectures at their released sizes and random weights:
     SD1.5 UNet, text encoder and VAE, the default HelloMeme adapter and control net, an
@@ -274,6 +278,7 @@ def full_size_models(face_model: Path, device: torch.device, dtype: torch.dtype,
         denoiser_motion=HMDenoisingNet(motion_unet(unet, motion_adapter).eval(), adapter), control_net=control_net,
         vae_encoder=vae, vae_decoder=vae, image_encoder=image_encoder, fan_encoder=None, face_model=face_model,
         scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
+        version=V1, control_kind=V1.control("blendshapes"),
     )
     apply_speed_options(models, options or ModelOptions())
     return models
@@ -300,6 +305,10 @@ class _NetworkTimer:
         self.calls += 1
 
 
+# Per-frame shapes of the control inputs (the blendshapes kind's ARKit coefficients and face parts, PD-FGC's embedding).
+_INPUT_SHAPES = {"drive_coeff": (51,), "face_parts": (3, 1024), "pd_fpg": (548,)}
+
+
 def unet_call_flops(models, size: int, window: int, guided: bool) -> dict[str, int]:
     """FLOPs of one stage-1 denoiser call (one frame) and one stage-2 call (one window), with the
     reference features and control in place, as the sampler makes them."""
@@ -312,7 +321,8 @@ def unet_call_flops(models, size: int, window: int, guided: bool) -> dict[str, i
 
         def control(frames: int):
             condition = torch.zeros(batch, 3, frames, size, size, device=device)
-            return models.control_net(condition, torch.zeros(batch, frames, 52, device=device), torch.zeros(batch, frames, 3, 1024, device=device))
+            inputs = [torch.zeros(batch, frames, *_INPUT_SHAPES[name], device=device) for name in models.control_kind.inputs]
+            return models.control_net(condition, *inputs)
 
         def flops(denoiser, frames: int) -> int:
             latents = torch.zeros(batch, 4, frames, latent, latent, device=device)

@@ -94,7 +94,7 @@ def _layer_by_layer_flops(module: torch.nn.Module, *args) -> int:
 def test_counted_unet_flops_match_a_layer_by_layer_count(tiny_cache, monkeypatch):
     """The FLOPs behind the utilisation figure: one stage-1 and one stage-2 denoiser call, with
     guidance, reference features and control, as `unet_call_flops` makes them."""
-    models = load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    models = load_pipeline("v1", ModelOptions(device="cpu", control="blendshapes"), WeightCache(tiny_cache))
     counted = bench.unet_call_flops(models, size=SIZE, window=3, guided=True)
     monkeypatch.setattr(bench, "count_flops", _layer_by_layer_flops)
     expected = bench.unet_call_flops(models, size=SIZE, window=3, guided=True)
@@ -106,7 +106,7 @@ def test_counted_unet_flops_match_a_layer_by_layer_count(tiny_cache, monkeypatch
 def test_every_attention_uses_pytorch_sdpa(tiny_cache):
     """SDPA (flash / memory-efficient kernels on GPUs) in the UNets, the motion modules and the
     Spatial Knitting blocks of the adapter and control net alike."""
-    models = load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    models = load_pipeline("v1", ModelOptions(device="cpu", control="blendshapes"), WeightCache(tiny_cache))
     networks = [models.denoiser_motion, models.control_net, models.vae_decoder]
     attentions = [module for network in networks for module in network.modules() if isinstance(module, Attention)]
     assert len(attentions) > 20
@@ -122,7 +122,7 @@ def _latents(models) -> torch.Tensor:
         negative_text_embeds=torch.randn(1, 77, TEXT_DIM, generator=generator),
         control=control_from_tensors(
             torch.rand(1, 3, frames, SIZE, SIZE, generator=generator) * 2 - 1,
-            torch.rand(1, frames, 52, generator=generator),
+            torch.rand(1, frames, 51, generator=generator),
             torch.randn(1, frames, 3, 1024, generator=generator),
         ),
         num_frames=frames,
@@ -140,14 +140,14 @@ def _relative(a: torch.Tensor, b: torch.Tensor) -> float:
 
 @pytest.fixture(scope="module")
 def default_latents(tiny_cache) -> torch.Tensor:
-    return _latents(load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache)))
+    return _latents(load_pipeline("v1", ModelOptions(device="cpu", control="blendshapes"), WeightCache(tiny_cache)))
 
 
 # Offloading runs the same kernels on the same weights: the same numbers. Channels-last picks other
 # float32 convolution kernels (another summation order), and guidance amplifies the rounding.
 @pytest.mark.parametrize("option, tolerance", [("channels_last", 1e-4), ("low_memory", 1e-7)])
 def test_speed_options_give_the_default_latents_and_frames(tiny_cache, default_latents, option, tolerance):
-    options = dataclasses.replace(ModelOptions(device="cpu"), **{option: True})
+    options = dataclasses.replace(ModelOptions(device="cpu", control="blendshapes"), **{option: True})
     models = load_pipeline("v1", options, WeightCache(tiny_cache))
     assert _relative(_latents(models), default_latents) < tolerance
 
@@ -156,7 +156,7 @@ def test_compile_keeps_the_hooks_and_the_result(tiny_cache, default_latents):
     """The compiled regions are the blocks inside the UNets; the HelloMeme hooks around them
     still run. Checked with the `eager` backend: inductor's code generation on a 2-core CPU
     takes minutes, and the graph capture is what could break the hooks."""
-    models = load_pipeline("v1", ModelOptions(device="cpu"), WeightCache(tiny_cache))
+    models = load_pipeline("v1", ModelOptions(device="cpu", control="blendshapes"), WeightCache(tiny_cache))
     torch._dynamo.reset()
     assert compile_blocks(models, backend="eager") > 10
     assert _relative(_latents(models), default_latents) < 1e-5
