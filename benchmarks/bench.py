@@ -44,11 +44,11 @@ from hellomeme_cli.models import HMControlNet, HMDenoisingNet, HMReferenceAdapte
 from hellomeme_cli.pipeline import AnimateSettings, animate, load_reference
 from hellomeme_cli.settings import ModelOptions
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
-from hellomeme_cli.tiny import make_tiny, write_tokenizer
-from hellomeme_cli.tracking import default_model_path, track_video
-from hellomeme_cli.files import write_atomically
-from hellomeme_cli.video import check_destination, ffmpeg_exe, probe_video
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.weights.tiny import make_tiny, write_tokenizer
+from hellomeme_cli.face.tracking import default_model_path, track_video
+from hellomeme_cli.media.files import write_atomically
+from hellomeme_cli.media.video import check_destination, ffmpeg_exe, probe_video
+from hellomeme_cli.weights.cache import WeightCache
 
 ROOT = Path(__file__).resolve().parents[1]
 # The project's test media (`../shared` beside the checkout), the default reference and clip.

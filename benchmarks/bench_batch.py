@@ -26,11 +26,12 @@ from pathlib import Path
 import torch
 
 from hellomeme_cli import __version__
-from hellomeme_cli.batch import TRACK_CACHE, ClusterOptions, plan_folder, run_batch
+from hellomeme_cli.batch.jobs import TRACK_CACHE, ClusterOptions, plan_folder
+from hellomeme_cli.batch.run import run_batch
 from hellomeme_cli.pipeline import AnimateSettings
 from hellomeme_cli.progress import ProgressEvent
-from hellomeme_cli.tiny import make_tiny
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.weights.tiny import make_tiny
+from hellomeme_cli.weights.cache import WeightCache
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = Path(os.environ.get("HELLOMEME_SHARED_DIR", ROOT.parent / "shared"))

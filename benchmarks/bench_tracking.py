@@ -16,7 +16,9 @@ import platform
 import time
 from pathlib import Path
 
-from hellomeme_cli import tracking, video
+from hellomeme_cli.face import tracking
+
+from hellomeme_cli.media import video
 
 SHARED = Path(os.environ.get("HELLOMEME_SHARED_DIR", Path(__file__).resolve().parents[2] / "shared"))
 CLIPS = ("jue.mp4", "nice.mp4", "qie.mp4", "ysll.mp4", "tndtc.mp4")

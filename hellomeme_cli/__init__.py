@@ -4,21 +4,22 @@ The library: `load_pipeline`, then `animate` / `render_image` (see docs/library.
 imported on first use, so `import hellomeme_cli` (and the command line's --help) stays fast.
 """
 
-__version__ = "0.1.0"
-__all__ = ["HellomemeError", "ProgressEvent", "animate", "load_pipeline", "render_image"]
+from hellomeme_cli.version import __version__
+
+__all__ = ["HellomemeError", "ProgressEvent", "__version__", "animate", "load_pipeline", "render_image"]
 
 
 def __getattr__(name: str):
     if name in ("animate", "load_pipeline", "render_image"):
-        from . import api
+        from hellomeme_cli import api
 
         return getattr(api, name)
     if name == "HellomemeError":
-        from .errors import HellomemeError
+        from hellomeme_cli.errors import HellomemeError
 
         return HellomemeError
     if name == "ProgressEvent":
-        from .progress import ProgressEvent
+        from hellomeme_cli.progress import ProgressEvent
 
         return ProgressEvent
     raise AttributeError(f"module 'hellomeme_cli' has no attribute {name!r}")

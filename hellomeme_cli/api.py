@@ -15,17 +15,17 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-from .engine import HelloMemePipeline
-from .engine import load_pipeline as engine_load_pipeline
-from .errors import HellomemeError
-from .logs import libraries_quiet
-from .pipeline import AnimateResult, Reference, prepare_run
-from .pipeline import animate as _animate
-from .pipeline import render_image as _render_image
-from .progress import ProgressCallback, no_progress
-from .settings import AnimateSettings, ModelOptions, from_values
-from .versions import DEFAULT_VERSIONS
-from .weights import WeightCache
+from hellomeme_cli.engine import HelloMemePipeline
+from hellomeme_cli.engine import load_pipeline as engine_load_pipeline
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.logs import libraries_quiet
+from hellomeme_cli.pipeline import AnimateResult, Reference, prepare_run
+from hellomeme_cli.pipeline import animate as _animate
+from hellomeme_cli.pipeline import render_image as _render_image
+from hellomeme_cli.progress import ProgressCallback, no_progress
+from hellomeme_cli.settings import AnimateSettings, ModelOptions, from_values
+from hellomeme_cli.versions import DEFAULT_VERSIONS
+from hellomeme_cli.weights.cache import WeightCache
 
 _MODEL_SETTINGS = {field.name for field in dataclasses.fields(ModelOptions)}
 

@@ -20,13 +20,13 @@ from typing import Any
 
 import gradio as gr
 
-from . import api
-from .errors import HellomemeError, first_line
-from .presets import all_presets
-from .progress import ProgressCallback, ProgressEvent
-from .settings import DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell
-from .versions import DEFAULT_VERSIONS, VERSIONS, version_names
-from .weights import WeightCache
+from hellomeme_cli import api
+from hellomeme_cli.errors import HellomemeError, first_line
+from hellomeme_cli.weights.presets import all_presets
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent
+from hellomeme_cli.settings import DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell
+from hellomeme_cli.versions import DEFAULT_VERSIONS, VERSIONS, version_names
+from hellomeme_cli.weights.cache import WeightCache
 
 MAX_UPLOAD = "200mb"  # Gradio refuses larger uploads (launch's max_file_size)
 MODELS_KEPT = 2  # loaded pipelines kept (video and image, or two checkpoints); the oldest is let go
@@ -312,9 +312,9 @@ def _write_track_preview(
     driving: Path, folder: Path, cache: WeightCache, face_index: int, max_frames: float | None, smoothing: bool, progress: ProgressCallback
 ) -> Path:
     """The preview `hellomeme track --preview` writes: what the model will follow in the clip."""
-    from .preview import write_preview
-    from .tracking import Smoothing, default_model_path, track_video
-    from .video import read_frames
+    from hellomeme_cli.face.preview import write_preview
+    from hellomeme_cli.face.tracking import Smoothing, default_model_path, track_video
+    from hellomeme_cli.media.video import read_frames
 
     frames = None if max_frames in (None, "") else int(max_frames)
     track = track_video(driving, face_index=face_index, smoothing=Smoothing() if smoothing else None, max_frames=frames,

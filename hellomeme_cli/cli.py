@@ -27,14 +27,14 @@ from rich.progress import (
 from rich.text import Text
 from rich.table import Table
 
-from . import __version__
-from .errors import HellomemeError, first_line as _first_line
-from .progress import ProgressCallback, ProgressEvent
-from .versions import DEFAULT_VERSIONS, users, version_names
+from hellomeme_cli.version import __version__
+from hellomeme_cli.errors import HellomemeError, first_line as _first_line
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent
+from hellomeme_cli.versions import DEFAULT_VERSIONS, users, version_names
 
 if TYPE_CHECKING:
-    from .batch import BatchReport
-    from .pipeline import AnimateSettings
+    from hellomeme_cli.batch.jobs import BatchReport
+    from hellomeme_cli.pipeline import AnimateSettings
 
 app = typer.Typer(
     name="hellomeme",
@@ -117,10 +117,13 @@ def info() -> None:
           f"image: {', '.join(version_names('image'))} (default {DEFAULT_VERSIONS['image']})")
 
 
+FLAG = ""  # the metavar of an on/off switch: typer would show `<bool>` after it
+
+
 def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command every declared setting (settings.py) as an option: typer sees one flat list of
     options, the command gets the settings they make as its `settings` argument."""
-    from .settings import all_settings, from_values
+    from hellomeme_cli.settings import all_settings, from_values
 
     declared = [setting for setting in all_settings() if setting.name not in skip]
 
@@ -131,7 +134,9 @@ def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[
         if isinstance(default, tuple):
             default = None
         kind = setting.cli_type if default is not None else setting.cli_type | None
-        option = typer.Option(*setting.flags, help=setting.help, show_default=setting.shown_default if setting.name != "version" else default)
+        shown = default if setting.name == "version" else setting.shown_default
+        # typer wraps a string default in brackets of its own ("[default: (on)]"), so the help says it instead.
+        option = typer.Option(*setting.flags, help=f"{setting.help} \\[default: {shown}]", show_default=False, metavar=FLAG if kind is bool else None)
         return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
 
     def wrap(command: Callable[..., None]) -> Callable[..., None]:
@@ -161,28 +166,28 @@ def animate(
     reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
     drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes, or its `hellomeme track` .npz (silent output).")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE.mp4 in the current folder).")
+        Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE_VERSION.mp4 in the current folder).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG)] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
-    from .pipeline import default_output
+    from hellomeme_cli.pipeline import default_output
 
-    _animate(reference, drive, output or default_output(reference, drive), force, settings)
+    _animate(reference, drive, output or default_output(reference, drive, version=settings.models.version), force, settings)
 
 
 @app.command()
 @_with_generation_options("video")
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="The mp4 to write.")] = Path("hellomeme-demo.mp4"),
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG)] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """The main job on an example: fetch what animate needs and an example portrait and clip, animate them, say where the mp4 is."""
-    from .demo import fetch_demo
+    from hellomeme_cli.demo import fetch_demo
 
     with _progress_bars() as report:
         portrait, clip = fetch_demo(settings, _cache(), report)
@@ -190,7 +195,7 @@ def demo(
 
 
 def _animate(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings) -> None:
-    from .pipeline import animate as run_animate
+    from hellomeme_cli.pipeline import animate as run_animate
 
     source, settings, cache = _prepare_run(reference, drive, output, force, settings, "video")
     with _progress_bars() as report:
@@ -204,22 +209,26 @@ def _animate(reference: Path, drive: Path, output: Path, force: bool, settings: 
     )
 
 
+# Settings that only a clip has: a picture has one frame, so no frame rate, windows or smoothing over time.
+CLIP_ONLY = ("fps", "max_frames", "window", "overlap", "smoothing", "smooth_pose", "smooth_expression")
+
+
 @app.command()
-@_with_generation_options("image")
+@_with_generation_options("image", skip=CLIP_ONLY)
 def image(
     reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
     drive_image: Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes, or a `hellomeme track` .npz (its first frame with a face).")],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE.png in the current folder).")
+        Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE_VERSION.png in the current folder).")
     ] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG)] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """One picture: the portrait with the head pose and expression of another picture."""
-    from .pipeline import default_output, render_image
+    from hellomeme_cli.pipeline import default_output, render_image
 
-    output = output or default_output(reference, drive_image, ".png")
+    output = output or default_output(reference, drive_image, ".png", version=settings.models.version)
     source, settings, cache = _prepare_run(reference, drive_image, output, force, settings, "image")
     with _progress_bars() as report:
         seed = render_image(source, drive_image, output, settings, _load_models(settings, cache, report, "image"), force=force, progress=report)
@@ -228,7 +237,7 @@ def image(
 
 def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings, mode: str):
     """Everything that can fail fast, before any model loads (`pipeline.prepare_run`); the seed is said at once."""
-    from .pipeline import prepare_run
+    from hellomeme_cli.pipeline import prepare_run
 
     cache = _cache()
     source, settings = prepare_run(reference, drive, output, settings, mode=mode, force=force, cache=cache)
@@ -237,8 +246,8 @@ def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settin
 
 
 def _load_models(settings: AnimateSettings, cache, report: ProgressCallback, mode: str = "video"):
-    from .engine import load_pipeline
-    from .logs import libraries_quiet
+    from hellomeme_cli.engine import load_pipeline
+    from hellomeme_cli.logs import libraries_quiet
 
     with libraries_quiet():
         return load_pipeline(settings.models.version, settings.models, cache, progress=report, mode=mode)
@@ -266,12 +275,13 @@ def batch(
         ),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="With --ray: this many workers (default: one per GPU, one without a GPU).")] = None,
-    force: Annotated[bool, typer.Option(help="Remake every clip, replacing finished outputs too.")] = False,
+    force: Annotated[bool, typer.Option(help="Remake every clip, replacing finished outputs too.", metavar=FLAG)] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """Animate many clips with models loaded once; re-running skips finished clips. Exit code 1 if any clip failed."""
-    from .batch import ClusterOptions, plan_folder, plan_pairs, run_batch, sigterm_interrupts
+    from hellomeme_cli.batch.jobs import ClusterOptions, plan_folder, plan_pairs
+    from hellomeme_cli.batch.run import run_batch, sigterm_interrupts
 
     if workers is not None and ray is None:
         raise HellomemeError("--workers needs --ray (without it the batch runs in this process, on --device)")
@@ -297,7 +307,7 @@ def batch(
 
 def _batch_table(result: BatchReport) -> Table:
     """One row per clip: how it went, and its output or why it failed (the clip's name said once)."""
-    from .batch import STATUSES
+    from hellomeme_cli.batch.jobs import STATUSES
 
     references = {clip.reference for clip in result.clips}
     counts = ", ".join(f"{result.count(status)} {status}" for status in STATUSES)
@@ -330,17 +340,17 @@ def track(
         Path | None, typer.Option(help="Also write a preview video: crop, landmarks, pose square, expression bars.")
     ] = None,
     face_index: Annotated[int, typer.Option(help="Which face to follow: 0 the largest in the first frame with a face, 1 the next...")] = 0,
-    smooth: Annotated[bool, typer.Option(help="Smooth landmarks and pose over time (One Euro filter, no lag).")] = True,
+    smooth: Annotated[bool, typer.Option(help="Smooth landmarks and pose over time (One Euro filter, no lag).", metavar=FLAG)] = True,
     smooth_cutoff: Annotated[float, typer.Option(help="Smoothing: lower removes more jitter from slow motion.")] = 1.0,
     smooth_beta: Annotated[float, typer.Option(help="Smoothing: higher follows fast motion more closely.")] = 10.0,
     max_frames: Annotated[int | None, typer.Option(help="Track only the first N frames.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace existing output files.")] = False,
+    force: Annotated[bool, typer.Option(help="Replace existing output files.", metavar=FLAG)] = False,
 ) -> None:
     """Track the face through a clip: save its motion template (landmarks, expression scores, head pose, face patches, timing) to drive animate, image and batch without the clip."""
-    from .driving import save_template, track_clip
-    from .preview import write_preview
-    from .tracking import Smoothing, default_model_path
-    from .video import check_destination, read_frames
+    from hellomeme_cli.face.driving import save_template, track_clip
+    from hellomeme_cli.face.preview import write_preview
+    from hellomeme_cli.face.tracking import Smoothing, default_model_path
+    from hellomeme_cli.media.video import check_destination, read_frames
 
     output = output or Path.cwd() / f"{drive.stem}.track.npz"
     for path in filter(None, (output, preview)):
@@ -368,11 +378,11 @@ def track(
 def web_app(
     host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).")] = "127.0.0.1",
     port: Annotated[int | None, typer.Option(help="Port (default: Gradio's, 7860 or the next free one).")] = None,
-    share: Annotated[bool, typer.Option("--share", help="Also serve it through a public gradio.live link.")] = False,
+    share: Annotated[bool, typer.Option("--share", help="Also serve it through a public gradio.live link.", metavar=FLAG)] = False,
 ) -> None:
     """Serve the web page (Gradio): video and image tabs with every setting, the clip check, results with their seed (docs/app.md)."""
     try:
-        from .app import launch
+        from hellomeme_cli.app import launch
     except ImportError as error:
         if (error.name or "").split(".")[0] != "gradio":
             raise
@@ -381,7 +391,7 @@ def web_app(
 
 
 def _cache():
-    from .weights import WeightCache
+    from hellomeme_cli.weights.cache import WeightCache
 
     return WeightCache()
 
@@ -422,8 +432,8 @@ def weights_fetch(
     ] = None,
 ) -> None:
     """Download missing components into the Hugging Face cache (sha256-checked before use)."""
-    from .presets import fetch_preset, find_preset
-    from .versions import any_version
+    from hellomeme_cli.weights.presets import fetch_preset, find_preset
+    from hellomeme_cli.versions import any_version
 
     cache = _cache()
     if version is not None:
@@ -443,7 +453,7 @@ def weights_fetch(
 @weights_app.command("presets")
 def weights_presets() -> None:
     """Show the official app's checkpoints and LoRAs by name (`--checkpoint NAME`, `--lora NAME[:SCALE]`), fetched on first use."""
-    from .presets import all_presets, is_fetched
+    from hellomeme_cli.weights.presets import all_presets, is_fetched
 
     cache = _cache()
     rows = [("name", "kind", "source", "state")]
@@ -482,7 +492,7 @@ def weights_import(
 @weights_app.command("lock")
 def weights_lock() -> None:
     """Resolve revisions to commit ids and record every file's sha256 (needs the network)."""
-    from .weights import LOCK_PATH, read_lock, resolve_lock, write_lock
+    from hellomeme_cli.weights.cache import LOCK_PATH, read_lock, resolve_lock, write_lock
 
     with _progress_bars() as report:
         resolved = resolve_lock(read_lock(), progress=report)
@@ -496,7 +506,7 @@ def weights_make_tiny(
     seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
 ) -> None:
     """Write tiny random-weight versions of every network in the layout of a real download."""
-    from .tiny import make_tiny
+    from hellomeme_cli.weights.tiny import make_tiny
 
     make_tiny(folder, seed=seed)
     out.print(f"tiny weights in {folder}; add the face model with `HELLOMEME_HOME={folder} hellomeme weights import FILE`")
@@ -528,6 +538,12 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]", highlight=False)
         raise SystemExit(130) from None
+    except SystemExit as exit_:
+        # Typer ends a run whose reader left early (`hellomeme weights list | head`) with exit 1, its
+        # streams wrapped to stay quiet; what the reader read was written, so nothing failed.
+        if exit_.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
+            raise SystemExit(0) from None
+        raise
     except Exception as error:
         if debug:
             raise

@@ -8,11 +8,11 @@ from __future__ import annotations
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import HellomemeError
-from .pipeline import run_components
-from .progress import ProgressCallback, no_progress
-from .settings import AnimateSettings
-from .weights import WeightCache, hub_endpoint
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.pipeline import run_components
+from hellomeme_cli.progress import ProgressCallback, no_progress
+from hellomeme_cli.settings import AnimateSettings
+from hellomeme_cli.weights.cache import WeightCache, hub_endpoint
 
 EXAMPLES = ("demo_portrait", "demo_clip")
 

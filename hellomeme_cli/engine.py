@@ -22,18 +22,18 @@ from diffusers.hooks import apply_group_offloading
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from .checkpoints import PICKLE_SUFFIXES, load_sd15, load_vae
-from .errors import HellomemeError
-from .models import FanEncoder, motion_unet
-from .models.unet import load_folder
-from .presets import checkpoint_preset, fetch_preset, lora_preset
-from .progress import ProgressCallback, ProgressEvent, no_progress
-from .sampler import VideoSampler
-from .settings import ModelOptions
-from .tracking import MODEL_FILE
-from .upscale import COMPONENT as UPSCALER_COMPONENT, Upscaler, load_upscaler
-from .versions import ControlKind, Version, get_version, resolve
-from .weights import WeightCache
+from hellomeme_cli.weights.checkpoints import PICKLE_SUFFIXES, load_sd15, load_vae
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.models import FanEncoder, motion_unet
+from hellomeme_cli.models.unet import load_folder
+from hellomeme_cli.weights.presets import checkpoint_preset, fetch_preset, lora_preset
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.samplers.two_stage import VideoSampler
+from hellomeme_cli.settings import ModelOptions
+from hellomeme_cli.face.tracking import MODEL_FILE
+from hellomeme_cli.media.upscale import COMPONENT as UPSCALER_COMPONENT, Upscaler, load_upscaler
+from hellomeme_cli.versions import ControlKind, Version, get_version, resolve
+from hellomeme_cli.weights.cache import WeightCache
 
 WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

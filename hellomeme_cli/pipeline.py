@@ -19,21 +19,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import __version__
-from .engine import HelloMemePipeline, check_options
-from .errors import HellomemeError
-from .pasteback import PasteBack, head_travel
-from .progress import ProgressCallback, no_progress
-from .sampler import DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
-from .driving import check_driving, check_driving_image, prepare_driving, prepare_driving_image
-from .settings import AnimateSettings
-from .signals import DrivingSignals, ReferenceFace, prepare_reference
-from .steering import needs_reference_signals, steer
-from .tracking import MODEL_FILE, track_image
-from .upscale import components as upscale_components
-from .versions import get_version
-from .video import check_destination, read_image, write_image, write_video
-from .weights import WeightCache
+from hellomeme_cli.version import __version__
+from hellomeme_cli.engine import HelloMemePipeline, check_options
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.face.pasteback import PasteBack, head_travel
+from hellomeme_cli.progress import ProgressCallback, no_progress
+from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings
+from hellomeme_cli.samplers.two_stage import VideoSampler
+from hellomeme_cli.face.driving import check_driving, check_driving_image, prepare_driving, prepare_driving_image
+from hellomeme_cli.settings import AnimateSettings
+from hellomeme_cli.face.signals import DrivingSignals, ReferenceFace, prepare_reference
+from hellomeme_cli.face.steering import needs_reference_signals, steer
+from hellomeme_cli.face.tracking import MODEL_FILE, track_image
+from hellomeme_cli.media.upscale import components as upscale_components
+from hellomeme_cli.versions import get_version
+from hellomeme_cli.media.video import check_destination, read_image, write_image, write_video
+from hellomeme_cli.weights.cache import WeightCache
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 SEED_TAG = "hellomeme_seed"  # the output's metadata key holding the seed it was made with
@@ -183,7 +184,8 @@ def render_image(
         frame = models.upscaler().upscale(frame)
     if settings.paste_back:
         frame = PasteBack.from_reference(reference.picture, reference.face, frame_scale=settings.upscale).paste(frame)
-    write_image(frame, output, force=force, protect=[reference.path, driving_image])
+    tags = {"Comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed)}
+    write_image(frame, output, force=force, protect=[reference.path, driving_image], tags=tags)
     return settings.seed
 
 
@@ -236,6 +238,8 @@ def _sampler_inputs(
     )
 
 
-def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder: Path | None = None) -> Path:
-    """`<reference>_<driving>.mp4` in the current folder (or `folder`)."""
-    return (folder or Path.cwd()) / f"{reference.stem}_{driving.stem}{suffix}"
+def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder: Path | None = None, version: str | None = None) -> Path:
+    """`<reference>_<driving>.mp4` in the current folder (or `folder`); with `version`,
+    `<reference>_<driving>_<version>.mp4`, so trying another version does not meet the last output."""
+    tag = f"_{version}" if version else ""
+    return (folder or Path.cwd()) / f"{reference.stem}_{driving.stem}{tag}{suffix}"

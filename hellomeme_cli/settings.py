@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from .errors import HellomemeError
-from .versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, VERSIONS, get_version
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, VERSIONS, get_version
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 UPSCALE_CHOICES = (1, 2)  # --upscale: 1 is off, 2 the official app's Real-ESRGAN x2

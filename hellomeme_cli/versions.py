@@ -11,7 +11,7 @@ import dataclasses
 import importlib
 from collections.abc import Mapping
 
-from .errors import HellomemeError
+from hellomeme_cli.errors import HellomemeError
 
 # The prompt the official v1 scripts give every clip; a user's prompt is put before it.
 V1_PROMPT = (
@@ -196,7 +196,7 @@ _V3_FAMILY = dict(
     denoiser="hellomeme_cli.models:HM3DenoisingNet",
     reference_adapter="hellomeme_cli.models:HM3ReferenceAdapter",
     motion_adapter="hellomeme_cli.models:HM3MotionAdapter",
-    sampler="hellomeme_cli.sampler_hm3:HM3VideoSampler",
+    sampler="hellomeme_cli.samplers.recursive:HM3VideoSampler",
     prompt=V1_PROMPT,
     schedulers=_V3_SCHEDULERS,
     defaults=_V3_DEFAULTS,
@@ -209,7 +209,7 @@ _V5_FAMILY = dict(
     motion_adapter="hellomeme_cli.models:HM5MotionAdapter",
     motion_adapter_component="hm5_motion",
     base_first_pass=False,
-    sampler="hellomeme_cli.sampler_hm5:HM5VideoSampler",
+    sampler="hellomeme_cli.samplers.hm5:HM5VideoSampler",
     prompt=V1_PROMPT,
     schedulers=_V5_SCHEDULERS,
     defaults=_V5_DEFAULTS,
@@ -225,7 +225,7 @@ VERSIONS: dict[str, Version] = {
         reference_component="hm_reference",
         motion_component="hm_animatediff_frame12",
         controls=_V1_CONTROLS,
-        sampler="hellomeme_cli.sampler:VideoSampler",
+        sampler="hellomeme_cli.samplers.two_stage:VideoSampler",
         prompt=V1_PROMPT,
         defaults=Defaults(),  # the v1 scripts' 25 steps and guidance 2; the app's control, PD-FGC
     ),
@@ -238,7 +238,7 @@ VERSIONS: dict[str, Version] = {
         reference_component="hm2_reference",
         motion_component="hm2_animatediff_frame12",
         controls=_V2_CONTROLS,
-        sampler="hellomeme_cli.sampler:VideoSampler",
+        sampler="hellomeme_cli.samplers.two_stage:VideoSampler",
         prompt=V1_PROMPT,  # generator.py's DEFAULT_PROMPT (model_config.json "prompt"), as v1's
         defaults=_APP_DEFAULTS,
     ),

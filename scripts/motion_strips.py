@@ -14,10 +14,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from hellomeme_cli import signals as S
-from hellomeme_cli import tracking
-from hellomeme_cli.steering import steer
-from hellomeme_cli.video import read_image, write_image
+from hellomeme_cli.face import signals as S
+from hellomeme_cli.face import tracking
+from hellomeme_cli.face.steering import steer
+from hellomeme_cli.media.video import read_image, write_image
 
 CONTROLS = {
     "absolute": {},

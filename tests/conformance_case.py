@@ -22,7 +22,8 @@ from hellomeme_cli.models import (
     motion_unet,
 )
 from hellomeme_cli.models.unet import load_folder
-from hellomeme_cli.sampler import ControlSource, DrivingFrames, SamplerInputs, SamplerSettings, VideoSampler
+from hellomeme_cli.samplers.common import ControlSource, DrivingFrames, SamplerInputs, SamplerSettings
+from hellomeme_cli.samplers.two_stage import VideoSampler
 from hellomeme_cli.versions import get_version, resolve
 
 CONTROL_FOLDERS = {"blendshapes": "hm_control", "pdfgc": "hm_control2"}

@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from hellomeme_cli import tracking
-from hellomeme_cli.video import ffmpeg_exe
+from hellomeme_cli.face import tracking
+from hellomeme_cli.media.video import ffmpeg_exe
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(PROJECT_ROOT))  # for `benchmarks` (beside the package, not installed), whatever starts pytest
@@ -64,7 +64,7 @@ def tracks(model: Path) -> _Tracks:
 def tiny_cache(tmp_path_factory, model: Path) -> Path:
     """A weight cache holding tiny random networks and the real face model, as
     `hellomeme weights make-tiny` + `weights import face_landmarker.task` make it."""
-    from hellomeme_cli.tiny import make_tiny
+    from hellomeme_cli.weights.tiny import make_tiny
 
     home = tmp_path_factory.mktemp("tiny_cache")
     make_tiny(home).import_path(model)

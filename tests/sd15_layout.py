@@ -10,7 +10,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from safetensors.torch import save_file
 
-from hellomeme_cli.checkpoints import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, SD15Components
+from hellomeme_cli.weights.checkpoints import TEXT_ENCODER_PREFIX, UNET_PREFIX, VAE_PREFIX, SD15Components
 
 # CLIPTextModel has no `text_model` wrapper in transformers >= 5.6, but files keep the name.
 TEXT_MODEL = "text_model."

@@ -12,12 +12,13 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import MEDIA, audio_duration, require
-from hellomeme_cli.checkpoints import load_sd15
+from hellomeme_cli.weights.checkpoints import load_sd15
 from hellomeme_cli.cli import app
-from hellomeme_cli.pasteback import PasteBack
+from hellomeme_cli.face.pasteback import PasteBack
 from hellomeme_cli.pipeline import AnimateSettings, load_reference
-from hellomeme_cli.tracking import MODEL_FILE
-from hellomeme_cli.video import probe_video, read_frames, write_video
+from hellomeme_cli.face.tracking import MODEL_FILE
+from hellomeme_cli.media.video import probe_video, read_frames, write_video
+from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION
 from sd15_layout import save_original_layout
 
 FAST = ["--size", "128", "--steps", "2"]
@@ -150,7 +151,9 @@ def test_image_command_writes_one_picture(workdir):
     reference, drive = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "chillout.jpg", "portrait")
     result = runner.invoke(app, ["image", str(reference), str(drive), *FAST, "--seed", "5"])
     assert result.exit_code == 0, result.output
-    from hellomeme_cli.video import read_image
+    from hellomeme_cli.media.video import image_tags, read_image
+    from hellomeme_cli.pipeline import SEED_TAG
 
-    assert read_image(workdir / "majicmix1_chillout.png").shape == (128, 128, 3)
-    assert "seed 5" in result.stdout
+    written = workdir / f"majicmix1_chillout_{DEFAULT_IMAGE_VERSION}.png"  # the version in the name: another one does not meet it
+    assert read_image(written).shape == (128, 128, 3)
+    assert "seed 5" in result.stdout and image_tags(written)[SEED_TAG] == "5"

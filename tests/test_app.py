@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from hellomeme_cli.cli import main
-from hellomeme_cli.video import probe_video
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.media.video import probe_video
+from hellomeme_cli.weights.cache import WeightCache
 
 from conftest import MEDIA, require
 

@@ -20,13 +20,15 @@ import typer
 from typer.testing import CliRunner
 
 from conftest import MEDIA, require
-from hellomeme_cli import batch
-from hellomeme_cli.batch import DIGEST_TAG, DONE, FOREIGN, NOT_RUN, BatchPlan, plan_folder, plan_pairs, run_batch
+from hellomeme_cli.batch import jobs as batch
+from hellomeme_cli.batch.jobs import DIGEST_TAG, DONE, FOREIGN, NOT_RUN, BatchPlan, plan_folder, plan_pairs
+from hellomeme_cli.batch import run as batch_run
+from hellomeme_cli.batch.run import run_batch
 from hellomeme_cli.cli import app
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.pipeline import SEED_TAG, AnimateResult, AnimateSettings
-from hellomeme_cli.video import probe_video, read_frames, write_image, write_video
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.media.video import probe_video, read_frames, write_image, write_video
+from hellomeme_cli.weights.cache import WeightCache
 
 FAST = ["--size", "128", "--steps", "1", "--guidance", "1", "--window", "3", "--overlap", "0", "--max-frames", "3"]
 runner = CliRunner()
@@ -311,7 +313,7 @@ def test_batch_builds_the_settings_from_the_options_it_shares_with_animate(tmp_p
         seen.update(plan=plan, **options)
         raise typer.Exit()
 
-    monkeypatch.setattr(batch, "run_batch", run_batch)
+    monkeypatch.setattr(batch_run, "run_batch", run_batch)
     folder = clips_folder(tmp_path / "clips", "jue.mp4")
     arguments = ["batch", str(folder), "--ref", str(media("majicmix1.jpg")), "--steps", "3", "--control", "pdfgc", "--device", "cuda:1"]
     assert runner.invoke(app, arguments).exit_code == 0

@@ -22,13 +22,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from hellomeme_cli import cluster
-from hellomeme_cli.batch import DONE, NOT_RUN, ClusterOptions, plan_folder, plan_pairs, run_batch
+from hellomeme_cli.batch import on_ray as cluster
+from hellomeme_cli.batch.jobs import DONE, NOT_RUN, ClusterOptions, plan_folder, plan_pairs
+from hellomeme_cli.batch.run import run_batch
 from hellomeme_cli.cli import _ray_address_filled, app
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.pipeline import AnimateSettings
-from hellomeme_cli.video import probe_video, write_image
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.media.video import probe_video, write_image
+from hellomeme_cli.weights.cache import WeightCache
 from test_batch import FAST, clips_folder, finished_outputs, gray_clip, media, read_report, terminate_after_first_output
 
 ray = pytest.importorskip("ray", reason='Ray is the optional extra: pip install -e ".[test,cluster]"')

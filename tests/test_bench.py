@@ -17,9 +17,9 @@ from conftest import MEDIA, require
 from hellomeme_cli.engine import compile_blocks, load_pipeline
 from hellomeme_cli.settings import ModelOptions
 from hellomeme_cli.progress import ProgressEvent
-from hellomeme_cli.sampler import SamplerInputs, SamplerSettings
-from hellomeme_cli.tiny import TEXT_DIM
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.samplers.common import SamplerInputs, SamplerSettings
+from hellomeme_cli.weights.tiny import TEXT_DIM
+from hellomeme_cli.weights.cache import WeightCache
 
 SIZE = 128
 

@@ -13,10 +13,10 @@ import torch
 from diffusers import AutoencoderKL
 from safetensors.torch import load_file, save_file
 
-from hellomeme_cli.checkpoints import SD15Components, load_sd15, parse_lora_option
+from hellomeme_cli.weights.checkpoints import SD15Components, load_sd15, parse_lora_option
 from sd15_layout import save_original_layout
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.tiny import tiny_vae, write_sd15
+from hellomeme_cli.weights.tiny import tiny_vae, write_sd15
 
 UNET_LAYERS = ("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q", "up_blocks.1.attentions.1.proj_out")
 # A whole attention: diffusers cannot tell the format of a kohya text-encoder LoRA without an out_proj.

@@ -9,7 +9,7 @@ import sys
 from typer.testing import CliRunner
 
 from hellomeme_cli import __version__
-from hellomeme_cli.cli import app
+from hellomeme_cli.cli import CLIP_ONLY, app
 from hellomeme_cli.settings import AnimateSettings, all_settings
 from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, VERSIONS
 
@@ -42,19 +42,38 @@ def test_help_lists_every_command_and_no_other():
 
 def test_animate_help_lists_every_declared_setting_with_its_default():
     """The options and their shown defaults are the declarations of settings.py, the same on
-    animate, image and batch."""
+    animate, image and batch; a picture has no clip-only options."""
     declared = {setting.flags[0].split("/")[0]: setting for setting in all_settings()}
     rows = help_rows("animate")
     assert set(rows) == {"reference", "drive", "--output", "--force", "--help", *declared}
-    assert {flag: rows[flag] for flag in declared} == {flag: f"({setting.shown_default})" for flag, setting in declared.items()} | {
-        "--version": f"({DEFAULT_VIDEO_VERSION})"
+    assert {flag: rows[flag] for flag in declared} == {flag: setting.shown_default for flag, setting in declared.items()} | {
+        "--version": DEFAULT_VIDEO_VERSION
     }
     assert declared["--steps"].default is None and AnimateSettings().resolved("steps") == VERSIONS[DEFAULT_VIDEO_VERSION].defaults.steps
     image, batch = help_rows("image"), help_rows("batch")
-    assert image["--version"] == f"({DEFAULT_IMAGE_VERSION})"
+    assert image["--version"] == DEFAULT_IMAGE_VERSION
+    clip_only = {declared[flag].flags[0].split("/")[0] for flag in declared if declared[flag].name in CLIP_ONLY}
+    assert clip_only == {"--fps", "--max-frames", "--window", "--overlap", "--smooth", "--smooth-pose", "--smooth-expression"}
+    assert not clip_only & set(image)
     for flag in set(declared) - {"--version"}:
-        assert image[flag] == rows[flag]
         assert batch[flag] == rows[flag]
+        assert flag in clip_only or image[flag] == rows[flag]
+
+
+def test_help_shows_defaults_once_bracketed_and_switches_without_a_type():
+    text = runner.invoke(app, ["animate", "--help"], env={"COLUMNS": "250"}).stdout
+    assert "[default: (" not in text and "[default: the version's (25)]" in text
+    assert "<bool>" not in "".join(line for line in text.splitlines() if "--help" not in line)  # typer's own --help keeps it
+    assert re.search(r"│ --paste-back\s+Blend", text) and re.search(r"│ --steps\s+<int>\s+Denoising", text)
+
+
+def test_listing_into_a_closed_pipe_is_not_an_error():
+    """`hellomeme weights list | head -1`: the reader leaving early ends the listing quietly, exit 0."""
+    for command in (["weights", "list"], ["weights", "presets"]):
+        process = subprocess.Popen([sys.executable, "-m", "hellomeme_cli", *command], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert process.stdout.readline()
+        process.stdout.close()
+        assert process.wait(timeout=60) == 0 and process.stderr.read() == "", command
 
 
 def test_info_names_torch_and_devices():

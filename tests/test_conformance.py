@@ -21,7 +21,7 @@ import torch
 from conformance_case import case_kind, find_cases, load_case, relative_error, run_module_case, sampler_case
 from conftest import CONFORMANCE_DIR
 from hellomeme_cli.models.rrdbnet import RRDBNet
-from hellomeme_cli.upscale import STATE_KEYS, Upscaler, load_rrdbnet
+from hellomeme_cli.media.upscale import STATE_KEYS, Upscaler, load_rrdbnet
 from hellomeme_cli.versions import VERSIONS
 
 FLOAT32_TOLERANCE = 1e-4

@@ -20,8 +20,8 @@ from conformance_case import BFLOAT16_LATENTS_TOLERANCE, case_scheduler, control
 from conftest import CONFORMANCE_DIR
 from hellomeme_cli.models import HM3DenoisingNet, HM3ReferenceNet, motion_unet
 from hellomeme_cli.models.unet import load_folder
-from hellomeme_cli.sampler import SamplerInputs, SamplerSettings
-from hellomeme_cli.sampler_hm3 import (
+from hellomeme_cli.samplers.common import SamplerInputs, SamplerSettings
+from hellomeme_cli.samplers.recursive import (
     HM3VideoSampler,
     official_image_scheduler,
     official_video_scheduler,

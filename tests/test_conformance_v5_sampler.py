@@ -28,8 +28,8 @@ from hellomeme_cli.models import (
     HM5SD15ControlProj,
 )
 from hellomeme_cli.models.unet import load_folder
-from hellomeme_cli.sampler import DrivingFrames, SamplerInputs, SamplerSettings
-from hellomeme_cli.sampler_hm5 import HM5VideoSampler, margin_frames, plan_hm5_windows
+from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings
+from hellomeme_cli.samplers.hm5 import HM5VideoSampler, margin_frames, plan_hm5_windows
 from hellomeme_cli.versions import get_version
 from test_conformance_v5_modules import REFERENCE_WITH_OWN_CONTROL, VERSIONS, _load, _weights
 

@@ -12,10 +12,10 @@ import sys
 from typer.testing import CliRunner
 
 from conftest import MEDIA, SHARED, require
-from hellomeme_cli import weights
+from hellomeme_cli.weights import cache as weights
 from hellomeme_cli.cli import app
-from hellomeme_cli.video import probe_video
-from hellomeme_cli.weights import read_lock, write_lock
+from hellomeme_cli.media.video import probe_video
+from hellomeme_cli.weights.cache import read_lock, write_lock
 from test_weights import _sha256, serve_hub
 
 EXAMPLES = {"demo_portrait": "chillout.jpg", "demo_clip": "jue.mp4", "face_landmarker": None}

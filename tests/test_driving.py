@@ -13,9 +13,9 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import MEDIA, audio_duration, require
-from hellomeme_cli import driving
+from hellomeme_cli.face import driving
 from hellomeme_cli.cli import app
-from hellomeme_cli.video import ffmpeg_exe, probe_video, read_frames
+from hellomeme_cli.media.video import ffmpeg_exe, probe_video, read_frames
 
 FAST = ["--size", "128", "--steps", "2"]
 runner = CliRunner()
@@ -88,7 +88,7 @@ def test_image_takes_the_first_frame_with_a_face_of_a_template(workdir):
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "tndtc.mp4", "clip")
     invoke("track", clip, "--max-frames", "3", "-o", "t.npz")
     invoke("image", reference, workdir / "t.npz", *FAST, "--seed", "2")
-    from hellomeme_cli.video import read_image
+    from hellomeme_cli.media.video import read_image
 
     assert read_image(workdir / "majicmix1_t.png").shape == (128, 128, 3)
     with driving.load_template(workdir / "t.npz") as template:

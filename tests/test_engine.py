@@ -14,11 +14,11 @@ import torch
 from safetensors.torch import save_file
 
 from conformance_case import control_from_tensors
-from hellomeme_cli.checkpoints import load_sd15
+from hellomeme_cli.weights.checkpoints import load_sd15
 from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device, resolve_dtype
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.sampler import SamplerInputs, SamplerSettings
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.samplers.common import SamplerInputs, SamplerSettings
+from hellomeme_cli.weights.cache import WeightCache
 from sd15_layout import save_original_layout
 from test_checkpoints import kohya_lora
 
@@ -81,7 +81,7 @@ def test_hub_checkpoint_that_cannot_be_downloaded_is_one_line(tmp_path):
     code = (
         "from pathlib import Path\n"
         "from hellomeme_cli.engine import resolve_checkpoint\n"
-        "from hellomeme_cli.weights import WeightCache\n"
+        "from hellomeme_cli.weights.cache import WeightCache\n"
         f"resolve_checkpoint('someone/realistic-model', WeightCache(Path({str(tmp_path)!r})))\n"
     )
     env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HUB_ETAG_TIMEOUT": "2"}
@@ -156,7 +156,7 @@ def test_v3_networks_schedulers_and_sampler(tiny_cache):
     from diffusers import DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNetMotionModel
 
     from hellomeme_cli.models import HM3DenoisingNet, HM3MotionAdapter, HM3ReferenceNet, HMControlNetBase, HM4SD15ControlProj
-    from hellomeme_cli.sampler_hm3 import HM3VideoSampler
+    from hellomeme_cli.samplers.recursive import HM3VideoSampler
 
     v3 = load_pipeline("v3", ModelOptions(device="cpu"), WeightCache(tiny_cache))
     assert isinstance(v3.reference_net, HM3ReferenceNet) and isinstance(v3.denoiser_2d, HM3DenoisingNet)
@@ -177,7 +177,7 @@ def test_v5_runs_every_pass_on_one_denoiser_with_its_motion_modules(tiny_cache):
     from diffusers import DPMSolverMultistepScheduler
 
     from hellomeme_cli.models import HM5bReferenceAdapter, HM5DenoisingNet, HM5MotionAdapter, HM5SD15ControlProj
-    from hellomeme_cli.sampler_hm5 import HM5VideoSampler
+    from hellomeme_cli.samplers.hm5 import HM5VideoSampler
 
     video = load_pipeline("v5", ModelOptions(device="cpu"), WeightCache(tiny_cache))
     assert isinstance(video.denoiser_motion, HM5DenoisingNet) and video.denoiser_2d is video.denoiser_motion
@@ -262,7 +262,7 @@ def test_low_memory_gives_the_same_picture_for_the_later_versions(tiny_cache, ve
     """Group offloading hooks every network of the v3-v5 families too, and changes no value."""
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
-    from hellomeme_cli.sampler import DrivingFrames
+    from hellomeme_cli.samplers.common import DrivingFrames
 
     def picture(**options) -> torch.Tensor:
         models = load_pipeline(version, ModelOptions(device="cpu", control="blendshapes", **options), WeightCache(tiny_cache), mode="image")

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from conftest import MEDIA, PROJECT_ROOT, require
-from hellomeme_cli.video import write_image
+from hellomeme_cli.media.video import write_image
 
 FAST = "--size 128 --steps 2"
 

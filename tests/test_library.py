@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 import hellomeme_cli as hm
-from hellomeme_cli.video import probe_video
+from hellomeme_cli.media.video import probe_video
 
 from conftest import MEDIA, require
 

@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 
 from conftest import MEDIA, require
-from hellomeme_cli.pasteback import CROP_BORDER, FACE_OVAL_LANDMARKS, PasteBack, head_travel
-from hellomeme_cli.signals import OFFICIAL_FOCAL_LENGTH, DrivingSignals, SquareCrop, prepare_reference, whole_frame
-from hellomeme_cli.tracking import track_image
-from hellomeme_cli.video import read_image
+from hellomeme_cli.face.pasteback import CROP_BORDER, FACE_OVAL_LANDMARKS, PasteBack, head_travel
+from hellomeme_cli.face.signals import OFFICIAL_FOCAL_LENGTH, DrivingSignals, SquareCrop, prepare_reference, whole_frame
+from hellomeme_cli.face.tracking import track_image
+from hellomeme_cli.media.video import read_image
 
 RED_CAST = np.array([30, 0, 0])
 

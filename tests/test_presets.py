@@ -13,14 +13,14 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from conftest import MEDIA, require
-from hellomeme_cli.checkpoints import load_sd15
+from hellomeme_cli.weights.checkpoints import load_sd15
 from hellomeme_cli.cli import app
 from hellomeme_cli.engine import check_options, resolve_checkpoint, resolve_loras
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.presets import CHECKPOINT_FILES, PRESETS, all_presets, checkpoint_preset, lora_preset
+from hellomeme_cli.weights.presets import CHECKPOINT_FILES, PRESETS, all_presets, checkpoint_preset, lora_preset
 from hellomeme_cli.settings import ModelOptions, from_values
-from hellomeme_cli.video import read_frames
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.media.video import read_frames
+from hellomeme_cli.weights.cache import WeightCache
 from test_animate import kohya_attention_lora
 from test_weights import COMMIT, serve_hub
 

@@ -13,7 +13,7 @@ import torch
 from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet2DConditionModel
 
 from conformance_case import control_from_tensors, relative_error
-from hellomeme_cli import sampler as sampler_module
+from hellomeme_cli.samplers import two_stage as sampler_module
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.models import (
     HMControlNet,
@@ -25,7 +25,8 @@ from hellomeme_cli.models import (
     motion_unet,
 )
 from hellomeme_cli.progress import ProgressEvent
-from hellomeme_cli.sampler import SamplerInputs, SamplerSettings, VideoSampler, plan_windows
+from hellomeme_cli.samplers.common import SamplerInputs, SamplerSettings, plan_windows
+from hellomeme_cli.samplers.two_stage import VideoSampler
 from hellomeme_cli.versions import get_version
 
 # --- the stage-2 window plan ----------------------------------------------------------
@@ -290,7 +291,7 @@ def _noise_by_frame(generator, shape, device):
 
 
 def test_every_overlap_covers_and_averages_every_frame(tiny_nets, monkeypatch):
-    monkeypatch.setattr(sampler_module, "_draw", _noise_by_frame)
+    monkeypatch.setattr(sampler_module, "draw_noise", _noise_by_frame)
     sampler = _tiny_sampler(tiny_nets, denoiser_motion=_PerFrameMotion(tiny_nets["denoiser_2d"]))
     inputs = _tiny_inputs(17)
     results = {

@@ -9,7 +9,7 @@ import pytest
 from typer.testing import CliRunner
 
 from hellomeme_cli import cli
-from hellomeme_cli.batch import ROW_OPTIONS
+from hellomeme_cli.batch.jobs import ROW_OPTIONS
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.settings import AnimateSettings, ModelOptions, all_settings, digest_values, from_values, options_markdown
 from hellomeme_cli.versions import VERSIONS

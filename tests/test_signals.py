@@ -14,14 +14,14 @@ import pytest
 import torch
 from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
 
-import hellomeme_cli.tracking as tracking
+import hellomeme_cli.face.tracking as tracking
 from conftest import SHARED, require
-from hellomeme_cli import signals as S
+from hellomeme_cli.face import signals as S
 from hellomeme_cli.models import FanEncoder, HMControlNet, HMControlNet2
 from hellomeme_cli.models.hm4 import ARKIT_COEFFICIENTS
 from hellomeme_cli.progress import ProgressEvent
-from hellomeme_cli.tracking import FaceTrack
-from hellomeme_cli.video import read_frames
+from hellomeme_cli.face.tracking import FaceTrack
+from hellomeme_cli.media.video import read_frames
 
 # MediaPipe canonical face model points (cm): nose tip, the subject's left outer eye corner.
 NOSE_TIP = np.array([0.0, -1.13, 7.48])

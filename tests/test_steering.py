@@ -12,11 +12,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import MEDIA, require
-from hellomeme_cli import signals as S
-from hellomeme_cli import tracking
+from hellomeme_cli.face import signals as S
+from hellomeme_cli.face import tracking
 from hellomeme_cli.cli import app
-from hellomeme_cli.steering import steer
-from hellomeme_cli.video import read_image
+from hellomeme_cli.face.steering import steer
+from hellomeme_cli.media.video import read_image
 
 runner = CliRunner()
 
@@ -95,7 +95,7 @@ def test_each_control_changes_the_video(workdir, options):
         assert runner.invoke(app, ["animate", *common, "-o", str(baseline)]).exit_code == 0
     result = runner.invoke(app, ["animate", *common, *options, "-o", str(workdir / "steered.mp4")])
     assert result.exit_code == 0, result.output
-    from hellomeme_cli.video import read_frames
+    from hellomeme_cli.media.video import read_frames
 
     base, steered = (np.stack(list(read_frames(path))).astype(int) for path in (baseline, workdir / "steered.mp4"))
     assert base.shape == steered.shape and np.abs(base - steered).mean() > 0.5

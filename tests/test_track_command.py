@@ -8,11 +8,11 @@ from typer.testing import CliRunner
 
 from conftest import MEDIA, require
 from hellomeme_cli.cli import app
-from hellomeme_cli.driving import TEMPLATE_FORMAT, load_track
-from hellomeme_cli.signals import PATCH_SIZE
-from hellomeme_cli.tracking import BLENDSHAPE_NAMES
-from hellomeme_cli.video import probe_video
-from hellomeme_cli.weights import sha256_of
+from hellomeme_cli.face.driving import TEMPLATE_FORMAT, load_track
+from hellomeme_cli.face.signals import PATCH_SIZE
+from hellomeme_cli.face.tracking import BLENDSHAPE_NAMES
+from hellomeme_cli.media.video import probe_video
+from hellomeme_cli.weights.cache import sha256_of
 
 runner = CliRunner()
 

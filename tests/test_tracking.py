@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from conftest import MEDIA, require
-from hellomeme_cli import tracking, video
+from hellomeme_cli.face import tracking
+from hellomeme_cli.media import video
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.progress import ProgressEvent
-from hellomeme_cli.weights import WeightCache
+from hellomeme_cli.weights.cache import WeightCache
 
 FRAME_COUNTS = {"jue.mp4": 84, "nice.mp4": 71, "qie.mp4": 38, "ysll.mp4": 61, "tndtc.mp4": 34}
 

@@ -17,11 +17,11 @@ from conftest import MEDIA, require
 from hellomeme_cli.cli import app
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.models.rrdbnet import RRDBNet
-from hellomeme_cli.pasteback import PasteBack
+from hellomeme_cli.face.pasteback import PasteBack
 from hellomeme_cli.pipeline import AnimateSettings, prepare_run
-from hellomeme_cli.signals import SquareCrop
-from hellomeme_cli.upscale import COMPONENT, TILE_PAD, WHOLE_FRAME, WEIGHTS_FILE, Upscaler, load_rrdbnet, load_upscaler, read_rrdbnet_state
-from hellomeme_cli.video import probe_video, read_frames, read_image
+from hellomeme_cli.face.signals import SquareCrop
+from hellomeme_cli.media.upscale import COMPONENT, TILE_PAD, WHOLE_FRAME, WEIGHTS_FILE, Upscaler, load_rrdbnet, load_upscaler, read_rrdbnet_state
+from hellomeme_cli.media.video import probe_video, read_frames, read_image
 from test_pasteback import oval_landmarks, smooth_picture
 
 FAST = ["--size", "128", "--steps", "2"]

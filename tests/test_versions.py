@@ -16,8 +16,8 @@ from conftest import MEDIA, require
 from hellomeme_cli.cli import app
 from hellomeme_cli.models import HMV2ControlNet, HMV2ControlNet2
 from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, VERSIONS, any_version, get_version, resolve, version_names
-from hellomeme_cli.video import probe_video, read_image
-from hellomeme_cli.weights import WeightCache, read_lock
+from hellomeme_cli.media.video import probe_video, read_image
+from hellomeme_cli.weights.cache import WeightCache, read_lock
 
 FAST = ["--size", "128", "--steps", "2"]
 runner = CliRunner()
@@ -95,7 +95,7 @@ def test_animate_v2_gives_one_frame_per_driving_frame(workdir, control):
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "jue.mp4", "clip")
     result = runner.invoke(app, ["animate", str(reference), str(clip), *FAST, "--version", "v2", "--control", control, "--max-frames", "3"])
     assert result.exit_code == 0, result.output
-    info = probe_video(workdir / "majicmix1_jue.mp4")
+    info = probe_video(workdir / "majicmix1_jue_v2.mp4")
     assert (info.frame_count, info.width, info.height) == (3, 128, 128)
 
 
@@ -106,7 +106,7 @@ def test_animate_every_version_gives_one_frame_per_driving_frame(workdir, versio
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "jue.mp4", "clip")
     result = runner.invoke(app, ["animate", str(reference), str(clip), *FAST, "--version", version, "--max-frames", str(frames)])
     assert result.exit_code == 0, result.output
-    info = probe_video(workdir / "majicmix1_jue.mp4")
+    info = probe_video(workdir / f"majicmix1_jue_{version}.mp4")
     assert (info.frame_count, info.width, info.height) == (frames, 128, 128)
 
 

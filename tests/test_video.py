@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import SHARED, audio_duration, require
-from hellomeme_cli import video
+from hellomeme_cli.media import video
 from hellomeme_cli.errors import HellomemeError
 
 MEDIA = SHARED / "media"

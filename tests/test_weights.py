@@ -20,10 +20,10 @@ from huggingface_hub import hf_hub_download, try_to_load_from_cache
 from typer.testing import CliRunner
 
 from conftest import MEDIA, SHARED, require
-from hellomeme_cli import weights
+from hellomeme_cli.weights import cache as weights
 from hellomeme_cli.cli import app
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.weights import Component, LockedFile, WeightCache, read_lock, resolve_lock, write_lock
+from hellomeme_cli.weights.cache import Component, LockedFile, WeightCache, read_lock, resolve_lock, write_lock
 
 COMMIT = "c0ffee00" * 5
 LFS_SUFFIXES = (".safetensors", ".bin", ".task")
@@ -396,7 +396,7 @@ def test_tiny_weights_load_with_the_real_loaders(tiny_home):
 def test_animate_offline_from_tiny_weights_fetched_through_the_hub(tiny_home, tmp_path, monkeypatch):
     """The whole path a user takes: fetch from the hub into the HF cache, then animate with the
     network gone and HF_HUB_OFFLINE set."""
-    from hellomeme_cli.video import probe_video
+    from hellomeme_cli.media.video import probe_video
 
     face_model = require(SHARED / "models" / "face_landmarker.task", "MediaPipe face model")
     portrait, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")

@@ -11,7 +11,7 @@ from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .blocks import SKCrossAttention
+from hellomeme_cli.models.blocks import SKCrossAttention
 
 # The official nets turn every expression coefficient into a sinusoidal "timestep"
 # embedding after multiplying it by these factors.

@@ -12,7 +12,7 @@ import torch
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.embeddings import TimestepEmbedding
 
-from .control import _SKControlNetBase
+from hellomeme_cli.models.control import _SKControlNetBase
 
 V2_BLOCK_OUT_CHANNELS = (128, 640, 1280, 1280, 1280)
 

@@ -19,9 +19,9 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding, TimestepE
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .blocks import SKReferenceAttention, _attention
-from .control import _batch_to_frames, _frames_to_batch
-from .control_v2 import V2_BLOCK_OUT_CHANNELS, _UpPathControlNet
+from hellomeme_cli.models.blocks import SKReferenceAttention, _attention
+from hellomeme_cli.models.control import _batch_to_frames, _frames_to_batch
+from hellomeme_cli.models.control_v2 import V2_BLOCK_OUT_CHANNELS, _UpPathControlNet
 
 SD15_BLOCK_OUT_CHANNELS = (320, 640, 1280, 1280)
 # Widths entering the up blocks: the mid block's output, then each up block's.

@@ -22,8 +22,8 @@ import torch
 from diffusers import UNet2DConditionModel, UNetMotionModel
 from torch import nn
 
-from .hm3 import HM3MotionAdapter, HM3ReferenceAdapter
-from .unet import ControlFeatures, InjectionPoints, ReferenceCache, _add_control, _batched_timestep, _frames_to_batch
+from hellomeme_cli.models.hm3 import HM3MotionAdapter, HM3ReferenceAdapter
+from hellomeme_cli.models.unet import ControlFeatures, InjectionPoints, ReferenceCache, _add_control, _batched_timestep, _frames_to_batch
 
 MotionPads = dict[str, torch.Tensor]
 

@@ -18,9 +18,9 @@ from diffusers.models.embeddings import SinusoidalPositionalEmbedding, TimestepE
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .blocks import ResidualDownBlock, _attention, _channels_last_tokens
-from .control import BLENDSHAPE_SCALE, PDFGC_SCALE, _batch_to_frames, _frames_to_batch
-from .hm3 import SD15_BLOCK_OUT_CHANNELS
+from hellomeme_cli.models.blocks import ResidualDownBlock, _attention, _channels_last_tokens
+from hellomeme_cli.models.control import BLENDSHAPE_SCALE, PDFGC_SCALE, _batch_to_frames, _frames_to_batch
+from hellomeme_cli.models.hm3 import SD15_BLOCK_OUT_CHANNELS
 
 # The drive tokens: each scalar becomes a sinusoid this wide, and a small MLP mixes
 # the scalars of one frame (51 ARKit coefficients, 3 face parts, 548 PD-FGC values)

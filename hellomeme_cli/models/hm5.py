@@ -35,10 +35,10 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
-from .blocks import ResidualDownBlock, _attention, _channels_last_tokens
-from .control import _batch_to_frames
-from .hm4 import ARKIT_COEFFICIENTS, PROJECTIONS  # the same projectors, feature maps and injection points as v4's
-from .unet import InjectionPoints, _add_control, _batched_timestep, _frames_to_batch, load_folder
+from hellomeme_cli.models.blocks import ResidualDownBlock, _attention, _channels_last_tokens
+from hellomeme_cli.models.control import _batch_to_frames
+from hellomeme_cli.models.hm4 import ARKIT_COEFFICIENTS, PROJECTIONS  # the same projectors, feature maps and injection points as v4's
+from hellomeme_cli.models.unet import InjectionPoints, _add_control, _batched_timestep, _frames_to_batch, load_folder
 
 ReferenceCache = dict[str, torch.Tensor]
 ControlFeatures = dict[str, torch.Tensor]

@@ -7,7 +7,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from .blocks import SKReferenceAttention
+from hellomeme_cli.models.blocks import SKReferenceAttention
 
 
 # Which reference attentions each official `version` builds; the denoiser skips the

@@ -32,7 +32,7 @@ from accelerate import init_empty_weights
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from torch import nn
 
-from .reference import HMReferenceAdapter
+from hellomeme_cli.models.reference import HMReferenceAdapter
 
 ReferenceCache = dict[str, torch.Tensor]
 ControlFeatures = dict[str, torch.Tensor]

@@ -17,9 +17,9 @@ from collections.abc import Iterable, Iterator
 import cv2
 import numpy as np
 
-from .errors import HellomemeError
+from hellomeme_cli.errors import HellomemeError
 
-from .signals import DrivingSignals, ReferenceFace, SquareCrop, pose_square
+from hellomeme_cli.face.signals import DrivingSignals, ReferenceFace, SquareCrop, pose_square
 
 # MediaPipe's face oval (FACE_LANDMARKS_FACE_OVAL), in order round the face; 10 is the top of
 # the forehead, 152 the chin.

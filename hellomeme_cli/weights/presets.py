@@ -11,8 +11,8 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
-from .progress import ProgressCallback, no_progress
-from .weights import Component, LockedFile, WeightCache
+from hellomeme_cli.progress import ProgressCallback, no_progress
+from hellomeme_cli.weights.cache import Component, LockedFile, WeightCache
 
 # What a checkpoint preset's repo (a diffusers SD1.5 folder) gives the run: the networks a
 # swapped checkpoint replaces (its UNet, VAE and text encoder), in diffusers' default files.

@@ -32,21 +32,18 @@ the window before it).
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 import inspect
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .models import HM3DenoisingNet, HM3ReferenceNet
-from .models.unet import ControlFeatures, ReferenceCache
-from .progress import ProgressCallback, ProgressEvent, no_progress
-from .versions import DPM_SDE, SD15_SCHEDULE
-from .sampler import DrivingFrames, LatentCodec, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
+from hellomeme_cli.models import HM3DenoisingNet, HM3ReferenceNet
+from hellomeme_cli.models.unet import ControlFeatures, ReferenceCache
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.versions import DPM_SDE, SD15_SCHEDULE
+from hellomeme_cli.samplers.common import LoadedNetworks, DrivingFrames, LatentCodec, SamplerInputs, SamplerSettings, cfg_batch, or_default, draw_noise, guide, fresh_schedule
 
-if TYPE_CHECKING:
-    from .engine import HelloMemePipeline
 
 def official_video_scheduler() -> EulerDiscreteScheduler:
     """The official video schedule (every level and every margin pass), built by the official
@@ -152,7 +149,7 @@ class HM3VideoSampler(LatentCodec):
         self.pad_device = pad_device or self.device
 
     @classmethod
-    def from_pipeline(cls, pipeline: HelloMemePipeline) -> HM3VideoSampler:
+    def from_pipeline(cls, pipeline: LoadedNetworks) -> HM3VideoSampler:
         """On a loaded pipeline's networks and its video and image schedulers."""
         return cls(
             pipeline.reference_net, pipeline.denoiser_2d, pipeline.denoiser_motion, pipeline.control_net,
@@ -174,7 +171,7 @@ class HM3VideoSampler(LatentCodec):
         # 1. Reference latent, base noise, the reference cache and the unconditional control.
         ref_latents = self._encode_reference(inputs, generator)
         _, channels, _, h, w = ref_latents.shape
-        base_noise = _draw(generator, (1, channels, inputs.num_frames + settings.window + 1, h, w), self.device)
+        base_noise = draw_noise(generator, (1, channels, inputs.num_frames + settings.window + 1, h, w), self.device)
         base_noise = base_noise[:, :, : inputs.num_frames]
         clip = self._prepare(inputs, settings, generator, ref_latents)
 
@@ -214,13 +211,13 @@ class HM3VideoSampler(LatentCodec):
         denoiser and DPM-Solver++ SDE -> (1, 4, 1, h, w) / scaling factor."""
         schedule = fresh_schedule(self.image_scheduler, settings.steps, self.device)
         ref_latents = self._encode_reference(inputs, generator)
-        latent = _draw(generator, ref_latents.shape, self.device) * schedule.init_noise_sigma
+        latent = draw_noise(generator, ref_latents.shape, self.device) * schedule.init_noise_sigma
         clip = self._prepare(inputs, settings, generator, ref_latents)
         control = self._control(clip, (0,))
         steps = len(schedule.timesteps)
         progress(ProgressEvent("denoise", 0, steps, "steps"))
         for step, timestep in enumerate(schedule.timesteps):
-            noise = _guide(self._predict(self.denoiser_2d, latent, schedule, timestep, clip, control), settings)
+            noise = guide(self._predict(self.denoiser_2d, latent, schedule, timestep, clip, control), settings)
             latent = _step(schedule, noise[:, :, 0], timestep, latent[:, :, 0], clip.generator).unsqueeze(2)
             progress(ProgressEvent("denoise", step + 1, steps, "steps"))
         return latent / self.vae_encoder.config.scaling_factor
@@ -231,17 +228,17 @@ class HM3VideoSampler(LatentCodec):
         """The reference cache (its unconditional half on a zero latent, as official), the
         guidance-batched prompt embeddings and the unconditional control."""
         guided = settings.uses_guidance
-        reference_text = _cfg_batch(
-            _default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
-            _default(inputs.reference_text_embeds, inputs.text_embeds),
+        reference_text = cfg_batch(
+            or_default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
+            or_default(inputs.reference_text_embeds, inputs.text_embeds),
             guided,
         ).to(self.device)
         return _Clip(
             settings=settings,
             inputs=inputs,
             generator=generator,
-            text=_cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device),
-            reference=self.reference_net(_cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text),
+            text=cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device),
+            reference=self.reference_net(cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text),
             negative_control=self._negative_control(inputs) if guided else None,
             pads={},
         )
@@ -253,7 +250,7 @@ class HM3VideoSampler(LatentCodec):
         latents = base_noise[:, :, [0, 0]] * schedule.init_noise_sigma
         control = self._control(clip, margin)
         for timestep in schedule.timesteps:
-            noise = _guide(self._predict(self.denoiser_2d, latents, schedule, timestep, clip, control), clip.settings)
+            noise = guide(self._predict(self.denoiser_2d, latents, schedule, timestep, clip, control), clip.settings)
             latents = _step(schedule, noise, timestep, latents, clip.generator)
             advance(1)
         for position, index in enumerate(margin):
@@ -279,7 +276,7 @@ class HM3VideoSampler(LatentCodec):
                 noise_sum[:, :, list(window)] += self._predict(
                     self.denoiser_motion, latents[:, :, list(window)], schedule, timestep, clip, control, pads
                 )
-            noise = _guide(noise_sum / coverage, clip.settings)
+            noise = guide(noise_sum / coverage, clip.settings)
             latents = _step(schedule, noise, timestep, latents, clip.generator)
             advance(len(level.windows))
         return latents
@@ -290,7 +287,7 @@ class HM3VideoSampler(LatentCodec):
         if index in clip.pads:
             return
         guided = clip.settings.uses_guidance
-        cache = self.reference_net(_cfg_batch(torch.zeros_like(latent), latent, guided), clip.text)
+        cache = self.reference_net(cfg_batch(torch.zeros_like(latent), latent, guided), clip.text)
         clip.pads[index] = {k: v.unsqueeze(2).to(self.pad_device) for k, v in cache.items()}
 
     @staticmethod
@@ -304,7 +301,7 @@ class HM3VideoSampler(LatentCodec):
         motion_pads: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """The (unconditional, conditional) noise predictions in one network call, float32."""
-        model_input = schedule.scale_model_input(_cfg_batch(latents, latents, clip.settings.uses_guidance), timestep)
+        model_input = schedule.scale_model_input(cfg_batch(latents, latents, clip.settings.uses_guidance), timestep)
         return denoiser(model_input, timestep, clip.text, clip.reference, control, motion_pads).float()
 
     def _control(self, clip: _Clip, frames) -> ControlFeatures:

@@ -9,10 +9,10 @@ from pathlib import Path
 import cv2
 import numpy as np
 
-from .progress import ProgressCallback, no_progress
-from .signals import POSE_EDGES, SquareCrop, clip_crop, crop_track, head_pose, pose_square
-from .tracking import BLENDSHAPE_NAMES, FaceTrack
-from .video import write_video
+from hellomeme_cli.progress import ProgressCallback, no_progress
+from hellomeme_cli.face.signals import POSE_EDGES, SquareCrop, clip_crop, crop_track, head_pose, pose_square
+from hellomeme_cli.face.tracking import BLENDSHAPE_NAMES, FaceTrack
+from hellomeme_cli.media.video import write_video
 
 # The scores drawn as bars: the ones that move most in speech and memes.
 PREVIEW_SCORES = ("jawOpen", "eyeBlinkLeft", "eyeBlinkRight", "mouthSmileLeft", "mouthSmileRight", "browInnerUp", "mouthPucker")

@@ -32,12 +32,12 @@ from queue import Empty
 
 import torch
 
-from .batch import DIGEST_TAG, ClipReport, ClusterOptions, _check_setup, _ClipMaker, _failed, _Ledger, _Task, remove_leftovers
-from .errors import HellomemeError
-from .pipeline import SEED_TAG
-from .progress import ProgressCallback, ProgressEvent
-from .video import probe_video
-from .weights import WeightCache
+from hellomeme_cli.batch.jobs import DIGEST_TAG, ClipReport, ClusterOptions, _check_setup, _ClipMaker, _failed, _Ledger, _Task, remove_leftovers
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.pipeline import SEED_TAG
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent
+from hellomeme_cli.media.video import probe_video
+from hellomeme_cli.weights.cache import WeightCache
 
 INSTALL = 'hellomeme batch --ray needs Ray: pip install "hellomeme-cli[cluster]"'
 SHARED = "every node must see the inputs, outputs and weights at the same paths (a shared filesystem, docs/batch.md)"

@@ -19,7 +19,7 @@ import dataclasses
 import numpy as np
 import torch
 
-from .signals import DrivingSignals, angles_to_rotation, rotation_to_angles
+from hellomeme_cli.face.signals import DrivingSignals, angles_to_rotation, rotation_to_angles
 
 def needs_reference_signals(pose: str, motion: str) -> bool:
     """Whether the controls read the reference picture's own signals."""

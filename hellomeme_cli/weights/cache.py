@@ -30,10 +30,10 @@ from pathlib import Path
 from huggingface_hub import constants, get_hf_file_metadata, hf_hub_download, hf_hub_url, try_to_load_from_cache
 from huggingface_hub.file_download import http_get
 
-from .errors import HellomemeError
-from .logs import hub_logs_quiet
-from .files import atomic_output, write_atomically
-from .progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.logs import hub_logs_quiet
+from hellomeme_cli.media.files import atomic_output, write_atomically
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 
 if sys.version_info >= (3, 11):
     import tomllib

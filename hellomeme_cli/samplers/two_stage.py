@@ -23,129 +23,23 @@ run in their own dtype.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
-from collections.abc import Callable, Iterator
 
-import numpy as np
 import torch
 from diffusers import AutoencoderKL
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .errors import HellomemeError
-from .models import HMDenoisingNet, HMReferenceNet
-from .models.unet import ControlFeatures, ReferenceCache
-from .progress import ProgressCallback, ProgressEvent, no_progress
-from .versions import ControlKind
-
-if TYPE_CHECKING:
-    from .engine import HelloMemePipeline
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerSettings:
-    """steps: stage-2 Euler steps; stage-1 runs min(stage1_steps, steps). guidance <= 1
-    turns classifier-free guidance off. Windows of `window` frames overlap by `overlap`."""
-
-    steps: int = 25
-    guidance: float = 1.5
-    window: int = 12
-    overlap: int = 4
-    stage1_steps: int = 10
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "window", "stage1_steps"):
-            if getattr(self, name) < 1:
-                raise HellomemeError(f"sampler setting {name} must be at least 1, got {getattr(self, name)}")
-        if not 0 <= self.overlap < self.window:
-            raise HellomemeError(f"sampler overlap must be between 0 and window - 1 = {self.window - 1}, got {self.overlap}")
-
-    @property
-    def uses_guidance(self) -> bool:
-        return self.guidance > 1.0
+from hellomeme_cli.models import HMDenoisingNet, HMReferenceNet
+from hellomeme_cli.models.unet import ControlFeatures, ReferenceCache
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.samplers.common import (
+    ControlSource, DrivingFrames, LatentCodec, LoadedNetworks, SamplerInputs, SamplerSettings,
+    cfg_batch, draw_noise, fresh_schedule, guide, or_default, plan_windows,
+)
+from hellomeme_cli.versions import ControlKind
 
 
-@dataclasses.dataclass(frozen=True)
-class DrivingFrames:
-    """Control-net inputs for n consecutive frames: condition (1, 3, n, H, W) in [-1, 1], then
-    the fields the control kind's `inputs` name: drive_coeff (1, n, k) and face_parts
-    (1, n, 3, 1024) for the blendshapes nets (k = 51 ARKit coefficients; v1's and v2's nets
-    take any k), pd_fpg (1, n, 548) for pdfgc."""
 
-    condition: torch.Tensor
-    drive_coeff: torch.Tensor | None = None
-    face_parts: torch.Tensor | None = None
-    pd_fpg: torch.Tensor | None = None
-
-
-ControlSource = Callable[[int, int], DrivingFrames]
 """Gives the control inputs of frames [start, stop); asked for at most one window at a time."""
-
-
-@dataclasses.dataclass(frozen=True)
-class SamplerInputs:
-    """ref_image (1, 3, H, W) in [-1, 1]; prompt embeddings (1, 77, C) for the denoisers
-    and, where they differ (a LoRA in the denoisers' text encoder), for the reference net
-    (default: the denoisers'); neg_pd_fpg (1, 1, 548) is the pdfgc control's unconditional
-    input (needed with guidance; the control kind's `unconditional` names it)."""
-
-    ref_image: torch.Tensor
-    text_embeds: torch.Tensor
-    negative_text_embeds: torch.Tensor
-    control: ControlSource
-    num_frames: int
-    neg_pd_fpg: torch.Tensor | None = None
-    reference_text_embeds: torch.Tensor | None = None
-    reference_negative_text_embeds: torch.Tensor | None = None
-    # v5c: the reference image's own control inputs (one frame), given to its reference net.
-    reference_control: DrivingFrames | None = None
-
-
-@dataclasses.dataclass(frozen=True)
-class WindowPlan:
-    """Stage-2 windows [start, stop) over the clip padded at its end.
-
-    The official padding: `noise_frames = overlap + k * stride` (stride = window - overlap),
-    the smallest such length above the clip's, so at least one padding frame. Every window is `window` frames
-    long; windows holding no real frame (only possible at overlap 0) are dropped, since
-    they cannot change a real frame. The stage-2 base noise is still drawn for
-    `noise_frames` frames, which keeps the random stream the official one.
-    """
-
-    num_frames: int
-    noise_frames: int
-    windows: tuple[tuple[int, int], ...]
-
-    @property
-    def length(self) -> int:
-        """Frames the latents have during stage 2 (real + padding)."""
-        return self.windows[-1][1]
-
-    def coverage(self) -> torch.Tensor:
-        """How many windows hold each frame, (length,)."""
-        counts = torch.zeros(self.length)
-        for start, stop in self.windows:
-            counts[start:stop] += 1
-        return counts
-
-
-def plan_windows(num_frames: int, window: int, overlap: int) -> WindowPlan:
-    """The official window layout, extended to every overlap in [0, window) and every clip length."""
-    if num_frames < 1:
-        raise ValueError(f"a clip needs at least one frame, got {num_frames}")
-    if not 0 <= overlap < window:
-        raise ValueError(f"overlap must be in [0, {window}), got {overlap}")
-    stride = window - overlap
-    count = max(1, (num_frames - overlap) // stride + 1)
-    starts = [i * stride for i in range(count) if i * stride < num_frames]
-    return WindowPlan(num_frames, overlap + count * stride, tuple((s, s + window) for s in starts))
-
-
-def fresh_schedule(scheduler: SchedulerMixin, steps: int, device: torch.device) -> SchedulerMixin:
-    """A new scheduler of the same class and config, its timesteps set: diffusers' schedulers
-    count their steps internally, and every stage (every stage-1 frame) starts from step 0."""
-    schedule = type(scheduler).from_config(scheduler.config)
-    schedule.set_timesteps(steps, device=device)
-    return schedule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -158,49 +52,6 @@ class _Clip:
     text: torch.Tensor
     reference: ReferenceCache
     negative_control: ControlFeatures | None
-
-
-class LatentCodec:
-    """The VAE's part, shared by every sampler: the reference image into its latent (checked,
-    drawn from the run's generator), and latents into frames batch by batch, as an iterator, so
-    frames stream to the writer and memory stays flat in clip length. Needs `vae_encoder`,
-    `vae_decoder` and `device`."""
-
-    def _encode_reference(self, inputs: SamplerInputs, generator: torch.Generator) -> torch.Tensor:
-        """(1, 4, 1, h, w) scaled reference latent, sampled from the VAE's latent distribution."""
-        if generator.device.type != "cpu":
-            raise ValueError("the sampler draws its noise from a CPU generator (same video on every device)")
-        if inputs.num_frames < 1:
-            raise HellomemeError("the driving clip has no frames")
-        if inputs.ref_image.ndim != 4 or inputs.ref_image.shape[:2] != (1, 3):
-            raise ValueError(f"ref_image must be (1, 3, H, W), got {tuple(inputs.ref_image.shape)}")
-        vae = self.vae_encoder
-        distribution = vae.encode(inputs.ref_image.to(self.device, vae.dtype)).latent_dist
-        noise = _draw(generator, distribution.mean.shape, self.device).to(distribution.mean.dtype)
-        latent = distribution.mean + distribution.std * noise
-        return (vae.config.scaling_factor * latent.float()).unsqueeze(2)
-
-    @torch.no_grad()
-    def decode_tensors(
-        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
-    ) -> Iterator[torch.Tensor]:
-        """latents from `sample` -> (n, 3, H, W) float32 frames in [0, 1] on the device, n <= batch."""
-        num_frames = latents.shape[2]
-        progress(ProgressEvent("decode", 0, num_frames, "frames"))
-        for start in range(0, num_frames, batch):
-            stop = min(start + batch, num_frames)
-            z = latents[0, :, start:stop].transpose(0, 1).to(self.device, self.vae_decoder.dtype)
-            images = (self.vae_decoder.decode(z).sample.float() / 2 + 0.5).clamp(0, 1)
-            # Reported before the batch is handed on, so the consumer's time is not counted as decoding.
-            progress(ProgressEvent("decode", stop, num_frames, "frames"))
-            yield images
-
-    def decode(
-        self, latents: torch.Tensor, batch: int = 8, progress: ProgressCallback = no_progress
-    ) -> Iterator[np.ndarray]:
-        """latents from `sample` -> RGB uint8 frames (n, H, W, 3), batch by batch, ready to stream to a writer."""
-        for images in self.decode_tensors(latents, batch, progress):
-            yield (images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
 
 
 class VideoSampler(LatentCodec):
@@ -238,7 +89,7 @@ class VideoSampler(LatentCodec):
         self.device = device or denoiser_2d.unet.device
 
     @classmethod
-    def from_pipeline(cls, pipeline: HelloMemePipeline) -> VideoSampler:
+    def from_pipeline(cls, pipeline: LoadedNetworks) -> VideoSampler:
         """On a loaded pipeline's networks (v1, v2: one scheduler for video and image)."""
         return cls(
             pipeline.reference_net, pipeline.denoiser_2d, pipeline.denoiser_motion, pipeline.control_net,
@@ -280,12 +131,12 @@ class VideoSampler(LatentCodec):
         step with the 2D denoiser -> (1, 4, 1, h, w) / scaling factor."""
         clip, ref_latents = self._prepare(inputs, settings, generator)
         schedule = fresh_schedule(self.scheduler, settings.steps, self.device)
-        latent = _draw(generator, ref_latents.shape, self.device) * schedule.init_noise_sigma
+        latent = draw_noise(generator, ref_latents.shape, self.device) * schedule.init_noise_sigma
         control = self._control(clip, 0, 1)
         steps = len(schedule.timesteps)
         progress(ProgressEvent("denoise", 0, steps, "steps"))
         for step, timestep in enumerate(schedule.timesteps):
-            noise = _guide(self._predict(self.denoiser_2d, latent, schedule, timestep, clip, control), settings)
+            noise = guide(self._predict(self.denoiser_2d, latent, schedule, timestep, clip, control), settings)
             latent = schedule.step(noise, timestep, latent).prev_sample
             progress(ProgressEvent("denoise", step + 1, steps, "steps"))
         return latent / self.vae_encoder.config.scaling_factor
@@ -296,9 +147,9 @@ class VideoSampler(LatentCodec):
         """What every denoiser call of a clip shares, and the scaled reference latent (1, 4, 1, h, w);
         with guidance the reference net's unconditional half sees a zero latent, as official."""
         guided = settings.uses_guidance
-        reference_text = _cfg_batch(
-            _default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
-            _default(inputs.reference_text_embeds, inputs.text_embeds),
+        reference_text = cfg_batch(
+            or_default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
+            or_default(inputs.reference_text_embeds, inputs.text_embeds),
             guided,
         ).to(self.device)
         ref_latents = self._encode_reference(inputs, generator)
@@ -306,8 +157,8 @@ class VideoSampler(LatentCodec):
             settings=settings,
             num_frames=inputs.num_frames,
             source=inputs.control,
-            text=_cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device),
-            reference=self.reference_net(_cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text),
+            text=cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device),
+            reference=self.reference_net(cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text),
             negative_control=self._negative_control(inputs) if guided else None,
         )
         return clip, ref_latents
@@ -318,7 +169,7 @@ class VideoSampler(LatentCodec):
         """Each frame alone: frame 0 from the base noise, frame i from frame i-1's result
         re-noised to the first step with the same base noise."""
         steps = min(clip.settings.stage1_steps, clip.settings.steps)
-        base_noise = _draw(generator, latent_shape, self.device)
+        base_noise = draw_noise(generator, latent_shape, self.device)
         latent = base_noise * fresh_schedule(self.scheduler, steps, self.device).init_noise_sigma
         frames = []
         progress(ProgressEvent("stage 1", 0, clip.num_frames, "frames"))
@@ -328,7 +179,7 @@ class VideoSampler(LatentCodec):
             if index > 0:
                 latent = schedule.add_noise(latent, base_noise, schedule.timesteps[:1])
             for timestep in schedule.timesteps:
-                noise = _guide(self._predict(self.denoiser_2d, latent, schedule, timestep, clip, control), clip.settings)
+                noise = guide(self._predict(self.denoiser_2d, latent, schedule, timestep, clip, control), clip.settings)
                 latent = schedule.step(noise, timestep, latent).prev_sample
             frames.append(latent)
             progress(ProgressEvent("stage 1", index + 1, clip.num_frames, "frames"))
@@ -346,7 +197,7 @@ class VideoSampler(LatentCodec):
         padding = stage1[:, :, pad_source : pad_source + 1].expand(-1, -1, plan.length - clip.num_frames, -1, -1)
         latents = torch.cat([stage1, padding], dim=2)
         _, channels, _, h, w = latents.shape
-        base_noise = _draw(generator, (1, channels, plan.noise_frames, h, w), self.device)[:, :, : plan.length]
+        base_noise = draw_noise(generator, (1, channels, plan.noise_frames, h, w), self.device)[:, :, : plan.length]
         latents = schedule.add_noise(latents, base_noise, schedule.timesteps[:1])
         coverage = plan.coverage().to(self.device).view(1, 1, -1, 1, 1)
         noise_sum = torch.zeros((2 if clip.settings.uses_guidance else 1, *latents.shape[1:]), device=self.device)
@@ -359,7 +210,7 @@ class VideoSampler(LatentCodec):
                 control = self._control(clip, start, stop)
                 window = latents[:, :, start:stop]
                 noise_sum[:, :, start:stop] += self._predict(self.denoiser_motion, window, schedule, timestep, clip, control)
-            noise = _guide(noise_sum / coverage, clip.settings)
+            noise = guide(noise_sum / coverage, clip.settings)
             latents = schedule.step(noise, timestep, latents).prev_sample
             progress(ProgressEvent("stage 2", step + 1, steps, "steps"))
         return latents
@@ -374,7 +225,7 @@ class VideoSampler(LatentCodec):
         control: ControlFeatures,
     ) -> torch.Tensor:
         """The (unconditional, conditional) noise predictions in one network call, float32."""
-        model_input = schedule.scale_model_input(_cfg_batch(latents, latents, clip.settings.uses_guidance), timestep)
+        model_input = schedule.scale_model_input(cfg_batch(latents, latents, clip.settings.uses_guidance), timestep)
         return denoiser(model_input, timestep, clip.text, clip.reference, control).float()
 
     def _control(self, clip: _Clip, start: int, stop: int) -> ControlFeatures:
@@ -417,23 +268,3 @@ class VideoSampler(LatentCodec):
         return self._control_features(DrivingFrames(torch.full_like(first.condition, -1.0), **negative))
 
 
-def _draw(generator: torch.Generator, shape: tuple[int, ...], device: torch.device) -> torch.Tensor:
-    """Standard normal noise from the CPU generator, in float32 whatever the device."""
-    return torch.randn(shape, generator=generator, dtype=torch.float32).to(device)
-
-
-def _cfg_batch(unconditional: torch.Tensor, conditional: torch.Tensor, guided: bool) -> torch.Tensor:
-    """Classifier-free guidance runs both halves in one network call, unconditional first."""
-    return torch.cat([unconditional, conditional], dim=0) if guided else conditional
-
-
-def _default(value: torch.Tensor | None, fallback: torch.Tensor) -> torch.Tensor:
-    return fallback if value is None else value
-
-
-def _guide(noise: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
-    """Classifier-free guidance on a batch of (unconditional, conditional) predictions."""
-    if not settings.uses_guidance:
-        return noise
-    unconditional, conditional = noise.chunk(2)
-    return unconditional + settings.guidance * (conditional - unconditional)

@@ -23,8 +23,8 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .errors import HellomemeError, first_line
-from .models.rrdbnet import UNSHUFFLE, RRDBNet
+from hellomeme_cli.errors import HellomemeError, first_line
+from hellomeme_cli.models.rrdbnet import UNSHUFFLE, RRDBNet
 
 COMPONENT = "esrgan"  # its weight component in weights.lock
 WEIGHTS_FILE = "RealESRGAN_x2plus.pth"

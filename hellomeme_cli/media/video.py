@@ -18,6 +18,7 @@ import os
 import re
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterable, Iterator, Mapping
 from fractions import Fraction
 from pathlib import Path
@@ -26,9 +27,9 @@ import cv2
 import imageio_ffmpeg
 import numpy as np
 
-from .errors import HellomemeError
-from .files import atomic_output, write_atomically
-from .progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.media.files import atomic_output, write_atomically
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 
 # Visually near-lossless for x264; generated frames are worth keeping at this quality.
 VIDEO_CRF = 18
@@ -228,8 +229,11 @@ def write_video(
     return path
 
 
-def write_image(image: np.ndarray, path: Path, force: bool = False, protect: Iterable[Path] = ()) -> Path:
-    """Save an RGB uint8 image (format from the extension) atomically; returns `path`."""
+def write_image(
+    image: np.ndarray, path: Path, force: bool = False, protect: Iterable[Path] = (), tags: Mapping[str, str] | None = None
+) -> Path:
+    """Save an RGB uint8 image (format from the extension) atomically; returns `path`. `tags` go into
+    a PNG's text chunks (the seed a picture was made with, as a video's metadata holds it)."""
     path = Path(path)
     check_destination(path, force, protect)
     try:
@@ -238,7 +242,41 @@ def write_image(image: np.ndarray, path: Path, force: bool = False, protect: Ite
         ok = False
     if not ok:
         raise HellomemeError(f"{path}: cannot write an image with extension {path.suffix or '(none)'}")
-    return write_atomically(path, encoded.tobytes())
+    data = encoded.tobytes()
+    if tags and data.startswith(PNG_SIGNATURE):
+        data = _with_png_text(data, tags)
+    return write_atomically(path, data)
+
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+# OpenCV writes no PNG text chunks, and a picture's seed is a dozen bytes: the chunks are written here.
+def _with_png_text(data: bytes, tags: Mapping[str, str]) -> bytes:
+    """`data` (a PNG) with one tEXt chunk per tag after its header chunk."""
+    header_end = len(PNG_SIGNATURE) + 8 + int.from_bytes(data[8:12], "big") + 4
+    chunks = b""
+    for key, value in tags.items():
+        body = b"tEXt" + key.encode("latin-1") + b"\0" + value.encode("latin-1")
+        chunks += (len(body) - 4).to_bytes(4, "big") + body + zlib.crc32(body).to_bytes(4, "big")
+    return data[:header_end] + chunks + data[header_end:]
+
+
+def image_tags(path: Path) -> dict[str, str]:
+    """The tEXt chunks of a PNG (what `write_image` stored); {} for other formats."""
+    data = Path(path).read_bytes()
+    tags, position = {}, len(PNG_SIGNATURE)
+    if not data.startswith(PNG_SIGNATURE):
+        return tags
+    while position + 8 <= len(data):
+        length, kind = int.from_bytes(data[position:position + 4], "big"), data[position + 4:position + 8]
+        if kind == b"tEXt":
+            key, _, value = data[position + 8:position + 8 + length].partition(b"\0")
+            tags[key.decode("latin-1")] = value.decode("latin-1")
+        if kind == b"IEND":
+            break
+        position += 12 + length
+    return tags
 
 
 # -- reading -----------------------------------------------------------------

@@ -31,21 +31,18 @@ comes from torch's global random state.
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING
 import inspect
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from .models import HM5ControlNetBase, HM5DenoisingNet, HM5ReferenceNet, HM5SD15ControlProj, motion_pad_states
-from .models.unet import ControlFeatures, ReferenceCache
-from .progress import ProgressCallback, ProgressEvent, no_progress
-from .sampler import ControlSource, DrivingFrames, LatentCodec, SamplerInputs, SamplerSettings, _cfg_batch, _default, _draw, _guide, fresh_schedule
-from .versions import DPM_SDE, ControlKind
+from hellomeme_cli.models import HM5ControlNetBase, HM5DenoisingNet, HM5ReferenceNet, HM5SD15ControlProj, motion_pad_states
+from hellomeme_cli.models.unet import ControlFeatures, ReferenceCache
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.samplers.common import LoadedNetworks, ControlSource, DrivingFrames, LatentCodec, SamplerInputs, SamplerSettings, cfg_batch, or_default, draw_noise, guide, fresh_schedule
+from hellomeme_cli.versions import DPM_SDE, ControlKind
 
-if TYPE_CHECKING:
-    from .engine import HelloMemePipeline
 
 # The official windows: 12 frames, neighbours sharing one frame (`HM5VideoPipeline.num_frames`).
 WINDOW = 12
@@ -137,7 +134,7 @@ class HM5VideoSampler(LatentCodec):
         self.device = device or denoiser.unet.device
 
     @classmethod
-    def from_pipeline(cls, pipeline: HelloMemePipeline) -> HM5VideoSampler:
+    def from_pipeline(cls, pipeline: LoadedNetworks) -> HM5VideoSampler:
         """On a loaded pipeline's networks: its one denoiser, with motion modules for video runs."""
         return cls(
             pipeline.reference_net, pipeline.denoiser_motion or pipeline.denoiser_2d, pipeline.control_net,
@@ -162,7 +159,7 @@ class HM5VideoSampler(LatentCodec):
 
         # 2. One noise tensor for every pass.
         _, channels, _, h, w = ref_latents.shape
-        noise = _draw(generator, (1, channels, inputs.num_frames + WINDOW + 1, h, w), self.device)
+        noise = draw_noise(generator, (1, channels, inputs.num_frames + WINDOW + 1, h, w), self.device)
 
         # 3. The recursive passes, margin frames first.
         latents = self._denoise(clip, list(range(inputs.num_frames)), {}, noise, generator, 0, progress)
@@ -183,14 +180,14 @@ class HM5VideoSampler(LatentCodec):
 
         # 2. Base noise, then every step with the denoiser without motion.
         schedule = fresh_schedule(self.scheduler, settings.steps, self.device)
-        latent = _draw(generator, ref_latents.shape, self.device) * schedule.init_noise_sigma
+        latent = draw_noise(generator, ref_latents.shape, self.device) * schedule.init_noise_sigma
         control = self._control(clip, [0])
         steps = len(schedule.timesteps)
         progress(ProgressEvent("denoise", 0, steps, "steps"))
         for step, timestep in enumerate(schedule.timesteps):
-            model_input = schedule.scale_model_input(_cfg_batch(latent, latent, settings.uses_guidance), timestep)
+            model_input = schedule.scale_model_input(cfg_batch(latent, latent, settings.uses_guidance), timestep)
             noise = self.denoiser(model_input, timestep, clip.text, clip.reference, control).float()
-            latent = schedule.step(_guide(noise, settings), timestep, latent, generator=generator).prev_sample
+            latent = schedule.step(guide(noise, settings), timestep, latent, generator=generator).prev_sample
             progress(ProgressEvent("denoise", step + 1, steps, "steps"))
         return latent / self.vae_encoder.config.scaling_factor
 
@@ -206,13 +203,13 @@ class HM5VideoSampler(LatentCodec):
         ref_control = None
         if self.reference_control:
             ref_control = _with_negative(self._control_features(inputs.reference_control), negative)
-        reference_text = _cfg_batch(
-            _default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
-            _default(inputs.reference_text_embeds, inputs.text_embeds),
+        reference_text = cfg_batch(
+            or_default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
+            or_default(inputs.reference_text_embeds, inputs.text_embeds),
             guided,
         ).to(self.device)
-        reference = self.reference_net(_cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text, ref_control)
-        text = _cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device)
+        reference = self.reference_net(cfg_batch(torch.zeros_like(ref_latents), ref_latents, guided), reference_text, ref_control)
+        text = cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device)
         return _Clip(settings, inputs.control, text, reference, negative), ref_latents
 
     def _denoise(
@@ -246,7 +243,7 @@ class HM5VideoSampler(LatentCodec):
         progress(ProgressEvent(task, 0, steps, "steps"))
         for step, timestep in enumerate(schedule.timesteps):
             noise_sum.zero_()
-            model_input = schedule.scale_model_input(_cfg_batch(latents, latents, guided), timestep)
+            model_input = schedule.scale_model_input(cfg_batch(latents, latents, guided), timestep)
             for start, stop in windows:
                 window = frames[start:stop]
                 pad = motion_pad_states(pads[window[0]], pads[window[-1]]) if window[0] in pads and window[-1] in pads else None
@@ -259,7 +256,7 @@ class HM5VideoSampler(LatentCodec):
                     motion_pad=pad,
                     use_motion=True,
                 ).float()
-            noise_pred = _guide(noise_sum / coverage, clip.settings)
+            noise_pred = guide(noise_sum / coverage, clip.settings)
             latents = schedule.step(noise_pred, timestep, latents, generator=generator).prev_sample
             progress(ProgressEvent(task, step + 1, steps, "steps"))
 
@@ -267,7 +264,7 @@ class HM5VideoSampler(LatentCodec):
             # Pad states: the reference net on each result, with the denoiser's prompt (as official).
             for position, frame in enumerate(frames):
                 latent = latents[:, :, position]
-                pads[frame] = self.reference_net(_cfg_batch(torch.zeros_like(latent), latent, guided), clip.text)
+                pads[frame] = self.reference_net(cfg_batch(torch.zeros_like(latent), latent, guided), clip.text)
         return latents
 
     def _control(self, clip: _Clip, frames: list[int]) -> ControlFeatures:

@@ -28,8 +28,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file
 from transformers import CLIPTextModel, CLIPTokenizer
 
-from .errors import HellomemeError
-from .models.unet import load_folder
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.models.unet import load_folder
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 UNET_PREFIX = "model.diffusion_model."

@@ -19,21 +19,19 @@ import zipfile
 from collections.abc import Iterable
 from fractions import Fraction
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import BinaryIO, Protocol
 
 import numpy as np
 
-from .errors import HellomemeError
-from .progress import ProgressCallback, no_progress
-from .signals import PATCH_SIZE, DrivingSignals, FacePatches, ReferenceFace, build_driving_signals, cut_patch, face_patch_box, head_pose
-from .tracking import BLENDSHAPE_NAMES, FaceTrack, Smoothing, track_image, track_video
-from .files import atomic_output
-from .video import check_destination, probe_video, read_image
-from .weights import sha256_of
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.progress import ProgressCallback, no_progress
+from hellomeme_cli.face.signals import PATCH_SIZE, DrivingSignals, FacePatches, ReferenceFace, build_driving_signals, cut_patch, face_patch_box, head_pose
+from hellomeme_cli.face.tracking import BLENDSHAPE_NAMES, FaceTrack, Smoothing, track_image, track_video
+from hellomeme_cli.media.files import atomic_output
+from hellomeme_cli.media.video import check_destination, probe_video, read_image
+from hellomeme_cli.weights.cache import sha256_of
 
-if TYPE_CHECKING:
-    from .engine import HelloMemePipeline
-    from .pipeline import AnimateSettings
+from hellomeme_cli.settings import AnimateSettings
 
 TEMPLATE_SUFFIX = ".npz"
 TEMPLATE_KIND = "hellomeme motion template"
@@ -44,6 +42,16 @@ TEMPLATE_FIELDS = (
 )  # fmt: skip
 # A time this close after a frame's timestamp already shows that frame (float rounding of k / rate).
 TIME_EPSILON = 1e-6
+
+
+class FaceEncoders(Protocol):
+    """What driving input needs of a loaded pipeline (engine.HelloMemePipeline): the face model and the signal encoders."""
+
+    face_model: Path
+    image_encoder: object
+    fan_encoder: object
+    device: object
+    dtype: object
 
 
 @dataclasses.dataclass
@@ -327,7 +335,7 @@ def prepare_driving(
     drive: Path,
     reference: ReferenceFace,
     settings: AnimateSettings,
-    models: HelloMemePipeline,
+    models: FaceEncoders,
     *,
     progress: ProgressCallback = no_progress,
     track_cache: Path | None = None,
@@ -342,7 +350,7 @@ def prepare_driving(
 
 
 def prepare_driving_image(
-    drive: Path, reference: ReferenceFace, settings: AnimateSettings, models: HelloMemePipeline, *, progress: ProgressCallback = no_progress
+    drive: Path, reference: ReferenceFace, settings: AnimateSettings, models: FaceEncoders, *, progress: ProgressCallback = no_progress
 ) -> DrivingSignals:
     """The signals of one driving picture, or of a template's first frame with a detected face
     (its first frame if none was detected)."""
@@ -400,7 +408,7 @@ def expected_frames(drive: Path, settings: AnimateSettings) -> int | None:
 
 
 def _signals(
-    track: FaceTrack, frames: object, reference: ReferenceFace, settings: AnimateSettings, models: HelloMemePipeline, progress: ProgressCallback
+    track: FaceTrack, frames: object, reference: ReferenceFace, settings: AnimateSettings, models: FaceEncoders, progress: ProgressCallback
 ) -> DrivingSignals:
     return build_driving_signals(
         track,

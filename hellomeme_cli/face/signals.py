@@ -18,13 +18,13 @@ import cv2
 import numpy as np
 import torch
 
-from .progress import ProgressCallback, ProgressEvent, no_progress
-from .tracking import BLENDSHAPE_NAMES, FaceTrack
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.face.tracking import BLENDSHAPE_NAMES, FaceTrack
 
 if TYPE_CHECKING:
     from transformers import CLIPVisionModelWithProjection
 
-    from .models import FanEncoder
+    from hellomeme_cli.models import FanEncoder
 
 WORKING_SIZE = 512
 

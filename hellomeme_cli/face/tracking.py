@@ -12,10 +12,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import HellomemeError
-from .progress import ProgressCallback, ProgressEvent, no_progress
-from .video import VideoInfo, probe_video, read_frames, read_image
-from .weights import WeightCache
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.media.video import VideoInfo, probe_video, read_frames, read_image
+from hellomeme_cli.weights.cache import WeightCache
 
 LANDMARK_COUNT = 478
 MODEL_COMPONENT = "face_landmarker"

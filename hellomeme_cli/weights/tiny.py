@@ -11,7 +11,7 @@ import torch
 from diffusers import AutoencoderKL, MotionAdapter, PNDMScheduler, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-from .models import (
+from hellomeme_cli.models import (
     FanEncoder,
     HM3MotionAdapter,
     HM3ReferenceAdapter,
@@ -29,8 +29,8 @@ from .models import (
     HMV2ControlNet2,
     HMV3ControlNet,
 )
-from .progress import ProgressCallback, ProgressEvent, no_progress
-from .weights import WeightCache
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
+from hellomeme_cli.weights.cache import WeightCache
 
 BLOCK_OUT_CHANNELS = (32, 64, 64, 64)
 CONTROL_CHANNELS = (16, 32, 64, 64)  # control level i feeds UNet down block i
@@ -176,8 +176,8 @@ def _tiny_motion_adapter() -> MotionAdapter:
 
 def write_esrgan(folder: Path) -> Path:
     """A tiny x2 RRDBNet saved as the released RealESRGAN_x2plus.pth is: its tensors under `params_ema`."""
-    from .models.rrdbnet import RRDBNet
-    from .upscale import WEIGHTS_FILE
+    from hellomeme_cli.models.rrdbnet import RRDBNet
+    from hellomeme_cli.media.upscale import WEIGHTS_FILE
 
     folder.mkdir(parents=True, exist_ok=True)
     model = RRDBNet(scale=2, num_feat=8, num_block=1, num_grow_ch=4)

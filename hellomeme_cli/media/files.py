@@ -15,7 +15,7 @@ import secrets
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import HellomemeError
+from hellomeme_cli.errors import HellomemeError
 
 
 def temporary_beside(path: Path) -> Path:

@@ -1,4 +1,6 @@
-"""Batch: many driving clips through one set of loaded models, as numbered steps.
+"""Batch jobs: what a batch is made of, here or on Ray: the plan, the checks, the ledger and report, the clip maker.
+
+`run.run_batch` takes these steps:
 
 1. plan: the clips of a folder (one reference) or the rows of a CSV (reference, driving, output and
    per-row options); files in the folder that are not videos are recorded as failed
@@ -6,41 +8,38 @@
 3. remove temporary files a killed run left; skip outputs already made with the same settings
    (each output carries a digest of what made it in its metadata); read every reference once
 4. make the clips, grouped by the models they need: in this process on one device, or on Ray
-   workers (cluster.py, one per GPU); each loads the models once (again only for a clip that needs
+   workers (on_ray.py, one per GPU); each loads the models once (again only for a clip that needs
    other models). A clip that fails is recorded with its reason and the batch goes on.
 5. the JSON report, rewritten after every clip, so a killed run leaves one too
 """
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import dataclasses
 import gc
 import hashlib
 import json
 import re
-import signal
 import time
 import traceback
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
-from . import __version__
-from .engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device
-from .errors import HellomemeError
-from .driving import TEMPLATE_SUFFIX, expected_frames
-from .pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, run_components
-from .progress import ProgressCallback, ProgressEvent, no_progress
-from .settings import Setting, all_settings, digest_values, from_values, parse_cell
-from .tracking import MODEL_FILE
-from .video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
-from .logs import libraries_quiet
-from .files import leftover_temporaries, write_atomically
-from .video import VideoInfo, probe_video
-from .weights import WeightCache, sha256_of
+from hellomeme_cli.version import __version__
+from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.face.driving import TEMPLATE_SUFFIX, expected_frames
+from hellomeme_cli.pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, run_components
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent
+from hellomeme_cli.settings import Setting, all_settings, digest_values, from_values, parse_cell
+from hellomeme_cli.media.video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
+from hellomeme_cli.logs import libraries_quiet
+from hellomeme_cli.media.files import leftover_temporaries, write_atomically
+from hellomeme_cli.media.video import VideoInfo, probe_video
+from hellomeme_cli.weights.cache import WeightCache, sha256_of
 
 DIGEST_TAG = "hellomeme_batch"  # the output's metadata key holding the digest of what made it
 OUTPUT_FOLDER = "hellomeme"  # default output folder, inside the clips' folder (or beside the CSV)
@@ -259,43 +258,6 @@ class ClusterOptions:
 _HOST_PORT = re.compile(r"[\w.\-\[\]:]+:\d+")
 
 
-def run_batch(
-    plan: BatchPlan,
-    *,
-    force: bool = False,
-    cache: WeightCache | None = None,
-    progress: ProgressCallback = no_progress,
-    cluster: ClusterOptions | None = None,
-) -> BatchReport:
-    """Make the plan's clips; `force` remakes finished ones too. Without `cluster`: one after the
-    other in this process, on the device the settings name; with it: on Ray workers (cluster.py).
-    Setup problems raise before any work; a clip's own problem goes into its report. On
-    KeyboardInterrupt (Ctrl-C, or SIGTERM under `sigterm_interrupts`) it stops, leaves no partial
-    file under a final name, records the clips not made as skipped and returns."""
-    if cluster is not None:
-        from .cluster import import_ray
-
-        import_ray()  # without Ray, say how to install it before anything else
-    cache = cache or WeightCache()
-    device = str(resolve_device(plan.jobs[0].settings.models.device)) if plan.jobs and cluster is None else None
-    _check_setup(plan.jobs, device, cache)
-    for folder in {plan.report.parent, *(job.output.parent for job in plan.jobs)}:
-        folder.mkdir(parents=True, exist_ok=True)
-    for path in (plan.report, *(job.output for job in plan.jobs)):
-        remove_leftovers(path)
-    ledger = _Ledger(plan, progress)
-    try:
-        tasks = _prepare(plan.jobs, ledger, force, cache.path("face_landmarker") / MODEL_FILE, progress)
-        if cluster is None:
-            _run_here(tasks, device, cache, ledger, progress)
-        elif tasks:
-            from .cluster import run_on_ray  # Ray is an optional extra: imported only when asked for
-            run_on_ray(tasks, cluster, cache, ledger, progress)
-    except KeyboardInterrupt:
-        return ledger.close(finished=False)
-    return ledger.close(finished=True)
-
-
 def remove_leftovers(output: Path) -> None:
     """The temporary files a killed writer of `output` left (SIGKILL, power loss, a lost worker)."""
     for leftover in leftover_temporaries(output):
@@ -484,25 +446,3 @@ def _reason(error: Exception) -> str:
     return str(error) if isinstance(error, HellomemeError) else f"{type(error).__name__}: {error}"
 
 
-def _run_here(tasks: Sequence[_Task], device: str, cache: WeightCache, ledger: _Ledger, progress: ProgressCallback) -> None:
-    maker = _ClipMaker(device, device, cache)
-    for task in tasks:
-        ledger.running = 1
-        ledger.show()
-        report = maker.make(task, progress)
-        ledger.running = 0
-        ledger.record(task.index, report)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within: SIGTERM (`kill`) stops the batch as Ctrl-C does, report written and no partial file left."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)

@@ -1,0 +1,75 @@
+"""Batch runs: `run_batch` takes a plan's clips through the steps listed in jobs.py, here or on Ray."""
+
+from __future__ import annotations
+
+import contextlib
+import signal
+from collections.abc import Iterator, Sequence
+
+from hellomeme_cli.batch.jobs import BatchPlan, BatchReport, ClusterOptions, _check_setup, _ClipMaker, _Ledger, _prepare, _Task, remove_leftovers
+from hellomeme_cli.engine import resolve_device
+from hellomeme_cli.face.tracking import MODEL_FILE
+from hellomeme_cli.progress import ProgressCallback, no_progress
+from hellomeme_cli.weights.cache import WeightCache
+
+
+def run_batch(
+    plan: BatchPlan,
+    *,
+    force: bool = False,
+    cache: WeightCache | None = None,
+    progress: ProgressCallback = no_progress,
+    cluster: ClusterOptions | None = None,
+) -> BatchReport:
+    """Make the plan's clips; `force` remakes finished ones too. Without `cluster`: one after the
+    other in this process, on the device the settings name; with it: on Ray workers (on_ray.py).
+    Setup problems raise before any work; a clip's own problem goes into its report. On
+    KeyboardInterrupt (Ctrl-C, or SIGTERM under `sigterm_interrupts`) it stops, leaves no partial
+    file under a final name, records the clips not made as skipped and returns."""
+    if cluster is not None:
+        from hellomeme_cli.batch.on_ray import import_ray
+
+        import_ray()  # without Ray, say how to install it before anything else
+    cache = cache or WeightCache()
+    device = str(resolve_device(plan.jobs[0].settings.models.device)) if plan.jobs and cluster is None else None
+    _check_setup(plan.jobs, device, cache)
+    for folder in {plan.report.parent, *(job.output.parent for job in plan.jobs)}:
+        folder.mkdir(parents=True, exist_ok=True)
+    for path in (plan.report, *(job.output for job in plan.jobs)):
+        remove_leftovers(path)
+    ledger = _Ledger(plan, progress)
+    try:
+        tasks = _prepare(plan.jobs, ledger, force, cache.path("face_landmarker") / MODEL_FILE, progress)
+        if cluster is None:
+            _run_here(tasks, device, cache, ledger, progress)
+        elif tasks:
+            from hellomeme_cli.batch.on_ray import run_on_ray  # Ray is an optional extra: imported only when asked for
+            run_on_ray(tasks, cluster, cache, ledger, progress)
+    except KeyboardInterrupt:
+        return ledger.close(finished=False)
+    return ledger.close(finished=True)
+
+
+def _run_here(tasks: Sequence[_Task], device: str, cache: WeightCache, ledger: _Ledger, progress: ProgressCallback) -> None:
+    maker = _ClipMaker(device, device, cache)
+    for task in tasks:
+        ledger.running = 1
+        ledger.show()
+        report = maker.make(task, progress)
+        ledger.running = 0
+        ledger.record(task.index, report)
+
+
+def _raise_interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """Within: SIGTERM (`kill`) stops the batch as Ctrl-C does, report written and no partial file left."""
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+

@@ -1,0 +1,4 @@
+"""Media: reading and writing video and images, atomic output files, and the x2 upscaler that runs on frames.
+
+May import: models/ (the upscaler's network), progress, errors (nothing that knows about faces, weights or runs).
+"""
