@@ -540,7 +540,8 @@ def main() -> None:
         raise SystemExit(130) from None
     except SystemExit as exit_:
         # Typer ends a run whose reader left early (`hellomeme weights list | head`) with exit 1, its
-        # streams wrapped to stay quiet; what the reader read was written, so nothing failed.
+        # streams wrapped to stay quiet; what the reader read was written, so nothing failed. The wrapper
+        # is matched by name: typer 0.29 raises it from a private copy of click, not click's own.
         if exit_.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
             raise SystemExit(0) from None
         raise
