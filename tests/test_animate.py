@@ -38,7 +38,7 @@ def frames(path: Path) -> np.ndarray:
 def test_every_driving_frame_gives_one_output_frame_with_the_audio_in_sync(workdir):
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
     output = animate(reference, clip, *FAST, "--seed", "7")
-    written = workdir / "majicmix1_qie.mp4"
+    written = workdir / "majicmix1_qie_v2.mp4"
     info, source = probe_video(written), probe_video(clip)
     assert (info.frame_count, info.rate, info.width, info.height) == (38, source.rate, 128, 128)
     assert info.has_audio and abs(audio_duration(written) - info.duration) < 1 / info.fps
@@ -70,14 +70,14 @@ def test_frames_without_a_face_are_filled_not_dropped(workdir):
         source[index] = np.zeros_like(source[index])
     write_video(source, workdir / "gaps.mp4", 15, audio_from=clip)
     output = animate(reference, workdir / "gaps.mp4", *FAST, "--overlap", "2", "--window", "6")
-    assert probe_video(workdir / "majicmix1_gaps.mp4").frame_count == 14
+    assert probe_video(workdir / "majicmix1_gaps_v2.mp4").frame_count == 14
     assert "3 driving frames without a face (filled)" in output
 
 
 def test_pdfgc_control_runs(workdir):
     reference, clip = require(MEDIA / "civitai1.jpg", "portrait"), require(MEDIA / "ysll.mp4", "clip")
     animate(reference, clip, *FAST, "--control", "pdfgc", "--max-frames", "4", "--guidance", "1")
-    assert probe_video(workdir / "civitai1_ysll.mp4").frame_count == 4
+    assert probe_video(workdir / "civitai1_ysll_v2.mp4").frame_count == 4
 
 
 BASE = ["--max-frames", "4", "--seed", "3"]

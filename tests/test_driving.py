@@ -90,7 +90,7 @@ def test_image_takes_the_first_frame_with_a_face_of_a_template(workdir):
     invoke("image", reference, workdir / "t.npz", *FAST, "--seed", "2")
     from hellomeme_cli.media.video import read_image
 
-    assert read_image(workdir / "majicmix1_t.png").shape == (128, 128, 3)
+    assert read_image(workdir / "majicmix1_t_v5.png").shape == (128, 128, 3)
     with driving.load_template(workdir / "t.npz") as template:
         assert driving.image_frame(template.track) == 0 and len(template) == 3
 
