@@ -47,7 +47,8 @@ from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 from hellomeme_cli.weights.tiny import make_tiny, write_tokenizer
 from hellomeme_cli.face.tracking import default_model_path, track_video
 from hellomeme_cli.media.files import write_atomically
-from hellomeme_cli.media.video import check_destination, ffmpeg_exe, probe_video
+from hellomeme_cli.media.files import check_destination
+from hellomeme_cli.media.video import ffmpeg_exe, probe_video
 from hellomeme_cli.weights.cache import WeightCache
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -19,9 +19,7 @@ from hellomeme_cli.engine import HelloMemePipeline
 from hellomeme_cli.engine import load_pipeline as engine_load_pipeline
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.logs import libraries_quiet
-from hellomeme_cli.pipeline import AnimateResult, Reference, prepare_run
-from hellomeme_cli.pipeline import animate as _animate
-from hellomeme_cli.pipeline import render_image as _render_image
+from hellomeme_cli.pipeline import AnimateResult, PreparedRun, Reference, prepare_run
 from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.settings import AnimateSettings, ModelOptions, from_values
 from hellomeme_cli.versions import DEFAULT_VERSIONS
@@ -68,7 +66,7 @@ def animate(
     """Give the portrait `reference` the motion of `driving` and write the mp4 `output` (with the
     clip's audio). `settings` are the generation settings by name (seed, steps, guidance, fps,
     max_frames, trans_ratio, prompt, ...); the result names the seed used."""
-    return _run(_animate, "video", pipe, reference, driving, output, force, progress, settings)
+    return prepare("video", reference, driving, output, pipe.options, force=force, cache=pipe.cache, **settings).execute(pipe, progress)
 
 
 def render_image(
@@ -83,19 +81,28 @@ def render_image(
 ) -> int:
     """One picture: `reference` with the head pose and expression of `driving_image`, written to
     `output`; returns the seed used."""
-    return _run(_render_image, "image", pipe, reference, driving_image, output, force, progress, settings)
+    return prepare("image", reference, driving_image, output, pipe.options, force=force, cache=pipe.cache, **settings).execute(pipe, progress)
 
 
-def _run(make, mode: str, pipe: HelloMemePipeline, reference, driving, output, force: bool, progress: ProgressCallback, values: dict[str, Any]):
-    """The call's generation settings on top of the pipeline's model options (which a call cannot
-    change), checked with the inputs before any work (`prepare_run`), then `make`."""
-    model_values = sorted(set(values) & (_MODEL_SETTINGS | {"lora"}))
+def prepare(
+    mode: str,
+    reference: str | Path,
+    driving: str | Path,
+    output: str | Path,
+    models: ModelOptions,
+    *,
+    force: bool = False,
+    cache: WeightCache | None = None,
+    **settings: Any,
+) -> PreparedRun:
+    """A run checked before any model loads (paths, settings, weights, the reference's face), for
+    models loaded with the options `models`: `.execute(pipe)` it on them. A caller that loads models
+    itself (the app) says bad input before a load."""
+    model_values = sorted(set(settings) & (_MODEL_SETTINGS | {"lora"}))
     if model_values:
         raise HellomemeError(f"{', '.join(model_values)}: model settings are chosen by load_pipeline, not per call")
-    settings = from_values(values, AnimateSettings(models=pipe.options))
-    reference, driving, output = Path(reference), Path(driving), Path(output)
-    prepared, settings = prepare_run(reference, driving, output, settings, mode=mode, force=force, cache=pipe.cache)
-    return make(prepared, driving, output, settings, pipe, force=force, progress=progress)
+    chosen = from_values(settings, AnimateSettings(models=models))
+    return prepare_run(Path(reference), Path(driving), Path(output), chosen, mode=mode, force=force, cache=cache)
 
 
-__all__ = ["AnimateResult", "Reference", "animate", "load_pipeline", "render_image"]
+__all__ = ["AnimateResult", "PreparedRun", "Reference", "animate", "load_pipeline", "prepare", "render_image"]

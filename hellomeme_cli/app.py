@@ -221,6 +221,24 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
     def run_folder() -> Path:
         return Path(tempfile.mkdtemp(prefix="run-", dir=output_root))
 
+    @_one_line_errors
+    def generation(tab: _Tab, driving_kind: str, reference_path, driving_path, *rest) -> tuple[Path, int, dict[str, Any]]:
+        """One run of a tab: the inputs checked as the command line checks them (a picture without a
+        face is said before any model loads), the models for its settings, the output and its seed."""
+        *values, progress = rest
+        if not reference_path or not driving_path:
+            raise HellomemeError(f"upload a reference portrait and {driving_kind}")
+        model_values, generation_values = tab.split(values)
+        report = _reporter(progress)
+        suffix = ".mp4" if tab.mode == "video" else ".png"
+        output = run_folder() / f"{Path(reference_path).stem}_{Path(driving_path).stem}{suffix}"
+        options = from_values(model_values).models
+        prepared = api.prepare(tab.mode, reference_path, driving_path, output, options, cache=cache, **generation_values)
+        pipe = models.get(tab.mode, model_values, report)
+        done = prepared.execute(pipe, report)
+        seed = done if tab.mode == "image" else done.seed
+        return output, seed, _shown_settings(model_values, generation_values, seed)
+
     with gr.Blocks(title="hellomeme", analytics_enabled=False) as demo:  # no usage reports to Gradio
         gr.Markdown("# hellomeme\nGive a portrait the head motion and expressions of a driving video (HelloMeme).")
         with gr.Tab("Video"):
@@ -240,23 +258,13 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                     reuse = gr.Button("Reuse this seed", elem_id="video-reuse-seed")
                     shown = gr.JSON(label="settings of this result", elem_id="video-settings")
 
-            video_names = ["reference", "driving", *video_tab.inputs]
-
-            @_one_line_errors
             def animate(reference_path, driving_path, *rest):
-                *values, progress = rest
-                if not reference_path or not driving_path:
-                    raise HellomemeError("upload a reference portrait and a driving clip")
-                model_values, generation = video_tab.split(values)
-                report = _reporter(progress)
-                pipe = models.get("video", model_values, report)
-                output = run_folder() / f"{Path(reference_path).stem}_{Path(driving_path).stem}.mp4"
-                done = api.animate(pipe, reference_path, driving_path, output, progress=report, **generation)
-                return str(done.output), str(done.output), done.seed, _shown_settings(model_values, generation, done.seed)
+                output, seed, shown_settings = generation(video_tab, "a driving clip", reference_path, driving_path, *rest)
+                return str(output), str(output), seed, shown_settings
 
             generate.click(
-                _named(animate, video_names), [reference, driving, *video_tab.inputs.values()], [result, download, used_seed, shown],
-                api_name="animate", concurrency_id="generation", show_progress_on=result,
+                _named(animate, ["reference", "driving", *video_tab.inputs]), [reference, driving, *video_tab.inputs.values()],
+                [result, download, used_seed, shown], api_name="animate", concurrency_id="generation", show_progress_on=result,
             )
             reuse.click(lambda seed: seed, used_seed, video_tab.inputs["seed"], api_name=False)
 
@@ -285,17 +293,9 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                     image_reuse = gr.Button("Reuse this seed", elem_id="image-reuse-seed")
                     image_shown = gr.JSON(label="settings of this result", elem_id="image-settings")
 
-            @_one_line_errors
             def render(reference_path, driving_path, *rest):
-                *values, progress = rest
-                if not reference_path or not driving_path:
-                    raise HellomemeError("upload a reference portrait and a driving picture")
-                model_values, generation = image_tab.split(values)
-                report = _reporter(progress)
-                pipe = models.get("image", model_values, report)
-                output = run_folder() / f"{Path(reference_path).stem}_{Path(driving_path).stem}.png"
-                seed = api.render_image(pipe, reference_path, driving_path, output, progress=report, **generation)
-                return str(output), seed, _shown_settings(model_values, generation, seed)
+                output, seed, shown_settings = generation(image_tab, "a driving picture", reference_path, driving_path, *rest)
+                return str(output), seed, shown_settings
 
             image_generate.click(
                 _named(render, ["reference", "driving", *image_tab.inputs]), [image_reference, image_driving, *image_tab.inputs.values()],

@@ -173,7 +173,7 @@ def animate(
     settings: AnimateSettings,
 ) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
-    from hellomeme_cli.pipeline import default_output
+    from hellomeme_cli.preflight import default_output
 
     _animate(reference, drive, output or default_output(reference, drive, version=settings.models.version), force, settings)
 
@@ -195,11 +195,7 @@ def demo(
 
 
 def _animate(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings) -> None:
-    from hellomeme_cli.pipeline import animate as run_animate
-
-    source, settings, cache = _prepare_run(reference, drive, output, force, settings, "video")
-    with _progress_bars() as report:
-        result = run_animate(source, drive, output, settings, _load_models(settings, cache, report), force=force, progress=report)
+    result = _generate("video", reference, drive, output, force, settings)
     out.print(
         f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, seed {result.seed}, "
         f"{result.faceless_frames} driving frames without a face (filled), "
@@ -226,31 +222,36 @@ def image(
     settings: AnimateSettings,
 ) -> None:
     """One picture: the portrait with the head pose and expression of another picture."""
-    from hellomeme_cli.pipeline import default_output, render_image
+    from hellomeme_cli.preflight import default_output
 
     output = output or default_output(reference, drive_image, ".png", version=settings.models.version)
-    source, settings, cache = _prepare_run(reference, drive_image, output, force, settings, "image")
-    with _progress_bars() as report:
-        seed = render_image(source, drive_image, output, settings, _load_models(settings, cache, report, "image"), force=force, progress=report)
+    seed = _generate("image", reference, drive_image, output, force, settings)
     out.print(f"wrote {output}, seed {seed}", highlight=False)
 
 
-def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings, mode: str):
-    """Everything that can fail fast, before any model loads (`pipeline.prepare_run`); the seed is said at once."""
-    from hellomeme_cli.pipeline import prepare_run
-
-    cache = _cache()
-    source, settings = prepare_run(reference, drive, output, settings, mode=mode, force=force, cache=cache)
-    console.print(f"seed {settings.seed}", highlight=False)
-    return source, settings, cache
-
-
-def _load_models(settings: AnimateSettings, cache, report: ProgressCallback, mode: str = "video"):
+def _generate(mode: str, reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings):
+    """Check everything that can fail fast before importing torch or loading a model (the seed is said
+    at once), then load the models with progress bars and run."""
+    prepared, cache = _prepare_run(reference, drive, output, force, settings, mode)
     from hellomeme_cli.engine import load_pipeline
     from hellomeme_cli.logs import libraries_quiet
 
-    with libraries_quiet():
-        return load_pipeline(settings.models.version, settings.models, cache, progress=report, mode=mode)
+    with _progress_bars() as report:
+        with libraries_quiet():
+            models = load_pipeline(prepared.settings.models.version, prepared.settings.models, cache, progress=report, mode=mode)
+        return prepared.execute(models, progress=report)
+
+
+def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings, mode: str):
+    from hellomeme_cli.preflight import check_paths
+
+    check_paths(reference, drive, output, settings.models.version, mode=mode, force=force)
+    from hellomeme_cli.pipeline import prepare_run
+
+    cache = _cache()
+    prepared = prepare_run(reference, drive, output, settings, mode=mode, force=force, cache=cache)
+    console.print(f"seed {prepared.settings.seed}", highlight=False)
+    return prepared, cache
 
 
 @app.command()
@@ -350,7 +351,8 @@ def track(
     from hellomeme_cli.face.driving import save_template, track_clip
     from hellomeme_cli.face.preview import write_preview
     from hellomeme_cli.face.tracking import Smoothing, default_model_path
-    from hellomeme_cli.media.video import check_destination, read_frames
+    from hellomeme_cli.media.files import check_destination
+    from hellomeme_cli.media.video import read_frames
 
     output = output or Path.cwd() / f"{drive.stem}.track.npz"
     for path in filter(None, (output, preview)):
@@ -467,16 +469,27 @@ def weights_presets() -> None:
 
 @weights_app.command("verify")
 def weights_verify(
-    names: Annotated[list[str] | None, typer.Argument(help="Components to check (default: all).")] = None,
+    names: Annotated[list[str] | None, typer.Argument(help="Components to check; a missing file is an error (default: every file that is here).")] = None,
+    version: Annotated[
+        str | None, typer.Option("--version", help="Check what this HelloMeme version needs, every control and mode; a missing file is an error.")
+    ] = None,
 ) -> None:
-    """Re-hash every file, wherever it is, and name every missing or corrupt one."""
+    """Re-hash every file, wherever it is, and name every missing or corrupt one; without names, say which components are not fetched."""
+    from hellomeme_cli.versions import any_version
+
     cache = _cache()
-    bad = [s for s in cache.states(names or None, rehash=True) if s.state in ("missing", "corrupt")]
+    if version is not None:
+        names = list(dict.fromkeys([*(names or []), *any_version(version).all_components()]))
+    states, not_fetched = cache.verify(names or None)
+    bad = [s for s in states if s.state in ("missing", "corrupt")]
     for state in bad:
         out.print(f"{state.state:8s} {state.location or f'{state.component}/{state.path}'} {state.detail}".rstrip(), highlight=False)
     if bad:
         raise HellomemeError(f"{len(bad)} file(s) missing or corrupt in {cache.home} and the Hugging Face cache {cache.hub_cache}")
-    out.print(f"all weights in {cache.home} and the Hugging Face cache {cache.hub_cache} verified", highlight=False)
+    checked = len({state.component for state in states})
+    out.print(f"{checked} component(s) in {cache.home} and the Hugging Face cache {cache.hub_cache} verified", highlight=False)
+    if not_fetched:
+        out.print(f"not fetched (`hellomeme weights fetch NAME` when a run needs one): {', '.join(not_fetched)}", highlight=False)
 
 
 @weights_app.command("import")

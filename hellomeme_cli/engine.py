@@ -319,7 +319,7 @@ def load_pipeline(
         vae_decoder = load_vae(Path(options.vae), base_folder, dtype).to(load_device).eval()
 
     def component(target: str, name: str):
-        return _load_component(resolve(target), folders[name], dtype).to(load_device).eval()
+        return _load_component(resolve(target), folders[name], dtype, name).to(load_device).eval()
 
     # The networks of the version, on the UNets of the x1 recipe (module docstring).
     adapter = component(version.reference_adapter, version.reference_component)
@@ -328,7 +328,7 @@ def load_pipeline(
     if mode == "video":
         motion_net = stage2.unet
         if version.motion_component:
-            animatediff = load_folder(MotionAdapter, folders[version.motion_component], dtype=dtype)
+            animatediff = _load_component(MotionAdapter, folders[version.motion_component], dtype, version.motion_component)
             motion_net = motion_unet(stage2.unet, animatediff).eval()
         motion_modules = [component(version.motion_adapter, version.motion_adapter_component)] if version.motion_adapter else []
         denoiser_motion = denoiser(motion_net, adapter, *motion_modules)
@@ -381,11 +381,12 @@ def _scheduler(version: Version, mode: str, base_folder: Path) -> SchedulerMixin
         raise HellomemeError(f"cannot read the scheduler config in {folder}: {err}") from err
 
 
-def _load_component(cls, folder: Path, dtype: torch.dtype):
+def _load_component(cls, folder: Path, dtype: torch.dtype, name: str):
+    """Weights component `name` from its folder, every tensor matched (else one line naming it)."""
     try:
         return load_folder(cls, folder, dtype=dtype)
     except (OSError, ValueError) as err:
-        raise HellomemeError(f"cannot load {cls.__name__} from {folder}: {err}") from err
+        raise HellomemeError(f"weights component {name}: cannot load {cls.__name__} from {folder}: {err}") from err
 
 
 def apply_speed_options(pipeline: HelloMemePipeline, options: ModelOptions, device: torch.device | None = None) -> None:

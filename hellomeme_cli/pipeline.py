@@ -22,6 +22,7 @@ import torch
 from hellomeme_cli.version import __version__
 from hellomeme_cli.engine import HelloMemePipeline, check_options
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.preflight import check_paths
 from hellomeme_cli.face.pasteback import PasteBack, head_travel
 from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings
@@ -32,8 +33,8 @@ from hellomeme_cli.face.signals import DrivingSignals, ReferenceFace, prepare_re
 from hellomeme_cli.face.steering import needs_reference_signals, steer
 from hellomeme_cli.face.tracking import MODEL_FILE, track_image
 from hellomeme_cli.media.upscale import components as upscale_components
-from hellomeme_cli.versions import get_version
-from hellomeme_cli.media.video import check_destination, read_image, write_image, write_video
+from hellomeme_cli.media.files import check_destination
+from hellomeme_cli.media.video import read_image, write_image, write_video
 from hellomeme_cli.weights.cache import WeightCache
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
@@ -69,23 +70,39 @@ def run_components(settings: AnimateSettings, mode: str) -> list[str]:
     return [*options.spec.components(options.control, mode), *upscale_components(settings.upscale)]
 
 
+@dataclasses.dataclass(frozen=True)
+class PreparedRun:
+    """One run that passed every check that needs no model (`prepare_run`), its seed chosen:
+    `execute` it on loaded models."""
+
+    mode: str  # "video" (`animate`) or "image" (`render_image`)
+    reference: Reference
+    driving: Path
+    output: Path
+    settings: AnimateSettings
+    force: bool = False
+
+    def execute(self, models: HelloMemePipeline, progress: ProgressCallback = no_progress) -> AnimateResult | int:
+        """The video's `AnimateResult`, or the picture's seed."""
+        make = animate if self.mode == "video" else render_image
+        return make(self.reference, self.driving, self.output, self.settings, models, force=self.force, progress=progress)
+
+
 def prepare_run(
     reference: Path, driving: Path, output: Path, settings: AnimateSettings, *, mode: str, force: bool = False, cache: WeightCache | None = None
-) -> tuple[Reference, AnimateSettings]:
+) -> PreparedRun:
     """Everything about a run that can fail fast, checked before any model loads: the version can
-    do `mode`, the output path, the model options, the weights, the driving input and the
-    reference's face. Returns the reference and the settings with their seed chosen."""
+    do `mode`, the paths, the model options, the weights, the driving input and the reference's face."""
     settings = settings.with_seed()
     options = settings.models
-    get_version(options.version, mode)
-    check_destination(output, force, [reference, driving])
+    check_paths(reference, driving, output, options.version, mode=mode, force=force)
     check_options(options)
     read_image(reference)  # an unreadable picture is said before missing weights
     (check_driving if mode == "video" else check_driving_image)(driving)
     cache = cache or WeightCache()
     needed = run_components(settings, mode)
     face_model = cache.require(needed)["face_landmarker"] / MODEL_FILE
-    return load_reference(reference, settings, face_model), settings
+    return PreparedRun(mode, load_reference(reference, settings, face_model), Path(driving), Path(output), settings, force)
 
 
 def load_reference(path: Path, settings: AnimateSettings, face_model: Path) -> Reference:
@@ -236,10 +253,3 @@ def _sampler_inputs(
         reference_negative_text_embeds=prompt.reference_negative,
         reference_control=frames(own, 0, 1) if own is not None else None,
     )
-
-
-def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder: Path | None = None, version: str | None = None) -> Path:
-    """`<reference>_<driving>.mp4` in the current folder (or `folder`); with `version`,
-    `<reference>_<driving>_<version>.mp4`, so trying another version does not meet the last output."""
-    tag = f"_{version}" if version else ""
-    return (folder or Path.cwd()) / f"{reference.stem}_{driving.stem}{tag}{suffix}"

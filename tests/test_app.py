@@ -145,6 +145,21 @@ def test_check_driving_and_image_endpoints(server):
     assert seed == 3 and shown["version"] == "v5"
 
 
+def test_a_faceless_portrait_is_said_before_any_model_loads(server, faceless_png, monkeypatch):
+    """Both tabs check their inputs as the command line does, before the models are asked for."""
+    from gradio_client import Client, handle_file
+    from gradio_client.exceptions import AppError
+
+    asked = []
+    monkeypatch.setattr(server.models, "get", lambda *arguments: asked.append(arguments))
+    client, clip = Client(server.local_url, verbose=False), require(MEDIA / "jue.mp4", "test clip")
+    for endpoint, driving in (("/animate", clip), ("/render_image", faceless_png)):
+        with pytest.raises(AppError) as error:
+            client.predict(reference=handle_file(str(faceless_png)), driving=handle_file(str(driving)), size=128, api_name=endpoint)
+        assert str(error.value) == "no_face.png: no face found", endpoint
+    assert asked == []
+
+
 def test_unreadable_clip_is_one_line_naming_it(server, tmp_path):
     """A file that is not a video: the endpoint's error is the library's one line, by the upload's name."""
     from gradio_client import Client, handle_file

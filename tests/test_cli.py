@@ -86,3 +86,38 @@ def test_info_names_torch_and_devices():
 def test_console_script_entry_point_runs():
     result = subprocess.run([sys.executable, "-m", "hellomeme_cli", "--version"], capture_output=True, text=True)
     assert result.returncode == 0 and __version__ in result.stdout
+
+
+HEAVY = ("torch", "diffusers", "transformers", "mediapipe", "cv2")
+
+
+def modules_after(*command: str, cwd) -> tuple[int, str, set[str]]:
+    """Exit code, stderr and which heavy libraries got imported, for one command line run in a fresh process."""
+    script = (
+        "import sys\nfrom hellomeme_cli.cli import main\nsys.argv = ['hellomeme', *sys.argv[1:]]\n"
+        "try:\n    main()\nexcept SystemExit as exit_:\n    code = exit_.code\n"
+        f"print(code, *sorted(name for name in {HEAVY!r} if name in sys.modules))"
+    )
+    result = subprocess.run([sys.executable, "-c", script, *command], capture_output=True, text=True, cwd=cwd)
+    code, *imported = result.stdout.splitlines()[-1].split()
+    return int(code), result.stderr, set(imported)
+
+
+def test_bad_paths_are_answered_before_any_heavy_library_loads(tmp_path):
+    """A mistyped path or a taken output is said at once: torch, diffusers, transformers, MediaPipe
+    and OpenCV (seconds to import) are imported only once the inputs have passed."""
+    (tmp_path / "ref.jpg").write_bytes(b"not checked yet")
+    (tmp_path / "ref_clip_v2.mp4").write_bytes(b"")
+    (tmp_path / "clip.mp4").write_bytes(b"")
+    cases = {
+        ("animate", "missing.jpg", "clip.mp4"): "missing.jpg: no such file",
+        ("animate", "ref.jpg", "missing.mp4"): "missing.mp4: no such file",
+        ("animate", "ref.jpg", "clip.mp4"): "ref_clip_v2.mp4: already exists",
+        ("image", "ref.jpg", "missing.png"): "missing.png: no such file",
+        ("animate", "ref.jpg", "clip.mp4", "--version", "v5c"): "v5c",
+    }
+    for command, message in cases.items():
+        code, stderr, imported = modules_after(*command, cwd=tmp_path)
+        assert code == 1 and message in stderr and len(stderr.strip().splitlines()) == 1, (command, stderr)
+        assert imported == set(), (command, imported)
+    assert modules_after("animate", "--help", cwd=tmp_path)[2] == set()

@@ -62,3 +62,5 @@ def test_demo_without_network_is_one_line_naming_the_hosts_and_import(tmp_path):
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     assert "127.0.0.1" in lines[0] and "raw.githubusercontent.com" in lines[0] and "hellomeme weights import" in lines[0]
     assert not (tmp_path / "hellomeme-demo.mp4").exists()
+    left = [path for path in (tmp_path / "home").rglob("*")] if (tmp_path / "home").exists() else []
+    assert left == [], "a failed fetch leaves nothing in the cache"

@@ -112,3 +112,25 @@ def test_debug_adds_the_traceback_to_the_one_line(bad_inputs, tiny_cache, how):
     assert result.returncode == 1
     assert "Traceback" in result.stderr and "HellomemeError" in result.stderr
     assert result.stderr.rstrip().splitlines()[-1] == f"error: {bad_inputs / 'missing.mp4'}: no such file"
+
+
+def test_another_networks_weight_file_is_one_line_naming_the_component(bad_inputs, tiny_cache):
+    """The reference adapter's file replaced by a control net's (a mistaken copy, no sha256 in the lock
+    to catch it) fails at load with the component, the file and how many tensors did not match."""
+    home = bad_inputs / "swapped"
+    home.mkdir()
+    for folder in tiny_cache.iterdir():
+        if folder.name != "hm2_reference":
+            (home / folder.name).symlink_to(folder)
+    (home / "hm2_reference").mkdir()
+    for file in (tiny_cache / "hm2_reference").iterdir():
+        (home / "hm2_reference" / file.name).write_bytes(file.read_bytes())
+    weights_file = home / "hm2_reference" / "diffusion_pytorch_model.safetensors"
+    weights_file.write_bytes((tiny_cache / "hm2_control" / "diffusion_pytorch_model.safetensors").read_bytes())
+    environment = {**os.environ, "HELLOMEME_HOME": str(home), "PYTHONPATH": str(PROJECT_ROOT)}
+    arguments = [*FAST.split(), "--max-frames", "2", str(MEDIA / "majicmix1.jpg"), str(MEDIA / "qie.mp4")]
+    result = subprocess.run([sys.executable, "-m", "hellomeme_cli", "animate", *arguments], capture_output=True, text=True, cwd=bad_inputs, env=environment)
+    lines = [line for line in result.stderr.splitlines() if line.strip() and not line.startswith(("seed ", "loading models"))]
+    assert result.returncode == 1 and len(lines) == 1, result.stderr
+    expected = rf"error: weights component hm2_reference: .*{re.escape(str(weights_file))} does not hold HMReferenceAdapter's tensors \(\d+ missing, \d+ unexpected\)"
+    assert re.search(expected, lines[0]), lines[0]

@@ -38,6 +38,6 @@ def test_the_library_example_runs_as_written(tiny_cache, tmp_path):
 def test_model_settings_belong_to_the_pipeline_not_to_a_call(tiny_cache):
     with pytest.raises(hm.HellomemeError, match="unknown option"):
         hm.load_pipeline(version="v1", steps=3)
-    fake_pipe = type("Pipe", (), {"options": None})()
+    fake_pipe = type("Pipe", (), {"options": None, "cache": None})()
     with pytest.raises(hm.HellomemeError, match="control: model settings are chosen by load_pipeline"):
         hm.animate(fake_pipe, "r.jpg", "d.mp4", "o.mp4", control="pdfgc")

@@ -9,6 +9,7 @@ import hashlib
 import http.server
 import os
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -342,10 +343,46 @@ def test_list_in_a_pipe_names_every_component_and_where_each_file_is(tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_home(tmp_path_factory):
+    """`hellomeme weights make-tiny` as a user runs it: one line said, nothing from the libraries."""
     home = tmp_path_factory.mktemp("tiny")
-    result = CliRunner().invoke(app, ["weights", "make-tiny", str(home)])
-    assert result.exit_code == 0, result.output
+    result = subprocess.run([sys.executable, "-m", "hellomeme_cli", "weights", "make-tiny", str(home)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == "" and result.stdout.startswith(f"tiny weights in {home};") and result.stdout.count("\n") == 1
     return home
+
+
+def test_verify_checks_what_is_here_and_names_what_was_never_fetched(tiny_home, tmp_path, monkeypatch):
+    """A fresh make-tiny cache (no face model, no demo examples) and a cache holding one version's
+    files pass `weights verify`; `--version` and named components fail on what they lack."""
+    from hellomeme_cli.versions import any_version
+
+    face_model = require(SHARED / "models" / "face_landmarker.task", "MediaPipe face model")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "hf"))
+    runner = CliRunner()
+
+    def verify(home: Path, *arguments: str):
+        monkeypatch.setenv("HELLOMEME_HOME", str(home))
+        return runner.invoke(app, ["weights", "verify", *arguments])
+
+    fresh = verify(tiny_home)
+    assert fresh.exit_code == 0, fresh.output
+    assert "not fetched (`hellomeme weights fetch NAME` when a run needs one): demo_portrait, demo_clip, face_landmarker" in fresh.stdout
+
+    only_v2 = tmp_path / "v2"
+    for name in any_version("v2").all_components():
+        if name != "face_landmarker":
+            shutil.copytree(tiny_home / name, only_v2 / name)
+    WeightCache(only_v2).import_path(face_model)
+    for arguments in ((), ("--version", "v2"), ("hm2_control", "sd15")):
+        result = verify(only_v2, *arguments)
+        assert result.exit_code == 0, (arguments, result.output)
+    assert "hm5_reference" in verify(only_v2).stdout.splitlines()[-1]
+    for arguments, missing in ((("--version", "v5"), "hm5_reference"), (("hm3_reference",), "hm3_reference")):
+        result = verify(only_v2, *arguments)
+        assert result.exit_code == 1 and f"missing  {missing}/" in result.stdout, (arguments, result.output)
+    (only_v2 / "hm2_control" / "config.json").unlink()  # a component half here is checked without being named
+    result = verify(only_v2)
+    assert result.exit_code == 1 and "missing  hm2_control/config.json" in result.stdout
 
 
 def test_make_tiny_and_imported_face_model_give_a_cache_verify_accepts(tiny_home, tmp_path, monkeypatch):

@@ -32,7 +32,8 @@ from hellomeme_cli.version import __version__
 from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.face.driving import TEMPLATE_SUFFIX, expected_frames
-from hellomeme_cli.pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, default_output, load_reference, run_components
+from hellomeme_cli.pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, load_reference, run_components
+from hellomeme_cli.preflight import default_output
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
 from hellomeme_cli.settings import Setting, all_settings, digest_values, from_values, parse_cell
 from hellomeme_cli.media.video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES

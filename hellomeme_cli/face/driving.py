@@ -27,8 +27,8 @@ from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.face.signals import PATCH_SIZE, DrivingSignals, FacePatches, ReferenceFace, build_driving_signals, cut_patch, face_patch_box, head_pose
 from hellomeme_cli.face.tracking import BLENDSHAPE_NAMES, FaceTrack, Smoothing, track_image, track_video
-from hellomeme_cli.media.files import atomic_output
-from hellomeme_cli.media.video import check_destination, probe_video, read_image
+from hellomeme_cli.media.files import atomic_output, check_destination
+from hellomeme_cli.media.video import probe_video, read_image
 from hellomeme_cli.weights.cache import sha256_of
 
 from hellomeme_cli.settings import AnimateSettings

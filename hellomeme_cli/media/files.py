@@ -12,7 +12,7 @@ import errno
 import os
 import re
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from hellomeme_cli.errors import HellomemeError
@@ -54,3 +54,32 @@ def write_atomically(path: Path, data: bytes | str) -> Path:
     with atomic_output(path) as temporary:
         temporary.write_bytes(data.encode() if isinstance(data, str) else data)
     return Path(path)
+
+
+def require_file(path: Path) -> None:
+    """An input file that exists and can be read, else one line naming it."""
+    if not path.exists():
+        raise HellomemeError(f"{path}: no such file")
+    if path.is_dir():
+        raise HellomemeError(f"{path}: is a folder, not a file")
+    if not os.access(path, os.R_OK):
+        raise HellomemeError(f"{path}: cannot read (permission denied)")
+
+
+def check_destination(path: Path, force: bool, protect: Iterable[Path]) -> None:
+    """Refuse an output path that is an input, a folder, in a missing folder, or taken (unless forced)."""
+    for protected in protect:
+        if _same_path(path, Path(protected)):
+            raise HellomemeError(f"{path}: refusing to write over an input file")
+    if not path.parent.is_dir():
+        raise HellomemeError(f"{path}: the folder {path.parent} does not exist")
+    if path.is_dir():
+        raise HellomemeError(f"{path}: is a folder")
+    if path.exists() and not force:
+        raise HellomemeError(f"{path}: already exists (use --force to overwrite it)")
+
+
+def _same_path(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        return os.path.samefile(a, b)
+    return a.resolve() == b.resolve()

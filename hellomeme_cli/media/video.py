@@ -28,7 +28,7 @@ import imageio_ffmpeg
 import numpy as np
 
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.media.files import atomic_output, write_atomically
+from hellomeme_cli.media.files import atomic_output, check_destination, require_file, write_atomically
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 
 # Visually near-lossless for x264; generated frames are worth keeping at this quality.
@@ -105,7 +105,7 @@ def probe_video(path: Path) -> VideoInfo:
     """Size, exact rate, frame count and each frame's time, rotation and audio of a clip, from one
     ffmpeg run that demuxes the video packets without decoding them."""
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-loglevel", "level+info", "-i", str(path)]
     command += ["-map", "0:V:0?", "-c", "copy", "-f", "framecrc", "-"]
     result = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, text=True, errors="replace")
@@ -151,7 +151,7 @@ def read_frames(path: Path | VideoInfo, max_frames: int | None = None) -> Iterat
 def read_image(path: Path) -> np.ndarray:
     """An image as RGB uint8 (H, W, 3): EXIF orientation applied, transparency composited onto white."""
     path = Path(path)
-    _require_file(path)
+    require_file(path)
     try:
         data = np.fromfile(path, np.uint8)
     except OSError as error:
@@ -282,18 +282,9 @@ def image_tags(path: Path) -> dict[str, str]:
 # -- reading -----------------------------------------------------------------
 
 
-def _require_file(path: Path) -> None:
-    if not path.exists():
-        raise HellomemeError(f"{path}: no such file")
-    if path.is_dir():
-        raise HellomemeError(f"{path}: is a folder, not a file")
-    if not os.access(path, os.R_OK):
-        raise HellomemeError(f"{path}: cannot read (permission denied)")
-
-
 def _header(path: Path) -> _Header:
     """Open the file with ffmpeg (no output: it prints the header and stops) and parse the header."""
-    _require_file(path)
+    require_file(path)
     command = [ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path)]
     return _parse_header(path, subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL, text=True, errors="replace").stderr)
 
@@ -465,25 +456,6 @@ def _composite_on_white(bgra: np.ndarray) -> np.ndarray:
 
 
 # -- writing -----------------------------------------------------------------
-
-
-def check_destination(path: Path, force: bool, protect: Iterable[Path]) -> None:
-    """Refuse an output path that is an input, a folder, in a missing folder, or taken (unless forced)."""
-    for protected in protect:
-        if _same_path(path, Path(protected)):
-            raise HellomemeError(f"{path}: refusing to write over an input file")
-    if not path.parent.is_dir():
-        raise HellomemeError(f"{path}: the folder {path.parent} does not exist")
-    if path.is_dir():
-        raise HellomemeError(f"{path}: is a folder")
-    if path.exists() and not force:
-        raise HellomemeError(f"{path}: already exists (use --force to overwrite it)")
-
-
-def _same_path(a: Path, b: Path) -> bool:
-    with contextlib.suppress(OSError):
-        return os.path.samefile(a, b)
-    return a.resolve() == b.resolve()
 
 
 def _exact_rate(fps: float | Fraction) -> Fraction:

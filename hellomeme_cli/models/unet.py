@@ -155,7 +155,15 @@ def load_folder(cls, folder: str | Path, **kwargs):
     what the folder holds."""
     folder = Path(folder)
     fp16_only = not any(folder.glob("*model.safetensors")) and any(folder.glob("*model.fp16.safetensors"))
-    return cls.from_pretrained(folder, use_safetensors=True, variant="fp16" if fp16_only else None, **kwargs)
+    model, info = cls.from_pretrained(folder, use_safetensors=True, variant="fp16" if fp16_only else None, output_loading_info=True, **kwargs)
+    # diffusers leaves a tensor the file lacks on the meta device and ignores the file's others:
+    # another network's file would load "fine" and fail much later, far from its cause.
+    unmatched = {kind: len(info.get(f"{kind}_keys") or ()) for kind in ("missing", "unexpected", "mismatched")}
+    if any(unmatched.values()):
+        counts = ", ".join(f"{count} {kind}" for kind, count in unmatched.items() if count)
+        weights = next(folder.glob("*.fp16.safetensors" if fp16_only else "*.safetensors"), folder)
+        raise ValueError(f"{weights} does not hold {cls.__name__}'s tensors ({counts})")
+    return model
 
 
 def _has_cross_attention(block: nn.Module) -> bool:

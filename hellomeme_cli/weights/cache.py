@@ -345,6 +345,17 @@ class WeightCache:
             result.append(state)
         return result
 
+    def verify(self, names: Iterable[str] | None = None) -> tuple[list[FileState], list[str]]:
+        """Re-hash files: those of `names`, where a missing file is as bad as a corrupt one; without
+        names, those of every component with a file here, and the components with none are
+        returned apart (never fetched is not an error: a user fetches what their runs need)."""
+        if names is not None:
+            return self.states(names, rehash=True), []
+        located = {name: self.locate(name) for name in self.lock}
+        not_fetched = [name for name, location in located.items() if not location.files]
+        states = [state for name, location in located.items() if location.files for state in self._states(name, location, True)]
+        return states, not_fetched
+
     def require(self, names: Sequence[str]) -> dict[str, Path]:
         """The folder holding each component's files; stops before any work when a file is missing."""
         folders: dict[str, Path] = {}
@@ -479,6 +490,7 @@ class WeightCache:
 
 def _download_url(url: str, target: Path, task: str, progress: ProgressCallback) -> Path:
     """`url` into a hidden file beside `target`, returned (http_get retries and resumes a cut transfer itself)."""
+    created = [folder for folder in (target.parent, *target.parent.parents) if not folder.exists()]
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.download")
     try:
@@ -486,6 +498,9 @@ def _download_url(url: str, target: Path, task: str, progress: ProgressCallback)
             http_get(url, out, displayed_filename=task, tqdm_class=_bar(task, progress))
     except BaseException:
         partial.unlink(missing_ok=True)
+        for folder in created:  # deepest first; a failed download leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
         raise
     return partial
 

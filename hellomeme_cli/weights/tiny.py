@@ -29,6 +29,7 @@ from hellomeme_cli.models import (
     HMV2ControlNet2,
     HMV3ControlNet,
 )
+from hellomeme_cli.logs import libraries_quiet
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 from hellomeme_cli.weights.cache import WeightCache
 
@@ -142,7 +143,9 @@ def write_sd15(folder: Path, variant: str | None = None, **unet_shape: int) -> P
     vocab_size = write_tokenizer(folder / "tokenizer")
     models = {"unet": _randomize(tiny_unet(**unet_shape)), "vae": tiny_vae(), "text_encoder": _text_encoder(vocab_size)}
     for name, model in models.items():
-        model.to(dtype).save_pretrained(folder / name, variant=variant, safe_serialization=True)
+        if dtype != torch.float32:  # a cast to float32 (a no-op) still warns about modules kept in float32
+            model.to(dtype)
+        model.save_pretrained(folder / name, variant=variant, safe_serialization=True)
     # The SD1.5 download's scheduler config (PNDM's; the v1 sampler runs Euler on it).
     scheduler = PNDMScheduler(
         beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, skip_prk_steps=True, set_alpha_to_one=False
@@ -243,7 +246,8 @@ def make_tiny(home: Path, seed: int = 0, progress: ProgressCallback = no_progres
     writers = _writers()
     for done, (name, write) in enumerate(writers.items()):
         progress(ProgressEvent("make-tiny", done, len(writers), unit="component"))
-        write(cache.path(name))
+        with libraries_quiet():  # diffusers' save_pretrained draws shard bars of its own
+            write(cache.path(name))
         cache.mark_tiny(name)
     progress(ProgressEvent("make-tiny", len(writers), len(writers), unit="component"))
     return cache

@@ -1,0 +1,24 @@
+"""The checks a run passes before anything heavy is imported: torch, diffusers and MediaPipe take
+seconds to import, and a mistyped path should be answered at once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from hellomeme_cli.media.files import check_destination, require_file
+from hellomeme_cli.versions import get_version
+
+
+def check_paths(reference: Path, driving: Path, output: Path, version: str, *, mode: str, force: bool = False) -> None:
+    """The version makes `mode`, both inputs are readable files and the output may be written."""
+    get_version(version, mode)
+    require_file(Path(reference))
+    require_file(Path(driving))
+    check_destination(Path(output), force, [reference, driving])
+
+
+def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder: Path | None = None, version: str | None = None) -> Path:
+    """`<reference>_<driving>.mp4` in the current folder (or `folder`); with `version`,
+    `<reference>_<driving>_<version>.mp4`, so trying another version does not meet the last output."""
+    tag = f"_{version}" if version else ""
+    return (folder or Path.cwd()) / f"{reference.stem}_{driving.stem}{tag}{suffix}"
