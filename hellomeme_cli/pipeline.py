@@ -12,8 +12,9 @@
 from __future__ import annotations
 
 import dataclasses
+import tempfile
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -26,15 +27,14 @@ from hellomeme_cli.preflight import check_paths
 from hellomeme_cli.face.pasteback import PasteBack, head_travel
 from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings
-from hellomeme_cli.samplers.two_stage import VideoSampler
-from hellomeme_cli.face.driving import check_driving, check_driving_image, prepare_driving, prepare_driving_image
+from hellomeme_cli.face.driving import Driving, check_driving, check_driving_image, prepare_driving, prepare_driving_image
 from hellomeme_cli.settings import AnimateSettings
 from hellomeme_cli.face.signals import DrivingSignals, ReferenceFace, prepare_reference
 from hellomeme_cli.face.steering import needs_reference_signals, steer
 from hellomeme_cli.face.tracking import MODEL_FILE, track_image
 from hellomeme_cli.media.upscale import components as upscale_components
 from hellomeme_cli.media.files import check_destination
-from hellomeme_cli.media.video import read_image, write_image, write_video
+from hellomeme_cli.media.video import VideoInfo, read_image, write_image, write_video
 from hellomeme_cli.weights.cache import WeightCache
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
@@ -81,11 +81,15 @@ class PreparedRun:
     output: Path
     settings: AnimateSettings
     force: bool = False
+    probed: VideoInfo | None = None  # the driving clip's, from the check: not probed again
 
     def execute(self, models: HelloMemePipeline, progress: ProgressCallback = no_progress) -> AnimateResult | int:
         """The video's `AnimateResult`, or the picture's seed."""
-        make = animate if self.mode == "video" else render_image
-        return make(self.reference, self.driving, self.output, self.settings, models, force=self.force, progress=progress)
+        if self.mode == "image":
+            return render_image(self.reference, self.driving, self.output, self.settings, models, force=self.force, progress=progress)
+        return animate(
+            self.reference, self.driving, self.output, self.settings, models, force=self.force, progress=progress, probed=self.probed
+        )
 
 
 def prepare_run(
@@ -98,11 +102,11 @@ def prepare_run(
     check_paths(reference, driving, output, options.version, mode=mode, force=force)
     check_options(options)
     read_image(reference)  # an unreadable picture is said before missing weights
-    (check_driving if mode == "video" else check_driving_image)(driving)
+    probed = check_driving(driving) if mode == "video" else check_driving_image(driving)
     cache = cache or WeightCache()
     needed = run_components(settings, mode)
     face_model = cache.require(needed)["face_landmarker"] / MODEL_FILE
-    return PreparedRun(mode, load_reference(reference, settings, face_model), Path(driving), Path(output), settings, force)
+    return PreparedRun(mode, load_reference(reference, settings, face_model), Path(driving), Path(output), settings, force, probed)
 
 
 def load_reference(path: Path, settings: AnimateSettings, face_model: Path) -> Reference:
@@ -129,22 +133,64 @@ def animate(
     progress: ProgressCallback = no_progress,
     extra_tags: Mapping[str, str] | None = None,
     track_cache: Path | None = None,
+    probed: VideoInfo | None = None,
 ) -> AnimateResult:
     """Give the reference portrait the driving clip's motion (or a motion template's); write `output`
     (mp4 with the clip's audio, silent from a template, its metadata naming the seed, plus
     `extra_tags`). With `track_cache` a clip tracked before with the same tracking settings is not
-    tracked again."""
+    tracked again; with `probed` (its `VideoInfo`) the clip is not probed again: it is read once, to
+    track it, and that read keeps its audio for the output."""
     started = time.monotonic()
     settings = settings.with_seed()
     check_destination(output, force, [reference.path, driving])
+    with tempfile.TemporaryDirectory(prefix="hellomeme-") as scratch:
+        # 1-4. The driving signals, the sampler's latents; 5. frames decoded as the encoder takes them.
+        video = generate_video(
+            reference, driving, settings, models, progress=progress, track_cache=track_cache, probed=probed, audio_to=Path(scratch) / "audio.wav"
+        )
+        metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed), **(extra_tags or {})}
+        write_video(
+            video.frames, output, video.drive.timing.rate, audio_from=video.drive.audio, metadata=metadata, force=force,
+            protect=[reference.path, driving], progress=progress, total=video.frame_count,
+        )
+    timing = video.drive.timing
+    return AnimateResult(
+        output, video.frame_count, float(timing.rate), settings.seed, video.drive.faceless_frames, time.monotonic() - started,
+        timing.repeated, timing.dropped,
+    )
 
+
+@dataclasses.dataclass
+class GeneratedVideo:
+    """A clip made but not written: its latents and its frames, decoded (then upscaled and pasted back,
+    as the settings say) only as they are taken, so a writer holds one batch at a time."""
+
+    latents: torch.Tensor  # (1, 4, F, h, w), divided by the VAE's scaling factor
+    frames: Iterator[np.ndarray]  # (H, W, 3) uint8 RGB, one per output frame
+    frame_count: int
+    drive: Driving  # the driving signals, the output's timing and its audio
+
+
+def generate_video(
+    reference: Reference,
+    driving: Path,
+    settings: AnimateSettings,
+    models: HelloMemePipeline,
+    *,
+    progress: ProgressCallback = no_progress,
+    track_cache: Path | None = None,
+    probed: VideoInfo | None = None,
+    audio_to: Path | None = None,
+) -> GeneratedVideo:
+    """Steps 1-5 of `animate` but writing: `settings.seed` must be chosen (`with_seed`). The driving
+    clip's audio goes to `audio_to` where given (`prepare_driving`)."""
     # 1 and 2. Track the driving clip (decoded once) or load its template, the output's timing, the driving signals.
-    drive = prepare_driving(driving, reference.face, settings, models, progress=progress, track_cache=track_cache)
+    drive = prepare_driving(driving, reference.face, settings, models, progress=progress, track_cache=track_cache, probed=probed, audio_to=audio_to)
     own = _own_signals(reference, settings, models) if needs_reference_signals(settings.pose, settings.motion) else None
-    signals, fps = _steered(drive.signals, own, settings), drive.timing.rate
+    signals = _steered(drive.signals, own, settings)
 
     # 3 and 4. Prompt, reference cache and the version's sampler.
-    sampler = _sampler(models)
+    sampler = models.sampler()
     latents = sampler.sample(
         _sampler_inputs(reference.face, signals, settings, models),
         _sampler_settings(settings),
@@ -152,22 +198,14 @@ def animate(
         progress,
     )
 
-    # 5. Decode straight into the encoder, with the driving clip's audio.
+    # 5. Frames decoded batch by batch, through the upscaler and the paste-back.
     frames = (frame for batch in sampler.decode(latents, progress=progress) for frame in batch)
     if settings.upscale != 1:
         frames = models.upscaler()(frames)
     if settings.paste_back:
         paste = PasteBack.from_reference(reference.picture, reference.face, travel=head_travel(signals), frame_scale=settings.upscale)
         frames = paste(frames)
-    metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed), **(extra_tags or {})}
-    write_video(
-        frames, output, fps, audio_from=drive.audio, metadata=metadata, force=force, protect=[reference.path, driving],
-        progress=progress, total=len(signals),
-    )
-    return AnimateResult(
-        output, len(signals), float(fps), settings.seed, drive.faceless_frames, time.monotonic() - started,
-        drive.timing.repeated, drive.timing.dropped,
-    )
+    return GeneratedVideo(latents, frames, len(signals), drive)
 
 
 def render_image(
@@ -189,7 +227,7 @@ def render_image(
     if models.version.reference_control or needs_reference_signals(settings.pose, settings.motion):
         own = _own_signals(reference, settings, models)  # v5c's reference net takes them too
     signals = _steered(signals, own, settings)
-    sampler = _sampler(models)
+    sampler = models.sampler()
     latents = sampler.sample_image(
         _sampler_inputs(reference.face, signals, settings, models, mode="image", own=own),
         _sampler_settings(settings),
@@ -213,10 +251,6 @@ def _own_signals(reference: Reference, settings: AnimateSettings, models: HelloM
 
 def _steered(signals: DrivingSignals, own: DrivingSignals | None, settings: AnimateSettings) -> DrivingSignals:
     return steer(signals, own, settings.pose, settings.motion, settings.expression_scale)
-
-
-def _sampler(models: HelloMemePipeline) -> VideoSampler:
-    return models.sampler()
 
 
 def _sampler_settings(settings: AnimateSettings) -> SamplerSettings:

@@ -3,6 +3,8 @@ model and real clips. Runs at a 128-pixel working size so the whole file takes s
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -44,6 +46,54 @@ def test_every_driving_frame_gives_one_output_frame_with_the_audio_in_sync(workd
     assert info.has_audio and abs(audio_duration(written) - info.duration) < 1 / info.fps
     assert abs(info.duration - source.duration) < 1 / info.fps
     assert info.tags["hellomeme_seed"] == "7" and "seed 7" in output
+
+
+_watching: list[Path] = []
+_touches: list[str] = []
+
+
+def _count_touches(event: str, args: tuple) -> None:
+    """Audit hook (it cannot be removed, so it only counts while a test watches a path): every
+    open() and every program started whose arguments name the watched file."""
+    if not _watching:
+        return
+    watched = str(_watching[0])
+    if event == "open" and str(args[0]) == watched:
+        _touches.append(f"open {args[1]}")
+    elif event == "subprocess.Popen" and watched in map(str, args[1] or ()):
+        _touches.append(" ".join(map(str, args[1][:1])) + " ...")
+
+
+sys.addaudithook(_count_touches)
+
+
+def test_one_animate_reads_the_driving_clip_twice_and_keeps_its_audio_in_sync(workdir, tmp_path):
+    """Probed once (the check before any model loads), decoded once (tracking; the same read keeps the
+    audio): the audio mux does not open the clip again. The sound that starts 0.5 s into the clip
+    starts 0.5 s into the output."""
+    from hellomeme_cli.media.video import ffmpeg_exe
+
+    reference = require(MEDIA / "majicmix1.jpg", "portrait")
+    clip = tmp_path / "late_sound.mp4"
+    frames = list(read_frames(require(MEDIA / "qie.mp4", "clip"), 20))
+    write_video(frames, tmp_path / "silent.mp4", 15)
+    tone = ["-f", "lavfi", "-i", "sine=frequency=440:duration=1"]
+    command = [ffmpeg_exe(), "-v", "error", "-i", str(tmp_path / "silent.mp4"), "-itsoffset", "0.5", *tone, "-c:v", "copy", "-c:a", "aac", str(clip)]
+    subprocess.run(command, check=True)
+    _watching.append(clip)
+    try:
+        animate(reference, clip, *FAST, "--steps", "1", "-o", "out.mp4")
+    finally:
+        _watching.clear()
+    touches, _touches[:] = list(_touches), []
+    assert len(touches) == 2 and all("ffmpeg" in touch for touch in touches), touches
+    decoded = subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", "out.mp4", "-af", "aresample=async=1:first_pts=0", "-f", "s16le", "-ac", "1", "-ar", "44100", "-"],
+        capture_output=True, check=True,
+    ).stdout
+    sound = np.abs(np.frombuffer(decoded, np.int16)) > 1000
+    assert len(sound) / 44100 == pytest.approx(20 / 15, abs=1e-3)
+    assert np.flatnonzero(sound)[0] / 44100 == pytest.approx(0.5, abs=0.01)
 
 
 def test_same_seed_same_video_other_seed_another(workdir):

@@ -28,7 +28,7 @@ from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.face.signals import PATCH_SIZE, DrivingSignals, FacePatches, ReferenceFace, build_driving_signals, cut_patch, face_patch_box, head_pose
 from hellomeme_cli.face.tracking import BLENDSHAPE_NAMES, FaceTrack, Smoothing, track_image, track_video
 from hellomeme_cli.media.files import atomic_output, check_destination
-from hellomeme_cli.media.video import probe_video, read_image
+from hellomeme_cli.media.video import AudioTrack, VideoInfo, audio_track, probe_video, read_image
 from hellomeme_cli.weights.cache import sha256_of
 
 from hellomeme_cli.settings import AnimateSettings
@@ -62,8 +62,8 @@ class MotionTemplate:
     patches: the square around the face of every frame (`signals.FacePatches`)
     timestamps: (n,) seconds from the first frame; duration: to the end of the last frame
     rate: the constant rate the output is written at by default; variable_rate: frames unevenly spaced
-    source, source_sha256: the clip it was made from ("" where not hashed); has_audio: the source's
-    audio can be muxed (a template loaded from .npz gives a silent output)
+    source, source_sha256: the clip it was made from ("" where not hashed); audio: what the output
+    muxes, the source's audio (None: silent, as from a template loaded from .npz)
     """
 
     track: FaceTrack
@@ -74,7 +74,7 @@ class MotionTemplate:
     variable_rate: bool
     source: Path
     source_sha256: str = ""
-    audio: Path | None = None
+    audio: AudioTrack | None = None
     _spool: BinaryIO | None = dataclasses.field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -108,18 +108,21 @@ class MotionTemplate:
 
 
 def track_clip(
-    path: Path,
+    clip: Path | VideoInfo,
     *,
     face_index: int = 0,
     smoothing: Smoothing | None = Smoothing(),
     max_frames: int | None = None,
     model_path: Path | None = None,
     progress: ProgressCallback = no_progress,
+    audio_to: Path | None = None,
 ) -> MotionTemplate:
-    """Probe (demux only) and decode the clip once: track the face and keep the patches around it.
-    Close the result (or use it in `with`) to free the spooled patches."""
-    path = Path(path)
-    info = probe_video(path)
+    """Probe the clip (demux only; not again when given its `VideoInfo`) and decode it once: track the
+    face and keep the patches around it; with `audio_to` the decode also writes the audio there, and
+    the template's audio is that file (else the clip's own). Close the result (or use it in `with`)
+    to free the spooled patches."""
+    info = clip if isinstance(clip, VideoInfo) else probe_video(Path(clip))
+    path = info.path
     spool = tempfile.TemporaryFile(prefix="hellomeme-patches-")
     boxes = []
 
@@ -131,7 +134,7 @@ def track_clip(
     try:
         track = track_video(
             info, face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model_path,
-            progress=progress, each_frame=keep,
+            progress=progress, each_frame=keep, audio_to=audio_to,
         )
         spool.flush()
         pixels = np.memmap(spool, dtype=np.uint8, mode="r", shape=(len(track), PATCH_SIZE, PATCH_SIZE, 3))
@@ -147,7 +150,7 @@ def track_clip(
         timestamps, duration, variable = np.arange(count) / float(info.rate), count / float(info.rate), False
     return MotionTemplate(
         track, FacePatches(pixels, np.stack(boxes)), timestamps, duration, info.rate, variable, path,
-        audio=path if info.has_audio else None, _spool=spool,
+        audio=AudioTrack(Path(audio_to)) if audio_to is not None and info.has_audio else audio_track(info), _spool=spool,
     )
 
 
@@ -294,37 +297,48 @@ class Driving:
     signals: DrivingSignals
     timing: OutputTiming
     faceless_frames: int  # output frames whose driving frame had no face (filled from neighbours)
-    audio: Path | None  # the clip whose audio the output takes; None: silent (a template)
+    audio: AudioTrack | None  # what the output's sound is; None: silent (a template)
 
 
 def open_driving(
-    drive: Path, settings: AnimateSettings, face_model: Path | None, *, progress: ProgressCallback = no_progress, track_cache: Path | None = None
+    drive: Path,
+    settings: AnimateSettings,
+    face_model: Path | None,
+    *,
+    progress: ProgressCallback = no_progress,
+    track_cache: Path | None = None,
+    probed: VideoInfo | None = None,
+    audio_to: Path | None = None,
 ) -> MotionTemplate:
     """DRIVE as a motion template: loaded from a .npz (no decode; the tracking options it was made
     with hold), taken from `track_cache` (a clip tracked before with the same tracking settings), or
-    tracked now (one decode; then kept in `track_cache` when one is given). At most
-    `settings.max_frames` frames."""
+    tracked now (one decode, which writes the audio to `audio_to` where given; then kept in
+    `track_cache` when one is given). `probed`: the clip's `VideoInfo` (`check_driving`), so it is
+    not probed again. At most `settings.max_frames` frames."""
     drive = Path(drive)
     if is_template(drive):
         return load_template(drive).head(settings.max_frames)
     smoothing = Smoothing(pose=settings.smooth_pose, expression=settings.smooth_expression) if settings.smoothing else None
-    if track_cache is None:
+    info = probed or probe_video(drive)  # a clip that is not one fails here, as it would when tracked
+
+    def tracked() -> MotionTemplate:
         return track_clip(
-            drive, face_index=settings.face_index, smoothing=smoothing, max_frames=settings.max_frames, model_path=face_model, progress=progress
+            info, face_index=settings.face_index, smoothing=smoothing, max_frames=settings.max_frames, model_path=face_model,
+            progress=progress, audio_to=audio_to,
         )
-    info = probe_video(drive)  # a clip that is not one fails here, as it would when tracked
+
+    if track_cache is None:
+        return tracked()
     sha256 = sha256_of(drive)
     cached = Path(track_cache) / f"{drive.stem}.{_cache_key(sha256, settings)}{TEMPLATE_SUFFIX}"
     if cached.is_file():
         with contextlib.suppress(HellomemeError):  # a damaged cache entry is made again
             template = load_template(cached)
             if template.source_sha256 == sha256:
-                template.source, template.audio = drive, drive if info.has_audio else None
+                template.source, template.audio = drive, audio_track(info)
                 return template
             template.close()
-    template = track_clip(
-        drive, face_index=settings.face_index, smoothing=smoothing, max_frames=settings.max_frames, model_path=face_model, progress=progress
-    )
+    template = tracked()
     template.source_sha256 = sha256
     cached.parent.mkdir(parents=True, exist_ok=True)
     save_template(template, cached, force=True, protect=[drive])
@@ -339,10 +353,13 @@ def prepare_driving(
     *,
     progress: ProgressCallback = no_progress,
     track_cache: Path | None = None,
+    probed: VideoInfo | None = None,
+    audio_to: Path | None = None,
 ) -> Driving:
     """Steps 1-2 of `animate`: DRIVE tracked (or its template loaded), the output's timing, and the
-    driving signals of every output frame."""
-    with open_driving(drive, settings, models.face_model, progress=progress, track_cache=track_cache) as template:
+    driving signals of every output frame (`open_driving` says what `probed` and `audio_to` do)."""
+    opened = open_driving(drive, settings, models.face_model, progress=progress, track_cache=track_cache, probed=probed, audio_to=audio_to)
+    with opened as template:
         timing = output_timing(template, settings.fps)
         track = select_frames(template.track, timing.shown, float(timing.rate))
         signals = _signals(track, template.patches.select(timing.shown), reference, settings, models, progress)
@@ -371,12 +388,13 @@ def image_frame(track: FaceTrack) -> int:
     return int(detected[0]) if len(detected) else 0
 
 
-def check_driving(drive: Path) -> None:
-    """Fail fast (before models load) on a DRIVE that is neither a readable clip nor a template."""
+def check_driving(drive: Path) -> VideoInfo | None:
+    """Fail fast (before models load) on a DRIVE that is neither a readable clip nor a template;
+    a clip's probe is returned, for the run to use rather than probe it again."""
     if is_template(drive):
         _template_arrays(Path(drive))
-    else:
-        probe_video(drive)
+        return None
+    return probe_video(drive)
 
 
 def check_driving_image(drive: Path) -> None:

@@ -143,6 +143,7 @@ def track_video(
     model_path: Path | None = None,
     progress: ProgressCallback = no_progress,
     each_frame: Callable[[np.ndarray, np.ndarray | None], None] | None = None,
+    audio_to: Path | None = None,
 ) -> FaceTrack:
     """Track one subject through a clip: every frame gets a row, frames without the face are filled.
 
@@ -152,10 +153,11 @@ def track_video(
     follow it by overlap with its previous box. `each_frame(frame, landmarks)` is called while each
     frame is in memory, with the subject's raw landmarks there (where it was last seen if not in this
     frame, None before it is first seen), so a caller can keep what it needs without a second decode.
+    `audio_to`: the same decode writes the clip's audio there (`read_frames`).
     """
     if isinstance(source, (str, Path, VideoInfo)):
         info = source if isinstance(source, VideoInfo) else probe_video(Path(source))
-        fps, frames, label = info.fps, read_frames(info, max_frames), name or str(info.path)
+        fps, frames, label = info.fps, read_frames(info, max_frames, audio_to=audio_to), name or str(info.path)
         total = info.frame_count if max_frames is None else min(max_frames, info.frame_count)
     else:
         if not fps or fps <= 0:

@@ -68,6 +68,8 @@ class VideoInfo:
     `frame_count` is the number of packets: the decode counts the frames).
     duration: from the first frame to the end of the last (frame_count / fps at a constant rate).
     variable_rate: the frames are not evenly spaced. tags: the container's metadata.
+    video_start, audio_start: seconds from the file's start to its first frame and to its audio's
+    first sample (0 without audio), which place the audio against the frames.
     """
 
     path: Path
@@ -82,6 +84,23 @@ class VideoInfo:
     tags: Mapping[str, str] = dataclasses.field(default_factory=dict)
     timestamps: np.ndarray | None = dataclasses.field(default=None, compare=False, repr=False)
     variable_rate: bool = False
+    video_start: float = 0.0
+    audio_start: float = 0.0
+
+
+@dataclasses.dataclass(frozen=True)
+class AudioTrack:
+    """The first audio stream of `path`, muxed `shift` seconds later than it lies in `path` (ffmpeg's
+    `-itsoffset`; ffmpeg counts a file's time from its first packet): where its sound belongs
+    against the first frame of the video it goes with."""
+
+    path: Path
+    shift: float = 0.0
+
+
+def audio_track(info: VideoInfo) -> AudioTrack | None:
+    """The clip's audio as it sounds against the clip's first frame; None without audio."""
+    return AudioTrack(info.path, -info.video_start) if info.has_audio else None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +114,8 @@ class _Header:
     size: tuple[int, int] | None
     rotation: int
     tags: dict[str, str]
+    start: float = 0.0  # the file's start time
+    audio_start: float | None = None  # the first audio stream's, None without audio
 
 
 def ffmpeg_exe() -> str:
@@ -118,6 +139,7 @@ def probe_video(path: Path) -> VideoInfo:
     rate, timestamps, duration, variable = _timing(packets, header.rate)
     if not rate:
         raise HellomemeError(f"{path}: the video does not say its frame rate")
+    first_frame = float(packets.pts[0] * packets.time_base) if packets.pts is not None else 0.0
     return VideoInfo(
         path=path,
         width=header.size[0],
@@ -131,21 +153,31 @@ def probe_video(path: Path) -> VideoInfo:
         tags=header.tags,
         timestamps=timestamps,
         variable_rate=variable,
+        video_start=first_frame,
+        audio_start=0.0 if header.audio_start is None else header.audio_start - header.start,
     )
 
 
-def read_frames(path: Path | VideoInfo, max_frames: int | None = None) -> Iterator[np.ndarray]:
+def read_frames(path: Path | VideoInfo, max_frames: int | None = None, *, audio_to: Path | None = None) -> Iterator[np.ndarray]:
     """The clip's frames as RGB uint8 (H, W, 3), decoded one at a time, rotation applied, none dropped.
 
     Given a `VideoInfo` (from `probe_video`) the clip is decoded without opening it again. The file
     is checked before this returns; decoding errors (a damaged or cut file) surface while iterating,
-    after the last good frame.
+    after the last good frame. With `audio_to` (and a `VideoInfo` that has audio) the same run writes
+    the clip's audio into that file, decoded (WAV, 32-bit float) and starting at the first frame, so
+    muxing it later (`AudioTrack(audio_to)`) need not open the clip again.
     """
     if isinstance(path, VideoInfo):
-        return _decode(path.path, path.width, path.height, max_frames)
+        audio = None
+        if audio_to is not None and path.has_audio:
+            shown = path.frame_count if max_frames is None else min(max_frames, path.frame_count)
+            # Audio past the frames kept cannot sound; a second more covers the last frame's length.
+            until = None if shown == path.frame_count or path.timestamps is None else float(path.timestamps[shown]) + 1
+            audio = (Path(audio_to), path.video_start, until)
+        return _decode(path.path, path.width, path.height, max_frames, audio)
     path = Path(path)
     width, height = _video_header(path, _header(path)).size
-    return _decode(path, width, height, max_frames)
+    return _decode(path, width, height, max_frames, None)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -170,7 +202,7 @@ def write_video(
     path: Path,
     fps: float | Fraction,
     *,
-    audio_from: Path | None = None,
+    audio_from: Path | VideoInfo | AudioTrack | None = None,
     metadata: Mapping[str, str] | None = None,
     force: bool = False,
     protect: Iterable[Path] = (),
@@ -180,17 +212,17 @@ def write_video(
     """Encode RGB uint8 frames to an H.264 mp4 at `fps`, one output frame per frame given; returns `path`.
 
     The audio of `audio_from` (if it has any) is muxed as AAC, cut or padded with silence to the video's
-    length. Odd widths/heights are padded to even (yuv420p needs it) by repeating the last column/row.
+    length: a probed clip's (`VideoInfo`) placed against its first frame as it sounds in the clip, an
+    `AudioTrack` as it says, a plain file's as it lies in the file. Odd widths/heights are padded to even (yuv420p needs it) by repeating the last column/row.
     The file appears only when ffmpeg succeeded: it is written to a temporary file beside `path` first.
     """
     path = Path(path)
     muxer = VIDEO_SUFFIXES.get(path.suffix.lower())
     if muxer is None:
         raise HellomemeError(f"{path}: videos are written as {', '.join(VIDEO_SUFFIXES)}, not {path.suffix or 'no extension'}")
-    inputs = [*protect, *([audio_from] if audio_from is not None else [])]
-    check_destination(path, force, inputs)
+    audio = _audio(audio_from)
+    check_destination(path, force, [*protect, *([audio.path] if audio is not None else [])])
     rate = _exact_rate(fps)
-    with_audio = audio_from is not None and _header(Path(audio_from)).has_audio
     frames = iter(frames)
     first = next(frames, None)
     if first is None:
@@ -200,13 +232,18 @@ def write_video(
 
     command = [ffmpeg_exe(), "-y", "-nostdin", "-v", "error"]
     command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{width}x{height}", "-framerate", str(rate), "-i", "pipe:0"]
-    if with_audio:
-        # With the frame count known the audio is cut and padded to the exact video duration;
-        # `-shortest` alone overshoots by what the muxer buffered (worse on a busy machine).
-        duration = [] if total is None else ["-t", f"{float(total / rate):.6f}"]
-        command += [*duration, "-i", str(audio_from), "-map", "0:v:0", "-map", "1:a:0"]
-        padding = "apad" if total is None else f"apad=whole_dur={float(total / rate):.6f}"
-        command += ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", padding, *([] if total else ["-shortest"])]
+    if audio is not None:
+        command += ["-itsoffset", f"{audio.shift:.6f}"]
+        if total is not None:  # read no more of it than can sound
+            command += ["-t", f"{max(float(total / rate) - audio.shift, 0) + 1:.6f}"]
+        command += ["-i", str(audio.path), "-map", "0:v:0", "-map", "1:a:0"]
+        # Silence before a late first sample (and nothing of what comes before the first frame); with the
+        # frame count known, cut and padded to the exact video duration: `-shortest` alone overshoots by
+        # what the muxer buffered (worse on a busy machine).
+        timing = "aresample=async=1:first_pts=0"
+        if total is not None:
+            timing += f",apad=whole_dur={float(total / rate):.6f},atrim=end={float(total / rate):.6f}"
+        command += ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", timing, *([] if total else ["-shortest"])]
     command += ["-fps_mode", "passthrough", "-vf", TO_BT709_YUV420P]
     command += ["-c:v", "libx264", "-crf", str(VIDEO_CRF), "-preset", "medium"]
     command += ["-movflags", "+faststart+use_metadata_tags"]
@@ -227,6 +264,15 @@ def write_video(
         if process.returncode != 0:
             raise _ffmpeg_failure(path, _tail(errors))
     return path
+
+
+def _audio(source: Path | VideoInfo | AudioTrack | None) -> AudioTrack | None:
+    """What `write_video` muxes: None where the source has no audio."""
+    if source is None or isinstance(source, AudioTrack):
+        return source
+    if isinstance(source, VideoInfo):
+        return audio_track(source)
+    return AudioTrack(Path(source)) if _header(Path(source)).has_audio else None
 
 
 def write_image(
@@ -297,6 +343,10 @@ def _parse_header(path: Path, text: str) -> _Header:
         raise HellomemeError(f"{path}: not a video or audio file ffmpeg can read ({reason or 'no message'})")
     input_part = text.split("Stream mapping:")[0].split("Output #0")[0]
     streams = re.findall(r"^\s*Stream #0:\d+\S*: (Video|Audio): (.*)$", input_part, re.MULTILINE)
+    audios = [rest for kind, rest in streams if kind == "Audio"]
+    file_start = re.search(r"^\s*Duration: .*, start: (-?[\d.]+)", input_part, re.MULTILINE)
+    # ffmpeg names a stream's start only where it is not 0.
+    audio_start = None if not audios else float(stream_start[1]) if (stream_start := re.search(r", start (-?[\d.]+)", audios[0])) else 0.0
     videos = [rest for kind, rest in streams if kind == "Video" and "(attached pic)" not in rest]
     rate = size = None
     rotation = 0
@@ -313,11 +363,13 @@ def _parse_header(path: Path, text: str) -> _Header:
     return _Header(
         container=opened[1],
         has_video=bool(videos),
-        has_audio=any(kind == "Audio" for kind, _ in streams),
+        has_audio=bool(audios),
         rate=rate,
         size=size,
         rotation=rotation,
         tags=_container_tags(input_part),
+        start=float(file_start[1]) if file_start else 0.0,
+        audio_start=audio_start,
     )
 
 
@@ -416,13 +468,23 @@ def _raise_on_decode_errors(path: Path, returncode: int, errors: str) -> None:
         raise HellomemeError(f"{path}: corrupt or truncated video (ffmpeg: {_last_line(errors) or f'exit {returncode}'})")
 
 
-def _decode(path: Path, width: int, height: int, max_frames: int | None) -> Iterator[np.ndarray]:
+def _decode(
+    path: Path, width: int, height: int, max_frames: int | None, audio: tuple[Path, float, float | None] | None
+) -> Iterator[np.ndarray]:
+    """`audio`: (file, first frame's time, seconds after it to keep or None) for the audio output."""
     # Frames keep the demuxer's time base: in a coarser one two close frames of a variable-rate clip collide.
     command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:V:0", "-fps_mode", "passthrough"]
     command += ["-enc_time_base", "demux"]
     if max_frames is not None:
         command += ["-frames:v", str(max_frames)]
     command += ["-f", "rawvideo", "-pix_fmt", "rgb24", "pipe:1"]
+    if audio is not None:
+        # Decoded, as a stream copy would lose an AAC encoder's priming in most containers: silence where
+        # the sound starts after the file does, then cut to start at the first frame, as `AudioTrack` places it.
+        audio_to, first_frame, keep = audio
+        placed = f"aresample=async=1:first_pts=0,atrim=start={first_frame:.6f},asetpts=PTS-STARTPTS"
+        command += ["-map", "0:a:0", "-af", placed, *(["-t", f"{keep:.6f}"] if keep is not None else [])]
+        command += ["-c:a", "pcm_f32le", "-rf64", "auto", "-f", "wav", "-y", str(audio_to)]
     frame_bytes = width * height * 3
     with tempfile.TemporaryFile() as errors:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=errors, stdin=subprocess.DEVNULL)
