@@ -32,6 +32,18 @@ def _channels_last_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) -> (b*f, c, h, w), frames of one sample kept together."""
+    b, c, f, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def _batch_to_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(b*f, c, h, w) -> (b, c, f, h, w)."""
+    n, c, h, w = x.shape
+    return x.reshape(n // frames, frames, c, h, w).transpose(1, 2)
+
+
 class ResidualDownBlock(nn.Module):
     """torchvision's `BasicBlock` at stride 2 with instance norm and a SiLU 1x1 shortcut.
 
