@@ -26,31 +26,27 @@ import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import FeedForward
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
-from hellomeme_cli.models.blocks import ResidualDownBlock, _attention, _channels_last_tokens
-from hellomeme_cli.models.control import _batch_to_frames
-from hellomeme_cli.models.hm4 import ARKIT_COEFFICIENTS, PROJECTIONS  # the same projectors, feature maps and injection points as v4's
+from hellomeme_cli.models.blocks import _attention, _batch_to_frames, _channels_last_tokens
+# v4's projectors, feature maps and injection points, token mixer, U-Net and its cross-attention
+from hellomeme_cli.models.hm4 import (
+    CONTROL_HEADS,
+    PROJECTIONS,
+    SmallUnet,
+    _MixedTokenControlNet,
+    _projector_widths,
+    _STKCrossAttentionBase,
+)
 from hellomeme_cli.models.unet import InjectionPoints, _add_control, _batched_timestep, _frames_to_batch, load_folder
 
 ReferenceCache = dict[str, torch.Tensor]
 ControlFeatures = dict[str, torch.Tensor]
 
-# Expression scalars are scaled before their sinusoidal "timestep" embedding.
-ARKIT_SCALE = 500.0
-PDFGC_SCALE = 20.0
-PDFGC_DIM = 548
-FACE_PARTS = 3
-EXPRESSION_EMBEDDING_DIM = 1024
-EXPRESSION_TOKENS = 16
-CONTROL_HEADS = 8
 # The official reference attention's unused time projection is sized for SD1.5's time embedding.
 SD15_TIME_EMBED_DIM = 1280
 LEVELS = 4  # down outputs and up inputs the v5 modules act at
@@ -109,79 +105,26 @@ class STKAttentionV5(nn.Module):
         return x + out if residual else out
 
 
-class STKCrossAttentionV5(nn.Module):
-    """Rows, then columns, of a feature map attend to the expression tokens; then a
-    per-pixel GEGLU feed-forward (official `STKCrossAttentionV5`, no residuals). The
-    tokens are the same for every row of an image, so all pixels attend at once, each
-    carrying its column's (then its row's) position."""
+class STKCrossAttentionV5(_STKCrossAttentionBase):
+    """v4's control cross-attention with HelloMeme's linear positions, computed on the
+    fly (official `STKCrossAttentionV5`)."""
 
-    def __init__(self, channels: int, cross_attention_dim: int, heads: int = CONTROL_HEADS):
-        super().__init__()
-        self.conv_in = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.norm = nn.LayerNorm(channels)
-        self.attn1 = _attention(channels, heads, cross_attention_dim)
-        self.attn2 = _attention(channels, heads, cross_attention_dim)
-        self.ff = FeedForward(
-            channels, dropout=0.0, activation_fn="geglu", final_dropout=False, inner_dim=channels * 16, bias=True
-        )
-        self.proj = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+    def _pixel_positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        return _position(length, like)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """x: (n, c, h, w); tokens: (n, L, cross_attention_dim) -> (n, c, h, w)."""
-        x = _channels_last_tokens(self.conv_in(x))
-        n, h, w, c = x.shape
-        tokens = tokens + _position(tokens.shape[1], tokens)
-        x = x + _position(w, x)
-        x = self.attn1(self.norm(x.reshape(n, h * w, c)), tokens).reshape(n, h, w, c)
-        x = x + _position(h, x)[:, None]
-        x = self.attn2(self.norm(x.reshape(n, h * w, c)), tokens)
-        x = self.norm(self.ff(x))
-        return self.proj(x.reshape(n, h, w, c).permute(0, 3, 1, 2))
+    def _token_positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        return _position(length, like)
 
 
-class SmallUnetV5(nn.Module):
-    """Three strided residual blocks, each followed by token cross-attention that
-    replaces its features, then three conv-norm-SiLU-upsample steps with skips
-    (official `SmallUnetV5`). Returns [feat_0 (deepest), feat_1, feat_2, feat_3]."""
-
-    def __init__(self, in_channels: int, out_channels: int, cross_attention_dim: int, mid_channels: tuple[int, ...]):
-        super().__init__()
-        down = [in_channels, *mid_channels]
-        up = [*reversed(mid_channels), out_channels]
-        self.down_blocks = nn.ModuleList(ResidualDownBlock(down[i - 1], down[i]) for i in range(1, len(down)))
-        # Each official up step ends in a bilinear x2 upsample; it is done in forward,
-        # to the size of what it is added to, so sizes that are not multiples of 64 work.
-        self.up_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(up[i - 1], up[i], kernel_size=3, padding=1), nn.InstanceNorm2d(up[i]), nn.SiLU())
-            for i in range(1, len(up))
-        )
-        self.attn_blocks = nn.ModuleList(STKCrossAttentionV5(c, cross_attention_dim) for c in mid_channels)
-
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """x: (n, c, h, w) pose map; tokens (n, L, D)."""
-        full_size = x.shape[-2:]
-        skips = []
-        for down_block, attn_block in zip(self.down_blocks, self.attn_blocks):
-            x = attn_block(down_block(x), tokens)
-            skips.append(x)
-        features = [x]
-        targets = [skip.shape[-2:] for skip in reversed(skips[:-1])] + [full_size]
-        for idx, (block, size) in enumerate(zip(self.up_blocks, targets)):
-            x = F.interpolate(block(x), size=size, mode="bilinear", align_corners=False)
-            if idx < len(targets) - 1:
-                x = x + skips[-2 - idx]
-            features.append(x)
-        return features
-
-
-class HM5ControlNetBase(ModelMixin, ConfigMixin):
-    """Pose image + expression (ARKit coefficients and face parts, or PD-FGC) ->
-    {"feat_0".."feat_3"}, each (b, c, f, h', w'), from 1/64 to 1/8 of the image size
-    (HF `songkey/hm5_control_base`, shared by v5, v5b and v5c).
+class HM5ControlNetBase(_MixedTokenControlNet):
+    """v5 (HF `songkey/hm5_control_base`, shared by v5, v5b and v5c): v4's control base
+    with `STKCrossAttentionV5`, for any condition size that is a multiple of 8.
 
     `mid_channels` / `out_channels` are not in the released config.json (the official
     class hard-codes them); their defaults are the release's.
     """
+
+    condition_multiple = 8
 
     @register_to_config
     def __init__(
@@ -192,60 +135,8 @@ class HM5ControlNetBase(ModelMixin, ConfigMixin):
         out_channels: int = 320,
     ):
         super().__init__()
-        self.coefficient_embedding = Timesteps(EXPRESSION_EMBEDDING_DIM, True, 0)
-        self.emo_pre_proj = TimestepEmbedding(PDFGC_DIM, EXPRESSION_TOKENS)
-        self.emo_proj = TimestepEmbedding(EXPRESSION_EMBEDDING_DIM, cross_attention_dim)
-        self.exp_pre_proj = TimestepEmbedding(ARKIT_COEFFICIENTS, EXPRESSION_TOKENS)
-        self.face_pre_proj = TimestepEmbedding(FACE_PARTS, EXPRESSION_TOKENS)
-        self.exp_proj = TimestepEmbedding(EXPRESSION_EMBEDDING_DIM, cross_attention_dim)
-        self.face_proj = TimestepEmbedding(EXPRESSION_EMBEDDING_DIM, cross_attention_dim)
-        self.ctrl_attn = SmallUnetV5(in_channels, out_channels, cross_attention_dim, tuple(mid_channels))
-
-    def _tokens(self, values: torch.Tensor, pre_proj: nn.Module, proj: nn.Module) -> torch.Tensor:
-        """(n, k, 1024) embedding of k inputs -> mixed across k into 16 tokens -> (n, 16, D)."""
-        return proj(pre_proj(values.transpose(1, 2)).transpose(1, 2))
-
-    def _embed(self, coefficients: torch.Tensor, scale: float) -> torch.Tensor:
-        """(b, f, k) scalars -> (b*f, k, 1024) sinusoidal embeddings, computed in float32."""
-        b, f, k = coefficients.shape
-        embedded = self.coefficient_embedding(coefficients.float().reshape(-1) * scale)
-        return embedded.reshape(b * f, k, -1).to(self.dtype)
-
-    def forward(
-        self,
-        condition: torch.Tensor,
-        drive_coeff: torch.Tensor | None = None,
-        face_parts: torch.Tensor | None = None,
-        emo_embedding: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """condition (b, 3, f, H, W) in [-1, 1], H and W multiples of 8; then either
-        drive_coeff (b, f, 51) with face_parts (b, f, 3, 1024), or emo_embedding (b, f, 548)."""
-        frames, (height, width) = condition.shape[2], condition.shape[-2:]
-        if height % 8 or width % 8:
-            raise ValueError(f"HM5ControlNetBase: condition size {height}x{width} is not a multiple of 8")
-        if drive_coeff is not None:
-            if drive_coeff.shape[-1] != ARKIT_COEFFICIENTS or face_parts is None:
-                raise ValueError(
-                    f"HM5ControlNetBase: ARKit control needs {ARKIT_COEFFICIENTS} coefficients and face parts, "
-                    f"got {drive_coeff.shape[-1]} coefficients{'' if face_parts is not None else ' and no face parts'}"
-                )
-            b, f = face_parts.shape[:2]
-            parts = face_parts.to(self.dtype).reshape(b * f, *face_parts.shape[2:])
-            tokens = self._tokens(self._embed(drive_coeff, ARKIT_SCALE), self.exp_pre_proj, self.exp_proj)
-            tokens = tokens + self._tokens(parts, self.face_pre_proj, self.face_proj)
-        elif emo_embedding is not None:
-            tokens = self._tokens(self._embed(emo_embedding, PDFGC_SCALE), self.emo_pre_proj, self.emo_proj)
-        else:
-            raise ValueError("HM5ControlNetBase: give drive_coeff and face_parts, or emo_embedding")
-
-        pose = F.interpolate(
-            _frames_to_batch(condition.to(self.dtype)),
-            size=(height // 8, width // 8),
-            mode="bilinear",
-            align_corners=False,
-        )
-        features = self.ctrl_attn(pose, tokens)
-        return {f"feat_{idx}": _batch_to_frames(x, frames) for idx, x in enumerate(features)}
+        self._build_token_projections(cross_attention_dim)
+        self.ctrl_attn = SmallUnet(in_channels, out_channels, tuple(mid_channels), cross_attention_dim, STKCrossAttentionV5)
 
 
 class HMProjector(nn.Module):
@@ -261,6 +152,20 @@ class HMProjector(nn.Module):
         """(b, c_in, f, h, w) -> (b, c_out, f, h, w)."""
         frames = features.shape[2]
         return _batch_to_frames(self.attn(self.proj(_frames_to_batch(features))), frames)
+
+
+# v4's projectors in the order v5 has always built them, which the random
+# initialisation (of the tiny test weights) follows.
+PROJECTOR_CONSTRUCTION_ORDER = (
+    "map640_to_640",
+    "map640_to_1280",
+    "map320_to_320",
+    "map320_to_640",
+    "map320_to_1280",
+    "map1280_to_1280",
+    "map1280_to_1280_2",
+    "map1280_to_1280_3",
+)
 
 
 class HM5SD15ControlProj(ModelMixin, ConfigMixin):
@@ -280,16 +185,11 @@ class HM5SD15ControlProj(ModelMixin, ConfigMixin):
         out_channels: int = 320,
     ):
         super().__init__()
-        c0, c1, c2, c3 = block_out_channels
         m0, m1, m2 = mid_channels
-        self.map640_to_640 = HMProjector(m1, c1)
-        self.map640_to_1280 = HMProjector(m1, c3)
-        self.map320_to_320 = HMProjector(m0, c0)
-        self.map320_to_640 = HMProjector(out_channels, c1)
-        self.map320_to_1280 = HMProjector(m0, c2)
-        self.map1280_to_1280 = HMProjector(m2, c3)
-        self.map1280_to_1280_2 = HMProjector(m2, c2)
-        self.map1280_to_1280_3 = HMProjector(m2, c3)
+        feature_widths = {"feat_0": m2, "feat_1": m1, "feat_2": m0, "feat_3": out_channels}  # HM5ControlNetBase's
+        widths = _projector_widths(feature_widths, block_out_channels)
+        for name in PROJECTOR_CONSTRUCTION_ORDER:
+            self.add_module(name, HMProjector(*widths[name]))
 
     def forward(self, features: dict[str, torch.Tensor]) -> ControlFeatures:
         """{"feat_0".."feat_3"} from HM5ControlNetBase -> {"down3_0".."down3_3", "up3_0".."up3_3"}."""
