@@ -9,8 +9,9 @@ residuals, reference attention only at the 4 up-block inputs, and a motion modul
 (`HM5MotionAdapter`) inside the same 2D UNet instead of AnimateDiff's motion UNet.
 Position embeddings are computed on the fly (`linear_position_embedding`).
 
-The UNet wrappers put forward hooks on diffusers' own `UNet2DConditionModel` blocks
-(`HM5InjectionPoints`), acting where the official `HM3Denoising3D.forward` does:
+The UNet wrappers put the v3 forward hooks on diffusers' own `UNet2DConditionModel`
+blocks (`hm3_unet.HM3InjectionPoints`), acting where the official
+`HM3Denoising3D.forward` does:
 
 - after down block i: cache `down_i`; add control `down3_i` (the block's last skip
   sees it too, as the official in-place add); then `motion_down[i]` (the skip keeps
@@ -22,7 +23,6 @@ The UNet wrappers put forward hooks on diffusers' own `UNet2DConditionModel` blo
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from pathlib import Path
 
 import torch
@@ -32,7 +32,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
-from hellomeme_cli.models.blocks import _attention, _batch_to_frames, _channels_last_tokens
+from hellomeme_cli.models.blocks import _attention, _batch_to_frames, _channels_last_tokens, _frames_to_batch
+from hellomeme_cli.models.hm3_unet import HM3InjectionPoints
 # v4's projectors, feature maps and injection points, token mixer, U-Net and its cross-attention
 from hellomeme_cli.models.hm4 import (
     CONTROL_HEADS,
@@ -42,10 +43,7 @@ from hellomeme_cli.models.hm4 import (
     _projector_widths,
     _STKCrossAttentionBase,
 )
-from hellomeme_cli.models.unet import InjectionPoints, _add_control, _batched_timestep, _frames_to_batch, load_folder
-
-ReferenceCache = dict[str, torch.Tensor]
-ControlFeatures = dict[str, torch.Tensor]
+from hellomeme_cli.models.unet import ControlFeatures, HookedUNet, ReferenceCache, _Call, load_folder
 
 # The official reference attention's unused time projection is sized for SD1.5's time embedding.
 SD15_TIME_EMBED_DIM = 1280
@@ -333,82 +331,37 @@ class HM5MotionAdapter(ModelMixin, ConfigMixin):
 
 
 @dataclasses.dataclass
-class _HM5Call:
-    """What the hooks do during one UNet forward."""
+class _HM5Call(_Call):
+    """What the v3 hooks do during one v5 UNet forward: `_Call`'s, and the v5 motion
+    modules, with or without motion pads."""
 
-    num_frames: int = 1
-    reference_modules: nn.ModuleList | None = None
-    reference: ReferenceCache | None = None
-    control: ControlFeatures | None = None
-    motion: HM5MotionAdapter | None = None  # set only when this call runs the motion modules
-    motion_pad: ReferenceCache | None = None
-    capture: ReferenceCache | None = None
+    motion_adapter: HM5MotionAdapter | None = None  # set only when this call runs the motion modules
+    motion_pads: ReferenceCache | None = None
 
-
-class HM5InjectionPoints(InjectionPoints):
-    """The v5 hooks (module docstring) on one UNet; inert unless a call is active.
-    Separate from the v1/v2 hooks, which stay inert during a v5 call and vice versa."""
-
-    _registry: "weakref.WeakKeyDictionary[nn.Module, HM5InjectionPoints]" = weakref.WeakKeyDictionary()
-
-    def _after_down_block(self, idx: int, cross_attention: bool):
-        def hook(module, args, output):
-            call = self._call
-            if call is None:
-                return None
-            hidden, skips = output
-            if call.capture is not None:
-                call.capture[f"down_{idx}"] = hidden
-            controlled = _add_control(hidden, call.control, ("down3_",), idx)
-            if controlled is not hidden:
-                # The official in-place add also reaches the block's last skip connection.
-                skips = skips[:-1] + (controlled,)
-            if call.motion is not None:
-                pad = None if call.motion_pad is None else call.motion_pad[f"down_{idx}"]
-                controlled = call.motion.motion_down[idx](controlled, pad, call.num_frames)
-            return controlled, skips
-
-        return hook
-
-    def _after_mid_block(self, module, args, output):
-        return None
-
-    def _before_up_block(self, idx: int, cross_attention: bool):
-        def hook(module, args, kwargs):
-            call = self._call
-            if call is None:
-                return None
-            entering = kwargs["hidden_states"]
-            if call.capture is not None:
-                call.capture[f"up_{idx}"] = entering
-            hidden = _add_control(entering, call.control, ("up3_",), idx)
-            key = f"up_{idx}"
-            if call.reference_modules is not None and call.reference is not None and key in call.reference:
-                hidden = call.reference_modules[idx](hidden, call.reference[key], call.num_frames)
-            if call.motion is not None:
-                pad = None if call.motion_pad is None else call.motion_pad[key]
-                hidden = call.motion.motion_up[idx](hidden, pad, call.num_frames)
-            return None if hidden is entering else (args, {**kwargs, "hidden_states": hidden})
-
-        return hook
+    def motion(self, modules: str, idx: int, hidden: torch.Tensor, temb: torch.Tensor, key: str) -> torch.Tensor:
+        """The v5 motion modules take no time embedding."""
+        if self.motion_adapter is None:
+            return hidden
+        pad = None if self.motion_pads is None else self.motion_pads[key]
+        return getattr(self.motion_adapter, modules)[idx](hidden, pad, self.num_frames)
 
 
-def _require_levels(unet: UNet2DConditionModel) -> None:
-    if len(unet.down_blocks) != LEVELS or len(unet.up_blocks) != LEVELS:
-        raise ValueError(f"HelloMeme v5 needs a UNet with {LEVELS} down and {LEVELS} up blocks (SD1.5 layout)")
+class _V5HookedUNet(HookedUNet):
+    """A UNet of SD1.5's layout with the v3 injection points, which v5 acts at too."""
+
+    injection_points = HM3InjectionPoints
+
+    def __init__(self, unet: UNet2DConditionModel):
+        if len(unet.down_blocks) != LEVELS or len(unet.up_blocks) != LEVELS:
+            raise ValueError(f"HelloMeme v5 needs a UNet with {LEVELS} down and {LEVELS} up blocks (SD1.5 layout)")
+        super().__init__(unet)
 
 
-class HM5ReferenceNet(nn.Module):
+class HM5ReferenceNet(_V5HookedUNet):
     """The SD1.5 UNet at t = 0 on a reference latent; returns the 8 features it caches
     (`down_0..3` after each down block, `up_0..3` entering each up block), each
     (b, c, h', w') (official `unet_ref`). v5c also gives it the reference's own control,
     added as in the denoiser; each entry is taken before its own level's residual."""
-
-    def __init__(self, unet: UNet2DConditionModel):
-        super().__init__()
-        _require_levels(unet)
-        self.unet = unet
-        self._points = HM5InjectionPoints.of(unet)
 
     @classmethod
     def from_pretrained(cls, unet_path: str | Path, **kwargs) -> "HM5ReferenceNet":
@@ -419,13 +372,7 @@ class HM5ReferenceNet(nn.Module):
     ) -> ReferenceCache:
         """ref_latents (b, 4, h, w) or (b, 4, 1, h, w), already scaled; text_embeds (b, 77, C);
         control (v5c): HM5SD15ControlProj of the reference's pose and expression, (b, c, 1, h', w')."""
-        if ref_latents.ndim == 5:
-            ref_latents = ref_latents[:, :, 0]
-        dtype = self.unet.dtype
-        cache: ReferenceCache = {}
-        with self._points.active(_HM5Call(control=control, capture=cache)):
-            self.unet(ref_latents.to(dtype), 0, encoder_hidden_states=text_embeds.to(dtype))
-        return cache
+        return self._capture(ref_latents, text_embeds, _HM5Call(control=control))
 
 
 def motion_pad_states(first: ReferenceCache, last: ReferenceCache) -> ReferenceCache:
@@ -434,7 +381,7 @@ def motion_pad_states(first: ReferenceCache, last: ReferenceCache) -> ReferenceC
     return {key: torch.stack([first[key], last[key]], dim=2) for key in first}
 
 
-class HM5DenoisingNet(nn.Module):
+class HM5DenoisingNet(_V5HookedUNet):
     """The v5-family denoiser: the SD1.5 UNet with the reference attentions, the 8
     control residuals and (video) the motion modules injected. Frames are folded into
     the batch; inputs and outputs are (b, c, f, h, w)."""
@@ -445,12 +392,9 @@ class HM5DenoisingNet(nn.Module):
         reference_adapter: HM5ReferenceAdapter | HM5bReferenceAdapter | None = None,
         motion_adapter: HM5MotionAdapter | None = None,
     ):
-        super().__init__()
-        _require_levels(unet)
-        self.unet = unet
+        super().__init__(unet)
         self.reference_adapter = reference_adapter
         self.motion_adapter = motion_adapter
-        self._points = HM5InjectionPoints.of(unet)
 
     @classmethod
     def from_pretrained(
@@ -492,23 +436,15 @@ class HM5DenoisingNet(nn.Module):
             missing = [f"{p}_{i}" for p in ("down", "up") for i in range(LEVELS) if f"{p}_{i}" not in motion_pad]
             if missing:
                 raise ValueError(f"HM5DenoisingNet: motion_pad lacks {', '.join(missing)}")
-        b, _, frames = latents.shape[:3]
-        dtype = self.unet.dtype
         call = _HM5Call(
-            num_frames=frames,
-            reference_modules=getattr(self.reference_adapter, "reference_modules_up", None),
+            num_frames=latents.shape[2],
+            adapter=self.reference_adapter,
             reference=reference,
             control=control,
-            motion=self.motion_adapter if use_motion else None,
-            motion_pad=motion_pad if use_motion else None,
+            motion_adapter=self.motion_adapter if use_motion else None,
+            motion_pads=motion_pad if use_motion else None,
         )
-        with self._points.active(call):
-            noise = self.unet(
-                _frames_to_batch(latents.to(dtype)),
-                _batched_timestep(timestep, b, frames),
-                encoder_hidden_states=text_embeds.to(dtype).repeat_interleave(frames, dim=0),
-            ).sample
-        return _batch_to_frames(noise, frames)
+        return self._denoise(latents, timestep, text_embeds, call)
 
 
 # Which reference adapter each version's denoiser loads (v5c: v5b's class, its own weights).
