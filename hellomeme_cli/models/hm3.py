@@ -62,11 +62,12 @@ class SKMotionModule(nn.Module):
         return hidden_states + self.proj(tokens.permute(0, 3, 4, 1, 2).reshape(n, c, h, w))
 
 
-class HM3ReferenceAdapter(ModelMixin, ConfigMixin):
+class _UpBlockReferenceAdapter(ModelMixin, ConfigMixin):
     """One reference attention before every up block, up block 0 included; module i
-    works at `block_up_channels[i]`. The official `SKReferenceAttentionV3` computes
-    v1's `SKReferenceAttention` function, so that block is reused.
-    `block_down_channels` and `use_3d` are official config keys the net does not use."""
+    works at `block_up_channels[i]` (v3, v4 and v5). The config keys are the official
+    ones; `block_down_channels` and `use_3d` are kept though unused."""
+
+    reference_module: type[nn.Module]
 
     @register_to_config
     def __init__(
@@ -78,9 +79,15 @@ class HM3ReferenceAdapter(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self.reference_modules_up = nn.ModuleList(
-            SKReferenceAttention(channels, num_attention_heads, num_positional_embeddings=64 * 2)
-            for channels in block_up_channels
+            self.reference_module(channels, num_attention_heads) for channels in block_up_channels
         )
+
+
+class HM3ReferenceAdapter(_UpBlockReferenceAdapter):
+    """v3 and v4 (HF `songkey/hm3_reference`): the official `SKReferenceAttentionV3`
+    computes v1's `SKReferenceAttention` function, so that block is reused."""
+
+    reference_module = SKReferenceAttention
 
 
 class HM3MotionAdapter(ModelMixin, ConfigMixin):

@@ -32,7 +32,8 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
-from hellomeme_cli.models.blocks import _attention, _batch_to_frames, _channels_last_tokens, _frames_to_batch
+from hellomeme_cli.models.blocks import _attention, _batch_to_frames, _channels_last_tokens, _frames_to_batch, _per_frame
+from hellomeme_cli.models.hm3 import _UpBlockReferenceAdapter
 from hellomeme_cli.models.hm3_unet import HM3InjectionPoints
 # v4's projectors, feature maps and injection points, token mixer, U-Net and its cross-attention
 from hellomeme_cli.models.hm4 import (
@@ -60,11 +61,6 @@ def linear_position_embedding(length: int, dim: int, dtype: torch.dtype, device:
 
 def _position(length: int, like: torch.Tensor) -> torch.Tensor:
     return linear_position_embedding(length, like.shape[-1], like.dtype, like.device)
-
-
-def _per_frame(reference: torch.Tensor, batch_frames: int, num_frames: int) -> torch.Tensor:
-    """A per-sample reference entry (b, ...) repeated for every frame (b*f, ...)."""
-    return reference if reference.shape[0] == batch_frames else reference.repeat_interleave(num_frames, dim=0)
 
 
 class STKAttentionV5(nn.Module):
@@ -246,33 +242,13 @@ class STKReferenceModule(nn.Module):
         return self.attn(hidden_states, reference)
 
 
-class _HM5ReferenceAdapterBase(ModelMixin, ConfigMixin):
-    """One reference attention at the input of every up block; the config keys are the
-    official ones (`block_down_channels` and `use_3d` are kept though unused)."""
-
-    reference_module: type[nn.Module]
-
-    @register_to_config
-    def __init__(
-        self,
-        block_down_channels: tuple[int, ...] = (320, 640, 1280, 1280),
-        block_up_channels: tuple[int, ...] = (1280, 1280, 1280, 640),
-        num_attention_heads: int = 8,
-        use_3d: bool = False,
-    ):
-        super().__init__()
-        self.reference_modules_up = nn.ModuleList(
-            self.reference_module(channels, num_attention_heads) for channels in block_up_channels
-        )
-
-
-class HM5ReferenceAdapter(_HM5ReferenceAdapterBase):
+class HM5ReferenceAdapter(_UpBlockReferenceAdapter):
     """v5 (HF `songkey/hm5_reference`): `SKReferenceAttentionV5` at up blocks 0..3."""
 
     reference_module = SKReferenceAttentionV5
 
 
-class HM5bReferenceAdapter(_HM5ReferenceAdapterBase):
+class HM5bReferenceAdapter(_UpBlockReferenceAdapter):
     """v5b and v5c (HF `songkey/hm5b_reference`, `songkey/hm5c_reference`):
     `STKReferenceModule` at up blocks 0..3."""
 
