@@ -101,6 +101,7 @@ class HM3DenoisingNet(HookedUNet):
         self.reference_adapter = reference_adapter
         self.motion_adapter = motion_adapter
 
+    # HMDenoisingNet.forward's parameters again (a signature cannot be inherited and extended); the work is HookedUNet._denoise's.
     def forward(
         self,
         latents: torch.Tensor,

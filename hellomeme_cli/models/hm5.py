@@ -264,6 +264,7 @@ class SKMotionModuleV5(nn.Module):
     def __init__(self, in_channels: int, num_attention_heads: int = 8):
         super().__init__()
 
+        # Alike in shape only to blocks._attention: each spells out one diffusers block's settings.
         def transformer() -> AnimateDiffTransformer3D:
             return AnimateDiffTransformer3D(
                 in_channels=in_channels,
@@ -390,6 +391,7 @@ class HM5DenoisingNet(_V5HookedUNet):
         motion = load_folder(HM5MotionAdapter, motion_path, **kwargs) if motion_path else None
         return cls(unet, adapter, motion)
 
+    # HMDenoisingNet.forward's parameters again (a signature cannot be inherited and extended); the work is HookedUNet._denoise's.
     def forward(
         self,
         latents: torch.Tensor,
