@@ -32,6 +32,23 @@ def _channels_last_tokens(x: torch.Tensor) -> torch.Tensor:
     return x.permute(0, 2, 3, 1)
 
 
+def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
+    """(b, c, f, h, w) -> (b*f, c, h, w), frames of one sample kept together."""
+    b, c, f, h, w = x.shape
+    return x.transpose(1, 2).reshape(b * f, c, h, w)
+
+
+def _batch_to_frames(x: torch.Tensor, frames: int) -> torch.Tensor:
+    """(b*f, c, h, w) -> (b, c, f, h, w)."""
+    n, c, h, w = x.shape
+    return x.reshape(n // frames, frames, c, h, w).transpose(1, 2)
+
+
+def _per_frame(reference: torch.Tensor, batch_frames: int, num_frames: int) -> torch.Tensor:
+    """A per-sample reference entry (b, ...) repeated for every frame (b*f, ...)."""
+    return reference if reference.shape[0] == batch_frames else reference.repeat_interleave(num_frames, dim=0)
+
+
 class ResidualDownBlock(nn.Module):
     """torchvision's `BasicBlock` at stride 2 with instance norm and a SiLU 1x1 shortcut.
 
@@ -130,8 +147,7 @@ class SKReferenceAttention(nn.Module):
     def forward(self, hidden_states: torch.Tensor, reference: torch.Tensor, num_frames: int) -> torch.Tensor:
         """hidden_states: (b*f, c, h, w); reference: (b, c, h, w) or (b*f, c, h, w)."""
         n, c, h, w = hidden_states.shape
-        if reference.shape[0] != n:
-            reference = reference.repeat_interleave(num_frames, dim=0)
+        reference = _per_frame(reference, n, num_frames)
 
         rows = torch.cat([hidden_states, reference], dim=3)  # n, c, h, 2w
         rows = self.norm(self.pos_embed(_channels_last_tokens(rows).reshape(n * h, 2 * w, c)))

@@ -15,13 +15,13 @@ from __future__ import annotations
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.attention import FeedForward
-from diffusers.models.embeddings import SinusoidalPositionalEmbedding, TimestepEmbedding
+from diffusers.models.embeddings import SinusoidalPositionalEmbedding
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from hellomeme_cli.models.blocks import SKReferenceAttention, _attention
-from hellomeme_cli.models.control import _batch_to_frames, _frames_to_batch
-from hellomeme_cli.models.control_v2 import V2_BLOCK_OUT_CHANNELS, _UpPathControlNet
+from hellomeme_cli.models.blocks import SKReferenceAttention, _attention, _batch_to_frames, _frames_to_batch
+from hellomeme_cli.models.control import _BlendshapeDrive, _EitherDrive, _PDFGCDrive
+from hellomeme_cli.models.control_v2 import V2_BLOCK_OUT_CHANNELS, V2_SCALE_FACTOR, _UpPathControlNet
 
 SD15_BLOCK_OUT_CHANNELS = (320, 640, 1280, 1280)
 # Widths entering the up blocks: the mid block's output, then each up block's.
@@ -62,11 +62,12 @@ class SKMotionModule(nn.Module):
         return hidden_states + self.proj(tokens.permute(0, 3, 4, 1, 2).reshape(n, c, h, w))
 
 
-class HM3ReferenceAdapter(ModelMixin, ConfigMixin):
+class _UpBlockReferenceAdapter(ModelMixin, ConfigMixin):
     """One reference attention before every up block, up block 0 included; module i
-    works at `block_up_channels[i]`. The official `SKReferenceAttentionV3` computes
-    v1's `SKReferenceAttention` function, so that block is reused.
-    `block_down_channels` and `use_3d` are official config keys the net does not use."""
+    works at `block_up_channels[i]` (v3, v4 and v5). The config keys are the official
+    ones; `block_down_channels` and `use_3d` are kept though unused."""
+
+    reference_module: type[nn.Module]
 
     @register_to_config
     def __init__(
@@ -78,9 +79,15 @@ class HM3ReferenceAdapter(ModelMixin, ConfigMixin):
     ):
         super().__init__()
         self.reference_modules_up = nn.ModuleList(
-            SKReferenceAttention(channels, num_attention_heads, num_positional_embeddings=64 * 2)
-            for channels in block_up_channels
+            self.reference_module(channels, num_attention_heads) for channels in block_up_channels
         )
+
+
+class HM3ReferenceAdapter(_UpBlockReferenceAdapter):
+    """v3 and v4 (HF `songkey/hm3_reference`): the official `SKReferenceAttentionV3`
+    computes v1's `SKReferenceAttention` function, so that block is reused."""
+
+    reference_module = SKReferenceAttention
 
 
 class HM3MotionAdapter(ModelMixin, ConfigMixin):
@@ -88,6 +95,7 @@ class HM3MotionAdapter(ModelMixin, ConfigMixin):
     up block (`motion_up`). `time_embed_dim` is the UNet's time-embedding width,
     4 x its first block width (official: hard-coded 1280); `use_3d` is unused."""
 
+    # _UpBlockReferenceAdapter's official config keys again (use_3d True here), then time_embed_dim.
     @register_to_config
     def __init__(
         self,
@@ -105,7 +113,7 @@ class HM3MotionAdapter(ModelMixin, ConfigMixin):
         self.motion_up = nn.ModuleList(SKMotionModule(c, num_attention_heads, time_embed_dim) for c in block_up_channels)
 
 
-class HMV3ControlNet(_UpPathControlNet):
+class HMV3ControlNet(_EitherDrive, _BlendshapeDrive, _PDFGCDrive, _UpPathControlNet):
     """Condition image + either ARKit coefficients and 3 face-part CLIP embeddings or
     the PD-FGC embedding -> {"up3_0".."up3_3", "down3_0".."down3_3"}, each (b, c, f, h', w').
 
@@ -122,35 +130,32 @@ class HMV3ControlNet(_UpPathControlNet):
         self,
         embedding_channels: int = 1280,
         input_channels: int = 3,
-        scale_factor: int = 4,
+        scale_factor: int = V2_SCALE_FACTOR,
         cross_attention_dim: int = 320,
         block_out_channels: tuple[int, ...] = V2_BLOCK_OUT_CHANNELS,
         unet_block_out_channels: tuple[int, ...] = SD15_BLOCK_OUT_CHANNELS,
     ):
-        super().__init__()
-        self._build_trunk(input_channels, cross_attention_dim, block_out_channels)
+        # The trunk's arguments again: register_to_config records a signature's own
+        # arguments, and this one adds `unet_block_out_channels`.
+        super().__init__(
+            embedding_channels=embedding_channels,
+            input_channels=input_channels,
+            scale_factor=scale_factor,
+            cross_attention_dim=cross_attention_dim,
+            block_out_channels=block_out_channels,
+        )
+
+    def _build_trunk(self, input_channels: int, cross_attention_dim: int, block_out_channels: tuple[int, ...]) -> None:
+        """The trunk, then the maps to the UNet's down-block widths, before the token
+        projections (the order the random initialisation has always followed). The
+        config holds `unet_block_out_channels` already: register_to_config records it first."""
+        super()._build_trunk(input_channels, cross_attention_dim, block_out_channels)
+        unet_block_out_channels = self.config.unet_block_out_channels
         self.conv_up2_down0 = nn.Conv2d(block_out_channels[2], unet_block_out_channels[0], kernel_size=1, bias=False)
         self.conv_up1_down1 = nn.Conv2d(block_out_channels[3], unet_block_out_channels[1], kernel_size=1, bias=False)
-        self.exp_proj = TimestepEmbedding(cross_attention_dim, cross_attention_dim)
-        self.face_proj = TimestepEmbedding(1024, cross_attention_dim)
-        self.emo_proj = TimestepEmbedding(cross_attention_dim, cross_attention_dim)
 
-    def forward(
-        self,
-        condition: torch.Tensor,
-        drive_coeff: torch.Tensor | None = None,
-        face_parts: torch.Tensor | None = None,
-        emo_embedding: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """condition (b, 3, f, H, W) in [-1, 1]; ARKit when drive_coeff (b, f, 51) and
-        face_parts (b, f, 3, 1024) are both given, else PD-FGC emo_embedding (b, f, 548)."""
-        if drive_coeff is not None and face_parts is not None:
-            tokens = self._blendshape_tokens(drive_coeff, face_parts)
-        elif emo_embedding is not None:
-            tokens = self._pdfgc_tokens(emo_embedding)
-        else:
-            raise ValueError("HMV3ControlNet needs drive_coeff and face_parts, or emo_embedding")
-        features = self._run_trunk(condition, tokens)
+    def _features(self, condition: torch.Tensor, tokens: torch.Tensor) -> dict[str, torch.Tensor]:
+        features = super()._features(condition, tokens)
         frames = condition.shape[2]
         features["down3_0"] = _batch_to_frames(self.conv_up2_down0(_frames_to_batch(features["up3_2"])), frames)
         features["down3_1"] = _batch_to_frames(self.conv_up1_down1(_frames_to_batch(features["up3_1"])), frames)

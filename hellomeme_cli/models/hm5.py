@@ -9,8 +9,9 @@ residuals, reference attention only at the 4 up-block inputs, and a motion modul
 (`HM5MotionAdapter`) inside the same 2D UNet instead of AnimateDiff's motion UNet.
 Position embeddings are computed on the fly (`linear_position_embedding`).
 
-The UNet wrappers put forward hooks on diffusers' own `UNet2DConditionModel` blocks
-(`HM5InjectionPoints`), acting where the official `HM3Denoising3D.forward` does:
+The UNet wrappers put the v3 forward hooks on diffusers' own `UNet2DConditionModel`
+blocks (`hm3_unet.HM3InjectionPoints`), acting where the official
+`HM3Denoising3D.forward` does:
 
 - after down block i: cache `down_i`; add control `down3_i` (the block's last skip
   sees it too, as the official in-place add); then `motion_down[i]` (the skip keeps
@@ -22,35 +23,29 @@ The UNet wrappers put forward hooks on diffusers' own `UNet2DConditionModel` blo
 from __future__ import annotations
 
 import dataclasses
-import weakref
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from diffusers.configuration_utils import ConfigMixin, register_to_config
-from diffusers.models.attention import FeedForward
-from diffusers.models.embeddings import TimestepEmbedding, Timesteps
 from diffusers.models.modeling_utils import ModelMixin
 from diffusers.models.unets.unet_motion_model import AnimateDiffTransformer3D
 from torch import nn
 
-from hellomeme_cli.models.blocks import ResidualDownBlock, _attention, _channels_last_tokens
-from hellomeme_cli.models.control import _batch_to_frames
-from hellomeme_cli.models.hm4 import ARKIT_COEFFICIENTS, PROJECTIONS  # the same projectors, feature maps and injection points as v4's
-from hellomeme_cli.models.unet import InjectionPoints, _add_control, _batched_timestep, _frames_to_batch, load_folder
+from hellomeme_cli.models.blocks import _attention, _batch_to_frames, _channels_last_tokens, _frames_to_batch, _per_frame
+from hellomeme_cli.models.hm3 import _UpBlockReferenceAdapter
+from hellomeme_cli.models.hm3_unet import HM3InjectionPoints
+# v4's projectors, feature maps and injection points, token mixer, U-Net and its cross-attention
+from hellomeme_cli.models.hm4 import (
+    CONTROL_HEADS,
+    PROJECTIONS,
+    SmallUnet,
+    _MixedTokenControlNet,
+    _projector_widths,
+    _STKCrossAttentionBase,
+)
+from hellomeme_cli.models.unet import ControlFeatures, HookedUNet, ReferenceCache, _Call, load_folder
 
-ReferenceCache = dict[str, torch.Tensor]
-ControlFeatures = dict[str, torch.Tensor]
-
-# Expression scalars are scaled before their sinusoidal "timestep" embedding.
-ARKIT_SCALE = 500.0
-PDFGC_SCALE = 20.0
-PDFGC_DIM = 548
-FACE_PARTS = 3
-EXPRESSION_EMBEDDING_DIM = 1024
-EXPRESSION_TOKENS = 16
-CONTROL_HEADS = 8
 # The official reference attention's unused time projection is sized for SD1.5's time embedding.
 SD15_TIME_EMBED_DIM = 1280
 LEVELS = 4  # down outputs and up inputs the v5 modules act at
@@ -66,11 +61,6 @@ def linear_position_embedding(length: int, dim: int, dtype: torch.dtype, device:
 
 def _position(length: int, like: torch.Tensor) -> torch.Tensor:
     return linear_position_embedding(length, like.shape[-1], like.dtype, like.device)
-
-
-def _per_frame(reference: torch.Tensor, batch_frames: int, num_frames: int) -> torch.Tensor:
-    """A per-sample reference entry (b, ...) repeated for every frame (b*f, ...)."""
-    return reference if reference.shape[0] == batch_frames else reference.repeat_interleave(num_frames, dim=0)
 
 
 class STKAttentionV5(nn.Module):
@@ -109,79 +99,26 @@ class STKAttentionV5(nn.Module):
         return x + out if residual else out
 
 
-class STKCrossAttentionV5(nn.Module):
-    """Rows, then columns, of a feature map attend to the expression tokens; then a
-    per-pixel GEGLU feed-forward (official `STKCrossAttentionV5`, no residuals). The
-    tokens are the same for every row of an image, so all pixels attend at once, each
-    carrying its column's (then its row's) position."""
+class STKCrossAttentionV5(_STKCrossAttentionBase):
+    """v4's control cross-attention with HelloMeme's linear positions, computed on the
+    fly (official `STKCrossAttentionV5`)."""
 
-    def __init__(self, channels: int, cross_attention_dim: int, heads: int = CONTROL_HEADS):
-        super().__init__()
-        self.conv_in = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
-        self.norm = nn.LayerNorm(channels)
-        self.attn1 = _attention(channels, heads, cross_attention_dim)
-        self.attn2 = _attention(channels, heads, cross_attention_dim)
-        self.ff = FeedForward(
-            channels, dropout=0.0, activation_fn="geglu", final_dropout=False, inner_dim=channels * 16, bias=True
-        )
-        self.proj = nn.Conv2d(channels, channels, kernel_size=3, padding=1)
+    def _pixel_positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        return _position(length, like)
 
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
-        """x: (n, c, h, w); tokens: (n, L, cross_attention_dim) -> (n, c, h, w)."""
-        x = _channels_last_tokens(self.conv_in(x))
-        n, h, w, c = x.shape
-        tokens = tokens + _position(tokens.shape[1], tokens)
-        x = x + _position(w, x)
-        x = self.attn1(self.norm(x.reshape(n, h * w, c)), tokens).reshape(n, h, w, c)
-        x = x + _position(h, x)[:, None]
-        x = self.attn2(self.norm(x.reshape(n, h * w, c)), tokens)
-        x = self.norm(self.ff(x))
-        return self.proj(x.reshape(n, h, w, c).permute(0, 3, 1, 2))
+    def _token_positions(self, length: int, like: torch.Tensor) -> torch.Tensor:
+        return _position(length, like)
 
 
-class SmallUnetV5(nn.Module):
-    """Three strided residual blocks, each followed by token cross-attention that
-    replaces its features, then three conv-norm-SiLU-upsample steps with skips
-    (official `SmallUnetV5`). Returns [feat_0 (deepest), feat_1, feat_2, feat_3]."""
-
-    def __init__(self, in_channels: int, out_channels: int, cross_attention_dim: int, mid_channels: tuple[int, ...]):
-        super().__init__()
-        down = [in_channels, *mid_channels]
-        up = [*reversed(mid_channels), out_channels]
-        self.down_blocks = nn.ModuleList(ResidualDownBlock(down[i - 1], down[i]) for i in range(1, len(down)))
-        # Each official up step ends in a bilinear x2 upsample; it is done in forward,
-        # to the size of what it is added to, so sizes that are not multiples of 64 work.
-        self.up_blocks = nn.ModuleList(
-            nn.Sequential(nn.Conv2d(up[i - 1], up[i], kernel_size=3, padding=1), nn.InstanceNorm2d(up[i]), nn.SiLU())
-            for i in range(1, len(up))
-        )
-        self.attn_blocks = nn.ModuleList(STKCrossAttentionV5(c, cross_attention_dim) for c in mid_channels)
-
-    def forward(self, x: torch.Tensor, tokens: torch.Tensor) -> list[torch.Tensor]:
-        """x: (n, c, h, w) pose map; tokens (n, L, D)."""
-        full_size = x.shape[-2:]
-        skips = []
-        for down_block, attn_block in zip(self.down_blocks, self.attn_blocks):
-            x = attn_block(down_block(x), tokens)
-            skips.append(x)
-        features = [x]
-        targets = [skip.shape[-2:] for skip in reversed(skips[:-1])] + [full_size]
-        for idx, (block, size) in enumerate(zip(self.up_blocks, targets)):
-            x = F.interpolate(block(x), size=size, mode="bilinear", align_corners=False)
-            if idx < len(targets) - 1:
-                x = x + skips[-2 - idx]
-            features.append(x)
-        return features
-
-
-class HM5ControlNetBase(ModelMixin, ConfigMixin):
-    """Pose image + expression (ARKit coefficients and face parts, or PD-FGC) ->
-    {"feat_0".."feat_3"}, each (b, c, f, h', w'), from 1/64 to 1/8 of the image size
-    (HF `songkey/hm5_control_base`, shared by v5, v5b and v5c).
+class HM5ControlNetBase(_MixedTokenControlNet):
+    """v5 (HF `songkey/hm5_control_base`, shared by v5, v5b and v5c): v4's control base
+    with `STKCrossAttentionV5`, for any condition size that is a multiple of 8.
 
     `mid_channels` / `out_channels` are not in the released config.json (the official
     class hard-codes them); their defaults are the release's.
     """
+
+    condition_multiple = 8
 
     @register_to_config
     def __init__(
@@ -192,60 +129,8 @@ class HM5ControlNetBase(ModelMixin, ConfigMixin):
         out_channels: int = 320,
     ):
         super().__init__()
-        self.coefficient_embedding = Timesteps(EXPRESSION_EMBEDDING_DIM, True, 0)
-        self.emo_pre_proj = TimestepEmbedding(PDFGC_DIM, EXPRESSION_TOKENS)
-        self.emo_proj = TimestepEmbedding(EXPRESSION_EMBEDDING_DIM, cross_attention_dim)
-        self.exp_pre_proj = TimestepEmbedding(ARKIT_COEFFICIENTS, EXPRESSION_TOKENS)
-        self.face_pre_proj = TimestepEmbedding(FACE_PARTS, EXPRESSION_TOKENS)
-        self.exp_proj = TimestepEmbedding(EXPRESSION_EMBEDDING_DIM, cross_attention_dim)
-        self.face_proj = TimestepEmbedding(EXPRESSION_EMBEDDING_DIM, cross_attention_dim)
-        self.ctrl_attn = SmallUnetV5(in_channels, out_channels, cross_attention_dim, tuple(mid_channels))
-
-    def _tokens(self, values: torch.Tensor, pre_proj: nn.Module, proj: nn.Module) -> torch.Tensor:
-        """(n, k, 1024) embedding of k inputs -> mixed across k into 16 tokens -> (n, 16, D)."""
-        return proj(pre_proj(values.transpose(1, 2)).transpose(1, 2))
-
-    def _embed(self, coefficients: torch.Tensor, scale: float) -> torch.Tensor:
-        """(b, f, k) scalars -> (b*f, k, 1024) sinusoidal embeddings, computed in float32."""
-        b, f, k = coefficients.shape
-        embedded = self.coefficient_embedding(coefficients.float().reshape(-1) * scale)
-        return embedded.reshape(b * f, k, -1).to(self.dtype)
-
-    def forward(
-        self,
-        condition: torch.Tensor,
-        drive_coeff: torch.Tensor | None = None,
-        face_parts: torch.Tensor | None = None,
-        emo_embedding: torch.Tensor | None = None,
-    ) -> dict[str, torch.Tensor]:
-        """condition (b, 3, f, H, W) in [-1, 1], H and W multiples of 8; then either
-        drive_coeff (b, f, 51) with face_parts (b, f, 3, 1024), or emo_embedding (b, f, 548)."""
-        frames, (height, width) = condition.shape[2], condition.shape[-2:]
-        if height % 8 or width % 8:
-            raise ValueError(f"HM5ControlNetBase: condition size {height}x{width} is not a multiple of 8")
-        if drive_coeff is not None:
-            if drive_coeff.shape[-1] != ARKIT_COEFFICIENTS or face_parts is None:
-                raise ValueError(
-                    f"HM5ControlNetBase: ARKit control needs {ARKIT_COEFFICIENTS} coefficients and face parts, "
-                    f"got {drive_coeff.shape[-1]} coefficients{'' if face_parts is not None else ' and no face parts'}"
-                )
-            b, f = face_parts.shape[:2]
-            parts = face_parts.to(self.dtype).reshape(b * f, *face_parts.shape[2:])
-            tokens = self._tokens(self._embed(drive_coeff, ARKIT_SCALE), self.exp_pre_proj, self.exp_proj)
-            tokens = tokens + self._tokens(parts, self.face_pre_proj, self.face_proj)
-        elif emo_embedding is not None:
-            tokens = self._tokens(self._embed(emo_embedding, PDFGC_SCALE), self.emo_pre_proj, self.emo_proj)
-        else:
-            raise ValueError("HM5ControlNetBase: give drive_coeff and face_parts, or emo_embedding")
-
-        pose = F.interpolate(
-            _frames_to_batch(condition.to(self.dtype)),
-            size=(height // 8, width // 8),
-            mode="bilinear",
-            align_corners=False,
-        )
-        features = self.ctrl_attn(pose, tokens)
-        return {f"feat_{idx}": _batch_to_frames(x, frames) for idx, x in enumerate(features)}
+        self._build_token_projections(cross_attention_dim)
+        self.ctrl_attn = SmallUnet(in_channels, out_channels, tuple(mid_channels), cross_attention_dim, STKCrossAttentionV5)
 
 
 class HMProjector(nn.Module):
@@ -261,6 +146,20 @@ class HMProjector(nn.Module):
         """(b, c_in, f, h, w) -> (b, c_out, f, h, w)."""
         frames = features.shape[2]
         return _batch_to_frames(self.attn(self.proj(_frames_to_batch(features))), frames)
+
+
+# v4's projectors in the order v5 has always built them, which the random
+# initialisation (of the tiny test weights) follows.
+PROJECTOR_CONSTRUCTION_ORDER = (
+    "map640_to_640",
+    "map640_to_1280",
+    "map320_to_320",
+    "map320_to_640",
+    "map320_to_1280",
+    "map1280_to_1280",
+    "map1280_to_1280_2",
+    "map1280_to_1280_3",
+)
 
 
 class HM5SD15ControlProj(ModelMixin, ConfigMixin):
@@ -280,16 +179,11 @@ class HM5SD15ControlProj(ModelMixin, ConfigMixin):
         out_channels: int = 320,
     ):
         super().__init__()
-        c0, c1, c2, c3 = block_out_channels
         m0, m1, m2 = mid_channels
-        self.map640_to_640 = HMProjector(m1, c1)
-        self.map640_to_1280 = HMProjector(m1, c3)
-        self.map320_to_320 = HMProjector(m0, c0)
-        self.map320_to_640 = HMProjector(out_channels, c1)
-        self.map320_to_1280 = HMProjector(m0, c2)
-        self.map1280_to_1280 = HMProjector(m2, c3)
-        self.map1280_to_1280_2 = HMProjector(m2, c2)
-        self.map1280_to_1280_3 = HMProjector(m2, c3)
+        feature_widths = {"feat_0": m2, "feat_1": m1, "feat_2": m0, "feat_3": out_channels}  # HM5ControlNetBase's
+        widths = _projector_widths(feature_widths, block_out_channels)
+        for name in PROJECTOR_CONSTRUCTION_ORDER:
+            self.add_module(name, HMProjector(*widths[name]))
 
     def forward(self, features: dict[str, torch.Tensor]) -> ControlFeatures:
         """{"feat_0".."feat_3"} from HM5ControlNetBase -> {"down3_0".."down3_3", "up3_0".."up3_3"}."""
@@ -348,33 +242,13 @@ class STKReferenceModule(nn.Module):
         return self.attn(hidden_states, reference)
 
 
-class _HM5ReferenceAdapterBase(ModelMixin, ConfigMixin):
-    """One reference attention at the input of every up block; the config keys are the
-    official ones (`block_down_channels` and `use_3d` are kept though unused)."""
-
-    reference_module: type[nn.Module]
-
-    @register_to_config
-    def __init__(
-        self,
-        block_down_channels: tuple[int, ...] = (320, 640, 1280, 1280),
-        block_up_channels: tuple[int, ...] = (1280, 1280, 1280, 640),
-        num_attention_heads: int = 8,
-        use_3d: bool = False,
-    ):
-        super().__init__()
-        self.reference_modules_up = nn.ModuleList(
-            self.reference_module(channels, num_attention_heads) for channels in block_up_channels
-        )
-
-
-class HM5ReferenceAdapter(_HM5ReferenceAdapterBase):
+class HM5ReferenceAdapter(_UpBlockReferenceAdapter):
     """v5 (HF `songkey/hm5_reference`): `SKReferenceAttentionV5` at up blocks 0..3."""
 
     reference_module = SKReferenceAttentionV5
 
 
-class HM5bReferenceAdapter(_HM5ReferenceAdapterBase):
+class HM5bReferenceAdapter(_UpBlockReferenceAdapter):
     """v5b and v5c (HF `songkey/hm5b_reference`, `songkey/hm5c_reference`):
     `STKReferenceModule` at up blocks 0..3."""
 
@@ -390,6 +264,7 @@ class SKMotionModuleV5(nn.Module):
     def __init__(self, in_channels: int, num_attention_heads: int = 8):
         super().__init__()
 
+        # Alike in shape only to blocks._attention: each spells out one diffusers block's settings.
         def transformer() -> AnimateDiffTransformer3D:
             return AnimateDiffTransformer3D(
                 in_channels=in_channels,
@@ -433,82 +308,37 @@ class HM5MotionAdapter(ModelMixin, ConfigMixin):
 
 
 @dataclasses.dataclass
-class _HM5Call:
-    """What the hooks do during one UNet forward."""
+class _HM5Call(_Call):
+    """What the v3 hooks do during one v5 UNet forward: `_Call`'s, and the v5 motion
+    modules, with or without motion pads."""
 
-    num_frames: int = 1
-    reference_modules: nn.ModuleList | None = None
-    reference: ReferenceCache | None = None
-    control: ControlFeatures | None = None
-    motion: HM5MotionAdapter | None = None  # set only when this call runs the motion modules
-    motion_pad: ReferenceCache | None = None
-    capture: ReferenceCache | None = None
+    motion_adapter: HM5MotionAdapter | None = None  # set only when this call runs the motion modules
+    motion_pads: ReferenceCache | None = None
 
-
-class HM5InjectionPoints(InjectionPoints):
-    """The v5 hooks (module docstring) on one UNet; inert unless a call is active.
-    Separate from the v1/v2 hooks, which stay inert during a v5 call and vice versa."""
-
-    _registry: "weakref.WeakKeyDictionary[nn.Module, HM5InjectionPoints]" = weakref.WeakKeyDictionary()
-
-    def _after_down_block(self, idx: int, cross_attention: bool):
-        def hook(module, args, output):
-            call = self._call
-            if call is None:
-                return None
-            hidden, skips = output
-            if call.capture is not None:
-                call.capture[f"down_{idx}"] = hidden
-            controlled = _add_control(hidden, call.control, ("down3_",), idx)
-            if controlled is not hidden:
-                # The official in-place add also reaches the block's last skip connection.
-                skips = skips[:-1] + (controlled,)
-            if call.motion is not None:
-                pad = None if call.motion_pad is None else call.motion_pad[f"down_{idx}"]
-                controlled = call.motion.motion_down[idx](controlled, pad, call.num_frames)
-            return controlled, skips
-
-        return hook
-
-    def _after_mid_block(self, module, args, output):
-        return None
-
-    def _before_up_block(self, idx: int, cross_attention: bool):
-        def hook(module, args, kwargs):
-            call = self._call
-            if call is None:
-                return None
-            entering = kwargs["hidden_states"]
-            if call.capture is not None:
-                call.capture[f"up_{idx}"] = entering
-            hidden = _add_control(entering, call.control, ("up3_",), idx)
-            key = f"up_{idx}"
-            if call.reference_modules is not None and call.reference is not None and key in call.reference:
-                hidden = call.reference_modules[idx](hidden, call.reference[key], call.num_frames)
-            if call.motion is not None:
-                pad = None if call.motion_pad is None else call.motion_pad[key]
-                hidden = call.motion.motion_up[idx](hidden, pad, call.num_frames)
-            return None if hidden is entering else (args, {**kwargs, "hidden_states": hidden})
-
-        return hook
+    def motion(self, modules: str, idx: int, hidden: torch.Tensor, temb: torch.Tensor, key: str) -> torch.Tensor:
+        """The v5 motion modules take no time embedding."""
+        if self.motion_adapter is None:
+            return hidden
+        pad = None if self.motion_pads is None else self.motion_pads[key]
+        return getattr(self.motion_adapter, modules)[idx](hidden, pad, self.num_frames)
 
 
-def _require_levels(unet: UNet2DConditionModel) -> None:
-    if len(unet.down_blocks) != LEVELS or len(unet.up_blocks) != LEVELS:
-        raise ValueError(f"HelloMeme v5 needs a UNet with {LEVELS} down and {LEVELS} up blocks (SD1.5 layout)")
+class _V5HookedUNet(HookedUNet):
+    """A UNet of SD1.5's layout with the v3 injection points, which v5 acts at too."""
+
+    injection_points = HM3InjectionPoints
+
+    def __init__(self, unet: UNet2DConditionModel):
+        if len(unet.down_blocks) != LEVELS or len(unet.up_blocks) != LEVELS:
+            raise ValueError(f"HelloMeme v5 needs a UNet with {LEVELS} down and {LEVELS} up blocks (SD1.5 layout)")
+        super().__init__(unet)
 
 
-class HM5ReferenceNet(nn.Module):
+class HM5ReferenceNet(_V5HookedUNet):
     """The SD1.5 UNet at t = 0 on a reference latent; returns the 8 features it caches
     (`down_0..3` after each down block, `up_0..3` entering each up block), each
     (b, c, h', w') (official `unet_ref`). v5c also gives it the reference's own control,
     added as in the denoiser; each entry is taken before its own level's residual."""
-
-    def __init__(self, unet: UNet2DConditionModel):
-        super().__init__()
-        _require_levels(unet)
-        self.unet = unet
-        self._points = HM5InjectionPoints.of(unet)
 
     @classmethod
     def from_pretrained(cls, unet_path: str | Path, **kwargs) -> "HM5ReferenceNet":
@@ -519,13 +349,7 @@ class HM5ReferenceNet(nn.Module):
     ) -> ReferenceCache:
         """ref_latents (b, 4, h, w) or (b, 4, 1, h, w), already scaled; text_embeds (b, 77, C);
         control (v5c): HM5SD15ControlProj of the reference's pose and expression, (b, c, 1, h', w')."""
-        if ref_latents.ndim == 5:
-            ref_latents = ref_latents[:, :, 0]
-        dtype = self.unet.dtype
-        cache: ReferenceCache = {}
-        with self._points.active(_HM5Call(control=control, capture=cache)):
-            self.unet(ref_latents.to(dtype), 0, encoder_hidden_states=text_embeds.to(dtype))
-        return cache
+        return self._capture(ref_latents, text_embeds, _HM5Call(control=control))
 
 
 def motion_pad_states(first: ReferenceCache, last: ReferenceCache) -> ReferenceCache:
@@ -534,7 +358,7 @@ def motion_pad_states(first: ReferenceCache, last: ReferenceCache) -> ReferenceC
     return {key: torch.stack([first[key], last[key]], dim=2) for key in first}
 
 
-class HM5DenoisingNet(nn.Module):
+class HM5DenoisingNet(_V5HookedUNet):
     """The v5-family denoiser: the SD1.5 UNet with the reference attentions, the 8
     control residuals and (video) the motion modules injected. Frames are folded into
     the batch; inputs and outputs are (b, c, f, h, w)."""
@@ -545,12 +369,9 @@ class HM5DenoisingNet(nn.Module):
         reference_adapter: HM5ReferenceAdapter | HM5bReferenceAdapter | None = None,
         motion_adapter: HM5MotionAdapter | None = None,
     ):
-        super().__init__()
-        _require_levels(unet)
-        self.unet = unet
+        super().__init__(unet)
         self.reference_adapter = reference_adapter
         self.motion_adapter = motion_adapter
-        self._points = HM5InjectionPoints.of(unet)
 
     @classmethod
     def from_pretrained(
@@ -570,6 +391,7 @@ class HM5DenoisingNet(nn.Module):
         motion = load_folder(HM5MotionAdapter, motion_path, **kwargs) if motion_path else None
         return cls(unet, adapter, motion)
 
+    # HMDenoisingNet.forward's parameters again (a signature cannot be inherited and extended); the work is HookedUNet._denoise's.
     def forward(
         self,
         latents: torch.Tensor,
@@ -592,23 +414,15 @@ class HM5DenoisingNet(nn.Module):
             missing = [f"{p}_{i}" for p in ("down", "up") for i in range(LEVELS) if f"{p}_{i}" not in motion_pad]
             if missing:
                 raise ValueError(f"HM5DenoisingNet: motion_pad lacks {', '.join(missing)}")
-        b, _, frames = latents.shape[:3]
-        dtype = self.unet.dtype
         call = _HM5Call(
-            num_frames=frames,
-            reference_modules=getattr(self.reference_adapter, "reference_modules_up", None),
+            num_frames=latents.shape[2],
+            adapter=self.reference_adapter,
             reference=reference,
             control=control,
-            motion=self.motion_adapter if use_motion else None,
-            motion_pad=motion_pad if use_motion else None,
+            motion_adapter=self.motion_adapter if use_motion else None,
+            motion_pads=motion_pad if use_motion else None,
         )
-        with self._points.active(call):
-            noise = self.unet(
-                _frames_to_batch(latents.to(dtype)),
-                _batched_timestep(timestep, b, frames),
-                encoder_hidden_states=text_embeds.to(dtype).repeat_interleave(frames, dim=0),
-            ).sample
-        return _batch_to_frames(noise, frames)
+        return self._denoise(latents, timestep, text_embeds, call)
 
 
 # Which reference adapter each version's denoiser loads (v5c: v5b's class, its own weights).

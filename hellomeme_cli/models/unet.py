@@ -32,6 +32,7 @@ from accelerate import init_empty_weights
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from torch import nn
 
+from hellomeme_cli.models.blocks import _batch_to_frames, _frames_to_batch
 from hellomeme_cli.models.reference import HMReferenceAdapter
 
 ReferenceCache = dict[str, torch.Tensor]
@@ -40,12 +41,6 @@ ControlFeatures = dict[str, torch.Tensor]
 # Control feature keys are `<prefix><block index>`; the prefix says where they are added.
 AFTER_DOWN_BLOCK_PREFIXES = ("down_", "down2_")
 BEFORE_UP_BLOCK_PREFIXES = ("up_v2_", "up2_v2_")
-
-
-def _frames_to_batch(x: torch.Tensor) -> torch.Tensor:
-    """(b, c, f, h, w) -> (b*f, c, h, w)."""
-    b, c, f, h, w = x.shape
-    return x.transpose(1, 2).reshape(b * f, c, h, w)
 
 
 def _add_control(hidden: torch.Tensor, control: ControlFeatures | None, prefixes: tuple[str, ...], idx: int) -> torch.Tensor:
@@ -58,28 +53,41 @@ def _add_control(hidden: torch.Tensor, control: ControlFeatures | None, prefixes
 
 @dataclasses.dataclass
 class _Call:
-    """What the hooks do during one UNet forward."""
+    """What the hooks do during one UNet forward (the v3 and v5 calls add their motion modules)."""
 
     num_frames: int = 1
-    adapter: HMReferenceAdapter | None = None
+    adapter: nn.Module | None = None  # the reference adapter
     reference: ReferenceCache | None = None
     control: ControlFeatures | None = None
     capture: ReferenceCache | None = None
+
+    def attend_reference(self, modules: str, idx: int, key: str, hidden: torch.Tensor) -> torch.Tensor:
+        """`hidden` through the adapter's `modules[idx]` with the cached reference `key`
+        (`hidden` itself where the adapter has no such modules or the cache no such entry)."""
+        attentions = getattr(self.adapter, modules, None)
+        if attentions is None or not self.reference or key not in self.reference:
+            return hidden
+        return attentions[idx](hidden, self.reference[key], self.num_frames)
 
 
 class InjectionPoints:
     """Forward hooks on one UNet's blocks; inert unless a call is active.
 
-    One instance per UNet (see `of`), so a 2D UNet shared by the reference net and
-    the stage-1 denoiser carries a single set of hooks.
+    One instance per UNet and subclass (see `of`), so a 2D UNet shared by the reference
+    net and the stage-1 denoiser carries a single set of hooks per version family.
+    After down block i and before up block i, the hooks cache the features (where
+    `_caches` says), add the control features of the subclass's prefixes, then run
+    the subclass's step (`_after_down_control`, `_before_up_control`).
     """
 
-    _registry: "weakref.WeakKeyDictionary[nn.Module, InjectionPoints]" = weakref.WeakKeyDictionary()
+    _registry: "weakref.WeakKeyDictionary[nn.Module, InjectionPoints]"
+    after_down_prefixes: tuple[str, ...]
+    before_up_prefixes: tuple[str, ...]
 
     def __init__(self, unet: UNet2DConditionModel | UNetMotionModel):
         self._call: _Call | None = None
         for idx, block in enumerate(unet.down_blocks):
-            block.register_forward_hook(self._after_down_block(idx, _has_cross_attention(block)))
+            block.register_forward_hook(self._after_down_block(idx, _has_cross_attention(block)), with_kwargs=True)
         unet.mid_block.register_forward_hook(self._after_mid_block)
         for idx, block in enumerate(unet.up_blocks):
             block.register_forward_pre_hook(self._before_up_block(idx, _has_cross_attention(block)), with_kwargs=True)
@@ -100,37 +108,37 @@ class InjectionPoints:
         finally:
             self._call = None
 
+    def _caches(self, cross_attention: bool) -> bool:
+        """Whether the reference net caches the features at a block's point."""
+        raise NotImplementedError
+
+    def _after_down_control(self, call: _Call, idx: int, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _before_up_control(
+        self, call: _Call, idx: int, cross_attention: bool, hidden: torch.Tensor, temb: torch.Tensor
+    ) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _after_mid_block(self, module, args, output):
+        return None
+
     def _after_down_block(self, idx: int, cross_attention: bool):
-        def hook(module, args, output):
+        def hook(module, args, kwargs, output):
             call = self._call
             if call is None:
                 return None
             hidden, skips = output
-            if call.capture is not None and cross_attention:
+            if call.capture is not None and self._caches(cross_attention):
                 call.capture[f"down_{idx}"] = hidden
-            controlled = _add_control(hidden, call.control, AFTER_DOWN_BLOCK_PREFIXES, idx)
+            controlled = _add_control(hidden, call.control, self.after_down_prefixes, idx)
             if controlled is not hidden:
                 # The official code adds the control in place, and the block's
                 # output is also its last skip connection, so the skip sees it too.
-                hidden = controlled
-                skips = skips[:-1] + (hidden,)
-            modules = getattr(call.adapter, "reference_modules_down", None)
-            if modules is not None and call.reference and f"down_{idx}" in call.reference:
-                hidden = modules[idx](hidden, call.reference[f"down_{idx}"], call.num_frames)
-            return hidden, skips
+                skips = skips[:-1] + (controlled,)
+            return self._after_down_control(call, idx, controlled, kwargs["temb"]), skips
 
         return hook
-
-    def _after_mid_block(self, module, args, output):
-        call = self._call
-        if call is None:
-            return None
-        module_ = getattr(call.adapter, "reference_modules_mid", None)
-        if module_ is not None and call.reference and "mid" in call.reference:
-            output = module_(output, call.reference["mid"], call.num_frames)
-        if call.capture is not None:
-            call.capture["mid"] = output
-        return output
 
     def _before_up_block(self, idx: int, cross_attention: bool):
         def hook(module, args, kwargs):
@@ -138,15 +146,47 @@ class InjectionPoints:
             if call is None:
                 return None
             entering = kwargs["hidden_states"]
-            if call.capture is not None and cross_attention:
+            if call.capture is not None and self._caches(cross_attention):
                 call.capture[f"up_{idx}"] = entering
-            hidden = _add_control(entering, call.control, BEFORE_UP_BLOCK_PREFIXES, idx)
-            modules = getattr(call.adapter, "reference_modules_up", None)
-            if cross_attention and modules is not None and call.reference and f"up_{idx}" in call.reference:
-                hidden = modules[idx - 1](hidden, call.reference[f"up_{idx}"], call.num_frames)
+            hidden = _add_control(entering, call.control, self.before_up_prefixes, idx)
+            hidden = self._before_up_control(call, idx, cross_attention, hidden, kwargs["temb"])
             return None if hidden is entering else (args, {**kwargs, "hidden_states": hidden})
 
         return hook
+
+
+class HMInjectionPoints(InjectionPoints):
+    """The v1/v2 points (module docstring). The reference net caches, and the adapter
+    attends, only at the cross-attention blocks."""
+
+    _registry: "weakref.WeakKeyDictionary[nn.Module, HMInjectionPoints]" = weakref.WeakKeyDictionary()
+    after_down_prefixes = AFTER_DOWN_BLOCK_PREFIXES
+    before_up_prefixes = BEFORE_UP_BLOCK_PREFIXES
+
+    def _caches(self, cross_attention: bool) -> bool:
+        return cross_attention
+
+    def _after_down_control(self, call: _Call, idx: int, hidden: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
+        return call.attend_reference("reference_modules_down", idx, f"down_{idx}", hidden)
+
+    def _after_mid_block(self, module, args, output):
+        call = self._call
+        if call is None:
+            return None
+        attention = getattr(call.adapter, "reference_modules_mid", None)
+        if attention is not None and call.reference and "mid" in call.reference:
+            output = attention(output, call.reference["mid"], call.num_frames)
+        if call.capture is not None:
+            call.capture["mid"] = output
+        return output
+
+    def _before_up_control(
+        self, call: _Call, idx: int, cross_attention: bool, hidden: torch.Tensor, temb: torch.Tensor
+    ) -> torch.Tensor:
+        if not cross_attention:
+            return hidden
+        # up block 0 has no cross-attention, so the adapter's first up module is up block 1's
+        return call.attend_reference("reference_modules_up", idx - 1, f"up_{idx}", hidden)
 
 
 def load_folder(cls, folder: str | Path, **kwargs):
@@ -177,46 +217,72 @@ def _batched_timestep(timestep: torch.Tensor | float | int, batch: int, frames: 
     return timestep
 
 
-class HMReferenceNet(nn.Module):
-    """The SD1.5 UNet run once per clip at t = 0 on the reference latent; returns the
-    features the reference adapter attends to (official `unet_ref`)."""
+class HookedUNet(nn.Module):
+    """A UNet with the injection points of one version family (`injection_points`), run
+    with the settings of one call: the reference nets and denoisers of every version."""
 
-    def __init__(self, unet: UNet2DConditionModel):
+    injection_points: type[InjectionPoints]
+
+    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel):
         super().__init__()
         self.unet = unet
-        self._points = InjectionPoints.of(unet)
+        self._points = self.injection_points.of(unet)
 
     device = property(lambda self: self.unet.device)
     dtype = property(lambda self: self.unet.dtype)
-
-    def forward(self, ref_latents: torch.Tensor, text_embeds: torch.Tensor) -> ReferenceCache:
-        """ref_latents (b, 4, h, w) or (b, 4, 1, h, w), already scaled; text_embeds (b, 77, C)."""
-        if ref_latents.ndim == 5:
-            ref_latents = ref_latents[:, :, 0]
-        cache: ReferenceCache = {}
-        with self._points.active(_Call(capture=cache)):
-            self.unet(ref_latents.to(self.unet.dtype), 0, encoder_hidden_states=text_embeds.to(self.unet.dtype))
-        return cache
-
-
-class HMDenoisingNet(nn.Module):
-    """The denoiser: the SD1.5 UNet (stage 1, frames independent) or the AnimateDiff
-    motion UNet (stage 2, frames attend to each other) with the reference adapter
-    and the control features injected. Inputs and outputs are (b, c, f, h, w).
-    """
-
-    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel, reference_adapter: HMReferenceAdapter | None):
-        super().__init__()
-        self.unet = unet
-        self.reference_adapter = reference_adapter
-        self._points = InjectionPoints.of(unet)
 
     @property
     def is_motion(self) -> bool:
         return isinstance(self.unet, UNetMotionModel)
 
-    device = property(lambda self: self.unet.device)
-    dtype = property(lambda self: self.unet.dtype)
+    def _capture(self, latents: torch.Tensor, text_embeds: torch.Tensor, call: _Call) -> ReferenceCache:
+        """The UNet at t = 0 on latents (b, 4, h, w) or (b, 4, 1, h, w), already scaled;
+        text_embeds (b, 77, C) -> what the hooks cached."""
+        if latents.ndim == 5:
+            latents = latents[:, :, 0]
+        call.capture = {}
+        with self._points.active(call):
+            self.unet(latents.to(self.unet.dtype), 0, encoder_hidden_states=text_embeds.to(self.unet.dtype))
+        return call.capture
+
+    def _denoise(
+        self, latents: torch.Tensor, timestep: torch.Tensor | float | int, text_embeds: torch.Tensor, call: _Call
+    ) -> torch.Tensor:
+        """latents (b, 4, f, h, w); text_embeds (b, 77, C) -> noise (b, 4, f, h, w). A 2D UNet
+        sees the frames folded into the batch; a motion UNet sees them as frames."""
+        b, _, frames = latents.shape[:3]
+        dtype = self.unet.dtype
+        text_embeds = text_embeds.to(dtype).repeat_interleave(frames, dim=0)
+        with self._points.active(call):
+            if self.is_motion:
+                return self.unet(latents.to(dtype), timestep, encoder_hidden_states=text_embeds).sample
+            sample = _frames_to_batch(latents.to(dtype))
+            noise = self.unet(sample, _batched_timestep(timestep, b, frames), encoder_hidden_states=text_embeds).sample
+        return _batch_to_frames(noise, frames)
+
+
+class HMReferenceNet(HookedUNet):
+    """The SD1.5 UNet run once per clip at t = 0 on the reference latent; returns the
+    features the reference adapter attends to (official `unet_ref`)."""
+
+    injection_points = HMInjectionPoints
+
+    def forward(self, ref_latents: torch.Tensor, text_embeds: torch.Tensor) -> ReferenceCache:
+        """ref_latents (b, 4, h, w) or (b, 4, 1, h, w), already scaled; text_embeds (b, 77, C)."""
+        return self._capture(ref_latents, text_embeds, _Call())
+
+
+class HMDenoisingNet(HookedUNet):
+    """The denoiser: the SD1.5 UNet (stage 1, frames independent) or the AnimateDiff
+    motion UNet (stage 2, frames attend to each other) with the reference adapter
+    and the control features injected. Inputs and outputs are (b, c, f, h, w).
+    """
+
+    injection_points = HMInjectionPoints
+
+    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel, reference_adapter: HMReferenceAdapter | None):
+        super().__init__(unet)
+        self.reference_adapter = reference_adapter
 
     def forward(
         self,
@@ -229,19 +295,8 @@ class HMDenoisingNet(nn.Module):
         """latents (b, 4, f, h, w); text_embeds (b, 77, C); reference from HMReferenceNet
         (batch b); control from the control nets of one version, e.g. HMControlNet/HMControlNet2
         or HMV2ControlNet/HMV2ControlNet2 (b, c, f, h', w') -> noise (b, 4, f, h, w)."""
-        b, _, frames, h, w = latents.shape
-        dtype = self.unet.dtype
-        text_embeds = text_embeds.to(dtype).repeat_interleave(frames, dim=0)
-        call = _Call(num_frames=frames, adapter=self.reference_adapter, reference=reference, control=control)
-        with self._points.active(call):
-            if self.is_motion:
-                noise = self.unet(latents.to(dtype), timestep, encoder_hidden_states=text_embeds).sample
-            else:
-                sample = _frames_to_batch(latents.to(dtype))
-                timestep = _batched_timestep(timestep, b, frames)
-                noise = self.unet(sample, timestep, encoder_hidden_states=text_embeds).sample
-                noise = noise.reshape(b, frames, *noise.shape[1:]).transpose(1, 2)
-        return noise
+        call = _Call(num_frames=latents.shape[2], adapter=self.reference_adapter, reference=reference, control=control)
+        return self._denoise(latents, timestep, text_embeds, call)
 
 
 def motion_unet(unet: UNet2DConditionModel, motion_adapter: MotionAdapter) -> UNetMotionModel:
