@@ -10,14 +10,15 @@ unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
 
-from conformance_case import BFLOAT16_LATENTS_TOLERANCE, control_from_tensors, load_case, networks_to, relative_error
+from conformance_case import (
+    BFLOAT16_LATENTS_TOLERANCE, case_params, control_from_tensors, load_case, networks_to, relative_error, weight_folder,
+)
 from conftest import CONFORMANCE_DIR, require
 from hellomeme_cli.models import (
     HM5ControlNetBase,
@@ -31,7 +32,7 @@ from hellomeme_cli.models.unet import load_folder
 from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings
 from hellomeme_cli.samplers.hm5 import HM5VideoSampler, margin_frames, plan_hm5_windows
 from hellomeme_cli.versions import get_version
-from test_conformance_v5_modules import REFERENCE_WITH_OWN_CONTROL, VERSIONS, _load, _weights
+from test_conformance_v5_modules import FAMILY, REFERENCE_WITH_OWN_CONTROL
 
 LATENT_TOLERANCE = 2e-5  # relative, float32 (README: a faithful implementation is within ~1e-6)
 FRAME_MAE_TOLERANCE = 1e-3
@@ -42,33 +43,22 @@ ARKIT, PDFGC = (get_version("v5").control(name) for name in ("blendshapes", "pdf
 CONTROL_KINDS = {"blendshapes": ARKIT, "drive": ARKIT, "arkit": ARKIT, "pdfgc": PDFGC, "emo": PDFGC}
 
 
-def _is_v5_sampler_case(case_json: Path) -> bool:
-    case = json.loads(case_json.read_text())
-    return case.get("kind") in ("sampler", "image") and case.get("version") in VERSIONS
-
-
 def _cases():
-    if not CONFORMANCE_DIR.is_dir():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no conformance data at {CONFORMANCE_DIR}"))]
-    cases = sorted(p.parent for p in CONFORMANCE_DIR.rglob("case.json") if _is_v5_sampler_case(p))
-    if not cases:
-        reason = f"no v5/v5b/v5c sampler or image cases below {CONFORMANCE_DIR}"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
-    return [pytest.param(p, id=str(p.relative_to(CONFORMANCE_DIR))) for p in cases]
+    return case_params(lambda kind, version: kind in ("sampler", "image") and version in FAMILY.versions, "v5/v5b/v5c sampler or image cases")
 
 
 def _case_sampler(folder: Path, case: dict) -> HM5VideoSampler:
     """The sampler on the case's networks (motion adapter only when the case has one)."""
     if case["control"] not in CONTROL_KINDS:
         raise AssertionError(f"{folder}: unknown control kind {case['control']!r}")
-    unet = _load(folder, case, "unet")
-    motion = _load(folder, case, "hm_motion") if case["kind"] == "sampler" else None
+    unet = FAMILY.load(folder, case, "unet")
+    motion = FAMILY.load(folder, case, "hm_motion") if case["kind"] == "sampler" else None
     return HM5VideoSampler(
         HM5ReferenceNet(unet),
-        HM5DenoisingNet(unet, _load(folder, case, "hm_reference"), motion),
-        _load(folder, case, "hm_control_base"),
-        _load(folder, case, "hm_control_proj"),
-        load_folder(AutoencoderKL, _weights(folder, case, "vae")),
+        HM5DenoisingNet(unet, FAMILY.load(folder, case, "hm_reference"), motion),
+        FAMILY.load(folder, case, "hm_control_base"),
+        FAMILY.load(folder, case, "hm_control_proj"),
+        load_folder(AutoencoderKL, weight_folder(folder, case, "vae")),
         control=CONTROL_KINDS[case["control"]],
         reference_control=case["version"] in REFERENCE_WITH_OWN_CONTROL,
     )
