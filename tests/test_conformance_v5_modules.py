@@ -2,7 +2,7 @@
 (test_conformance_modules.py, which finds every `"kind": "module"` case of the v5 family;
 format: v5/README.md there, v5b/ and v5c/ READMEs for what they change): the classes a case's
 weight folders (the shared hm5_weights) load with, and how our networks compute every output a
-case holds. Plus the v5 family's own checks.
+case holds. Plus the v5 family's own checks, on the networks of one v5 or v5b module case.
 """
 
 from __future__ import annotations
@@ -13,8 +13,7 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from conformance_case import ModuleFamily
-from conftest import CONFORMANCE_DIR, require
+from conformance_case import ModuleFamily, first_case, load_case
 from hellomeme_cli.models import (
     HM5bReferenceAdapter,
     HM5ControlNetBase,
@@ -25,11 +24,12 @@ from hellomeme_cli.models import (
     HM5SD15ControlProj,
     motion_pad_states,
 )
-from hellomeme_cli.models.unet import load_folder
 
 VERSIONS = ("v5", "v5b", "v5c")
 # Versions whose reference net also gets the reference image's own control (v5c README).
 REFERENCE_WITH_OWN_CONTROL = ("v5c",)
+# Versions with video, so with the motion adapter (v5c makes images only).
+VIDEO_VERSIONS = ("v5", "v5b")
 
 # case.json `classes.<role>` -> the class that loads that role's folder here.
 CLASSES = {
@@ -118,16 +118,23 @@ def run_v5_module_case(folder: Path, case: dict, inputs: dict[str, torch.Tensor]
 FAMILY = ModuleFamily(VERSIONS, CLASSES, run_v5_module_case, released_classes=RELEASED_CLASSES)
 
 
+def _video_module_case() -> tuple[Path, dict]:
+    """One module case of a video version (its networks include the motion adapter; v5's
+    first where there is one): the tests below take every network from it."""
+    folder = first_case(lambda kind, version: kind == "module" and version in VIDEO_VERSIONS, "v5/v5b module case")
+    return folder, load_case(folder)[0]
+
+
 @torch.no_grad()
 def test_v5_runs_non_square_sizes_that_are_not_multiples_of_64():
     """The official v5 reference attention fails unless h == w, and the official control
     net unless H and W are multiples of 64; ours take any multiple of 8."""
-    weights = require(CONFORMANCE_DIR / "hm5_weights", "v5 tiny weights")
-    unet = load_folder(UNet2DConditionModel, weights / "unet")
-    base = load_folder(HM5ControlNetBase, weights / "hm5_control_base")
-    proj = load_folder(HM5SD15ControlProj, weights / "hm5_control_proj")
-    adapter = load_folder(HM5ReferenceAdapter, weights / "hm5_reference")
-    denoiser = HM5DenoisingNet(unet, adapter, load_folder(HM5MotionAdapter, weights / "hm5_motion"))
+    folder, case = _video_module_case()
+    unet = FAMILY.load(folder, case, "unet")
+    base = FAMILY.load(folder, case, "hm_control_base")
+    proj = FAMILY.load(folder, case, "hm_control_proj")
+    adapter = FAMILY.load(folder, case, "hm_reference")
+    denoiser = HM5DenoisingNet(unet, adapter, FAMILY.load(folder, case, "hm_motion"))
     generator = torch.Generator().manual_seed(0)
     height, width, frames = 96, 160, 2
     h, w = height // 8, width // 8
@@ -149,14 +156,14 @@ def test_v5_runs_non_square_sizes_that_are_not_multiples_of_64():
 
 def test_denoiser_refuses_what_it_would_otherwise_silently_ignore():
     """The official UNet skips motion and reference without a word when their modules are absent."""
-    weights = require(CONFORMANCE_DIR / "hm5_weights", "v5 tiny weights")
-    unet = load_folder(UNet2DConditionModel, weights / "unet")
+    folder, case = _video_module_case()
+    unet = FAMILY.load(folder, case, "unet")
     denoiser = HM5DenoisingNet(unet)
     latents, text = torch.zeros(1, 4, 1, 8, 8), torch.zeros(1, 77, unet.config.cross_attention_dim)
     with pytest.raises(ValueError, match="motion adapter"):
         denoiser(latents, 0, text, use_motion=True)
     with pytest.raises(ValueError, match="reference adapter"):
         denoiser(latents, 0, text, reference={"up_0": torch.zeros(1, 32, 1, 1)})
-    motion = HM5DenoisingNet(unet, motion_adapter=load_folder(HM5MotionAdapter, weights / "hm5_motion"))
+    motion = HM5DenoisingNet(unet, motion_adapter=FAMILY.load(folder, case, "hm_motion"))
     with pytest.raises(ValueError, match="motion_pad lacks up_0, up_1, up_2, up_3"):
         motion(latents, 0, text, motion_pad={f"down_{i}": None for i in range(4)}, use_motion=True)
