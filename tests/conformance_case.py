@@ -1,14 +1,17 @@
 """The conformance cases (format: ../shared/conformance/README.md): finding them under a
-folder, and running the v1 module cases and every registry version's sampler and image
-cases through our networks."""
+folder (as pytest parameters), loading the networks a case names, and running the v1 module
+cases and every registry version's sampler and image cases through our networks."""
 
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import diffusers
+import pytest
 import torch
 from diffusers import AutoencoderKL, MotionAdapter, UNet2DConditionModel
 from safetensors.torch import load_file
@@ -25,6 +28,7 @@ from hellomeme_cli.models.unet import load_folder
 from hellomeme_cli.samplers.common import ControlSource, DrivingFrames, SamplerInputs, SamplerSettings
 from hellomeme_cli.samplers.two_stage import VideoSampler
 from hellomeme_cli.versions import get_version, resolve
+from conftest import CONFORMANCE_DIR
 
 CONTROL_FOLDERS = {"blendshapes": "hm_control", "pdfgc": "hm_control2"}
 # case.json `control` -> the registry's control kind (the v2+ cases call the blendshapes control "arkit").
@@ -47,8 +51,42 @@ def is_module_case(folder: Path) -> bool:
     return (folder / "case.json").is_file() and case_kind(folder) == ("module", "v1")
 
 
+def cases_where(takes: Callable[[str, str], bool]) -> list[Path]:
+    """The case folders below CONFORMANCE_DIR, at any depth, whose (kind, version) `takes` takes."""
+    if not CONFORMANCE_DIR.is_dir():
+        return []
+    return [folder for folder in find_cases(CONFORMANCE_DIR) if takes(*case_kind(folder))]
+
+
+def first_case(takes: Callable[[str, str], bool], what: str) -> Path:
+    """The first case folder `takes` takes, for a test that makes its own inputs: it takes every
+    network and every size it does not choose from this one case. Skips, saying why, without one."""
+    if not CONFORMANCE_DIR.is_dir():
+        pytest.skip(f"no conformance data at {CONFORMANCE_DIR}")
+    folders = cases_where(takes)
+    if not folders:
+        pytest.skip(f"no {what} below {CONFORMANCE_DIR}")
+    return folders[0]
+
+
+def case_params(takes: Callable[[str, str], bool], what: str) -> list:
+    """One pytest parameter per case folder `takes` takes (its path below CONFORMANCE_DIR as
+    id); else one skipped parameter saying why: no conformance folder, or no `what` in it."""
+    if not CONFORMANCE_DIR.is_dir():
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no conformance data at {CONFORMANCE_DIR}"))]
+    folders = cases_where(takes)
+    if not folders:
+        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no {what} below {CONFORMANCE_DIR}"))]
+    return [pytest.param(folder, id=str(folder.relative_to(CONFORMANCE_DIR))) for folder in folders]
+
+
 def load_case(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return json.loads((folder / "case.json").read_text()), load_file(folder / "io.safetensors")
+
+
+def case_inputs(io: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A case's `in.*` tensors, by name without the prefix."""
+    return {name[3:]: tensor for name, tensor in io.items() if name.startswith("in.")}
 
 
 def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
@@ -56,12 +94,26 @@ def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
     return ((ours.double() - official).norm() / official.norm()).item()
 
 
+def check_outputs(expected: dict[str, torch.Tensor], ours: dict[str, torch.Tensor], tolerance: float, label: str) -> None:
+    """Every expected tensor computed, of its shape and within `tolerance` of it (relative
+    error, printed for each); all the ones above are named at once."""
+    assert set(expected) <= set(ours), f"outputs not computed: {sorted(set(expected) - set(ours))}"
+    failures = []
+    for name in sorted(expected):
+        assert ours[name].shape == expected[name].shape, f"{name}: shape {tuple(ours[name].shape)}"
+        error = relative_error(ours[name], expected[name])
+        print(f"{label} {name:40s} relative error {error:.3e}")
+        if not error < tolerance:
+            failures.append(f"{name}: {error:.3e}")
+    assert not failures, f"above {tolerance:g}: " + ", ".join(failures)
+
+
 @torch.no_grad()
 def run_module_case(folder: Path, dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
     """Every output the case holds, under the case's names."""
     weights = folder / "weights"
     _, io = load_case(folder)
-    inputs = {name[3:]: tensor.to(dtype) for name, tensor in io.items() if name.startswith("in.")}
+    inputs = {name: tensor.to(dtype) for name, tensor in case_inputs(io).items()}
     timestep = io["in.timestep"]  # timesteps stay float32, as a pipeline passes them
     outputs: dict[str, torch.Tensor] = {}
 
@@ -125,12 +177,54 @@ def case_scheduler(description: str):
     return getattr(diffusers, call.func.id)(**{k.arg: ast.literal_eval(k.value) for k in call.keywords})
 
 
+def case_roles(case: dict) -> dict[str, str]:
+    """Each network role of a case -> the class case.json names for it: `modules.<role>.cls`
+    (v2 to v4) or `classes.<role>` (v5 family)."""
+    if "modules" in case:
+        return {role: spec["cls"] for role, spec in case["modules"].items()}
+    return dict(case.get("classes", {}))
+
+
+def weight_folder(folder: Path, case: dict, role: str) -> Path | None:
+    """Where a case keeps a role's weights (None where it has none): its `weights` map, relative
+    to the case folder (the v5 family's cases share one set), else weights/<role>."""
+    if isinstance(case.get("weights"), dict):
+        path = folder / case["weights"][role] if role in case["weights"] else None
+    else:
+        path = folder / "weights" / role
+    return path.resolve() if path is not None and path.is_dir() else None
+
+
+def init_arguments(case: dict, role: str) -> dict:
+    """The constructor arguments case.json gives where the official class does not write them
+    into config.json (v2's control nets)."""
+    spec = case.get("modules", {}).get(role, {})
+    return {} if spec.get("config_json_has_init_args", True) else spec["init_kwargs"]
+
+
 def case_module(case: dict, weights: Path, name: str, cls: type, dtype: torch.dtype):
-    """weights/<name> as `cls`; the constructor arguments from case.json where the official class
-    does not write them into config.json (v2's control nets)."""
-    spec = case.get("modules", {}).get(name, {})
-    init_kwargs = {} if spec.get("config_json_has_init_args", True) else spec["init_kwargs"]
-    return load_folder(cls, weights / name, torch_dtype=dtype, **init_kwargs)
+    """weights/<name> as `cls`, with the case's constructor arguments."""
+    return load_folder(cls, weights / name, torch_dtype=dtype, **init_arguments(case, name))
+
+
+@dataclasses.dataclass(frozen=True)
+class ModuleFamily:
+    """What the module conformance runner (test_conformance_modules.py) needs of a family of
+    versions: the classes its cases and manifests name, and how our networks compute a case."""
+
+    versions: tuple[str, ...]
+    classes: Mapping[str, type]  # class name in case.json or a manifest -> ours
+    # (case folder, case.json, its inputs) -> every output the case holds, under its names
+    run: Callable[[Path, dict, dict[str, torch.Tensor]], dict[str, torch.Tensor]]
+    released_classes: Mapping[str, type] = dataclasses.field(default_factory=dict)  # manifest entry -> class, where it names none
+    widths: Callable[[dict, type], dict] = lambda case, cls: {}  # arguments for the widths the official class hard-codes
+
+    def load(self, folder: Path, case: dict, role: str, **kwargs):
+        """The case's `role` network, as the class the case names, from its weight folder."""
+        cls = self.classes[case_roles(case)[role]]
+        path = weight_folder(folder, case, role)
+        assert path is not None, f"{folder}: no weight folder for {role}"
+        return load_folder(cls, path, **init_arguments(case, role), **self.widths(case, cls), **kwargs)
 
 
 def sampler_case(folder: Path, dtype: torch.dtype) -> tuple[VideoSampler, SamplerInputs, SamplerSettings, dict, dict]:

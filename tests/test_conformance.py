@@ -18,8 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conformance_case import case_kind, find_cases, load_case, relative_error, run_module_case, sampler_case
-from conftest import CONFORMANCE_DIR
+from conformance_case import case_kind, case_params, check_outputs, load_case, relative_error, run_module_case, sampler_case
 from hellomeme_cli.models.rrdbnet import RRDBNet
 from hellomeme_cli.media.upscale import STATE_KEYS, Upscaler, load_rrdbnet
 from hellomeme_cli.versions import VERSIONS
@@ -56,9 +55,7 @@ TOLERANCES = {
 
 # (kind, versions) -> the test file that runs those cases.
 ELSEWHERE = {
-    ("module", ("v2",)): "test_conformance_v2_modules.py",
-    ("module", ("v3", "v4")): "test_conformance_v3_modules.py",
-    ("module", ("v5", "v5b", "v5c")): "test_conformance_v5_modules.py",
+    ("module", ("v2", "v3", "v4", "v5", "v5b", "v5c")): "test_conformance_modules.py",
     ("sampler", ("v3", "v4")): "test_conformance_v3_sampler.py",
     ("image", ("v3", "v4")): "test_conformance_v3_sampler.py",
     ("sampler", ("v5", "v5b", "v5c")): "test_conformance_v5_sampler.py",
@@ -66,35 +63,17 @@ ELSEWHERE = {
 }
 
 
-def _run_elsewhere(case) -> bool:
-    kind, version = case_kind(case)
-    return any(kind == k and version in versions for k, versions in ELSEWHERE)
-
-
-def _cases():
-    if not CONFORMANCE_DIR.is_dir():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no conformance data at {CONFORMANCE_DIR}"))]
-    cases = [case for case in find_cases(CONFORMANCE_DIR) if not _run_elsewhere(case)]
-    if not cases:
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no case folder under {CONFORMANCE_DIR}"))]
-    return [pytest.param(p, id=str(p.relative_to(CONFORMANCE_DIR))) for p in cases]
+def _runs_here(kind: str, version: str) -> bool:
+    return not any(kind == k and version in versions for k, versions in ELSEWHERE)
 
 
 def _check_modules(case, dtype, tolerance):
     _, io = load_case(case)
     expected = {name: tensor for name, tensor in io.items() if name.startswith("out.")}
     ours = run_module_case(case, dtype)
-
-    assert set(expected) <= set(ours), f"outputs not computed: {sorted(set(expected) - set(ours))}"
-    failures = []
-    for name in sorted(expected):
-        assert ours[name].dtype == dtype, f"{name} came out as {ours[name].dtype}"
-        assert ours[name].shape == expected[name].shape, f"{name}: shape {tuple(ours[name].shape)}"
-        error = relative_error(ours[name], expected[name])
-        print(f"{case.name} {str(dtype)[6:]:9s} {name:36s} relative error {error:.3e}")
-        if not error < tolerance:
-            failures.append(f"{name}: {error:.3e}")
-    assert not failures, f"above {tolerance:g}: " + ", ".join(failures)
+    other_dtypes = {name: ours[name].dtype for name in expected if name in ours and ours[name].dtype != dtype}
+    assert not other_dtypes, f"not {dtype}: {other_dtypes}"
+    check_outputs(expected, ours, tolerance, f"{case.name} {str(dtype)[6:]:9s}")
 
 
 def _check_sampler(case, dtype, tolerance):
@@ -165,7 +144,7 @@ RUNNERS = {"module": _check_modules, "sampler": _check_sampler, "image": _check_
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
-@pytest.mark.parametrize("case", _cases())
+@pytest.mark.parametrize("case", case_params(_runs_here, "case folder this file runs"))
 def test_case_matches_official(case, dtype):
     kind, version = case_kind(case)
     if version != "all" and version not in VERSIONS:

@@ -9,15 +9,16 @@ and scheduler all come from the case, so held-out cases run unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
-from conformance_case import BFLOAT16_LATENTS_TOLERANCE, case_scheduler, control_from_tensors, load_case, networks_to, relative_error
-from conftest import CONFORMANCE_DIR
+from conformance_case import (
+    BFLOAT16_LATENTS_TOLERANCE, case_params, case_scheduler, control_from_tensors, first_case, load_case,
+    networks_to, relative_error,
+)
 from hellomeme_cli.models import HM3DenoisingNet, HM3ReferenceNet, motion_unet
 from hellomeme_cli.models.unet import load_folder
 from hellomeme_cli.samplers.common import SamplerInputs, SamplerSettings
@@ -27,36 +28,19 @@ from hellomeme_cli.samplers.recursive import (
     official_video_scheduler,
     plan_levels,
 )
-from test_conformance_v3_modules import VERSIONS, _load
+from test_conformance_v3_modules import FAMILY
 
 LATENT_TOLERANCE = 2e-5  # relative, float32 (README: an equivalent implementation differs by < 2e-6)
 PIXEL_TOLERANCE = 1e-3  # mean absolute error of the [0, 1] frames
 
 
-def _is_v3_sampler_case(case_json: Path) -> bool:
-    case = json.loads(case_json.read_text())
-    return case.get("kind") in ("sampler", "image") and case.get("version") in VERSIONS
-
-
-def _case_folders() -> list[Path]:
-    if not CONFORMANCE_DIR.is_dir():
-        return []
-    return sorted(p.parent for p in CONFORMANCE_DIR.rglob("case.json") if _is_v3_sampler_case(p))
-
-
-def _cases(kind: str | None = None):
-    folders = [f for f in _case_folders() if kind is None or json.loads((f / "case.json").read_text())["kind"] == kind]
-    if not folders:
-        what = f"v3/v4 {kind or 'sampler or image'} cases"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no {what} below {CONFORMANCE_DIR}"))]
-    return [pytest.param(f, id=str(f.relative_to(CONFORMANCE_DIR))) for f in folders]
+def _cases(kinds: tuple[str, ...] = ("sampler", "image")):
+    what = f"v3/v4 {' or '.join(kinds)} cases"
+    return case_params(lambda kind, version: kind in kinds and version in FAMILY.versions, what)
 
 
 def _public_video_case() -> Path:
-    folders = [f for f in _case_folders() if json.loads((f / "case.json").read_text())["kind"] == "sampler"]
-    if not folders:
-        pytest.skip(f"no v3/v4 sampler case below {CONFORMANCE_DIR}")
-    return folders[0]
+    return first_case(lambda kind, version: kind == "sampler" and version in FAMILY.versions, "v3/v4 sampler case")
 
 
 def build_sampler(folder: Path) -> tuple[HM3VideoSampler, SamplerInputs, SamplerSettings, dict, dict]:
@@ -67,19 +51,19 @@ def build_sampler(folder: Path) -> tuple[HM3VideoSampler, SamplerInputs, Sampler
     unet = load_folder(UNet2DConditionModel, weights / "unet")
     # the UNet's time-embedding width, which the official motion adapter hard-codes
     case = {"time_embed_dim": 4 * unet.config.block_out_channels[0], **case}
-    reference_adapter = _load(case, folder, "hm_reference")
+    reference_adapter = FAMILY.load(folder, case, "hm_reference")
     motion = None
     if case["kind"] == "sampler":
-        motion_net = motion_unet(unet, _load(case, folder, "motion_adapter"))
-        motion = HM3DenoisingNet(motion_net, reference_adapter, _load(case, folder, "hm_motion"))
+        motion_net = motion_unet(unet, FAMILY.load(folder, case, "motion_adapter"))
+        motion = HM3DenoisingNet(motion_net, reference_adapter, FAMILY.load(folder, case, "hm_motion"))
     schedule = {("scheduler" if case["kind"] == "sampler" else "image_scheduler"): case_scheduler(case["scheduler"])}
     sampler = HM3VideoSampler(
         HM3ReferenceNet(unet),
         HM3DenoisingNet(unet, reference_adapter),
         motion,
-        _load(case, folder, "hm_control"),
+        FAMILY.load(folder, case, "hm_control"),
         load_folder(AutoencoderKL, weights / "vae"),
-        control_proj=_load(case, folder, "hm_control_proj") if "hm_control_proj" in case["modules"] else None,
+        control_proj=FAMILY.load(folder, case, "hm_control_proj") if "hm_control_proj" in case["modules"] else None,
         **schedule,
     )
     arkit = case["control"] == "arkit"
@@ -139,7 +123,7 @@ def test_bfloat16_stays_near_the_official_float32(folder):
     assert torch.isfinite(latents).all() and error < BFLOAT16_LATENTS_TOLERANCE[case["kind"]]
 
 
-@pytest.mark.parametrize("folder", _cases("sampler"))
+@pytest.mark.parametrize("folder", _cases(("sampler",)))
 def test_recursion_plan_is_the_official_one(folder):
     case, _ = load_case(folder)
     levels = plan_levels(case["frames"], case["window"])

@@ -10,28 +10,22 @@ unchanged.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
+from diffusers import AutoencoderKL, PNDMScheduler
 
-from conformance_case import BFLOAT16_LATENTS_TOLERANCE, control_from_tensors, load_case, networks_to, relative_error
-from conftest import CONFORMANCE_DIR, require
-from hellomeme_cli.models import (
-    HM5ControlNetBase,
-    HM5DenoisingNet,
-    HM5MotionAdapter,
-    HM5ReferenceAdapter,
-    HM5ReferenceNet,
-    HM5SD15ControlProj,
+from conformance_case import (
+    BFLOAT16_LATENTS_TOLERANCE, case_params, control_from_tensors, first_case, load_case, networks_to, relative_error,
+    weight_folder,
 )
+from hellomeme_cli.models import HM5DenoisingNet, HM5ReferenceNet
 from hellomeme_cli.models.unet import load_folder
 from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings
 from hellomeme_cli.samplers.hm5 import HM5VideoSampler, margin_frames, plan_hm5_windows
 from hellomeme_cli.versions import get_version
-from test_conformance_v5_modules import REFERENCE_WITH_OWN_CONTROL, VERSIONS, _load, _weights
+from test_conformance_v5_modules import FAMILY, REFERENCE_WITH_OWN_CONTROL
 
 LATENT_TOLERANCE = 2e-5  # relative, float32 (README: a faithful implementation is within ~1e-6)
 FRAME_MAE_TOLERANCE = 1e-3
@@ -42,33 +36,22 @@ ARKIT, PDFGC = (get_version("v5").control(name) for name in ("blendshapes", "pdf
 CONTROL_KINDS = {"blendshapes": ARKIT, "drive": ARKIT, "arkit": ARKIT, "pdfgc": PDFGC, "emo": PDFGC}
 
 
-def _is_v5_sampler_case(case_json: Path) -> bool:
-    case = json.loads(case_json.read_text())
-    return case.get("kind") in ("sampler", "image") and case.get("version") in VERSIONS
-
-
 def _cases():
-    if not CONFORMANCE_DIR.is_dir():
-        return [pytest.param(None, marks=pytest.mark.skip(reason=f"no conformance data at {CONFORMANCE_DIR}"))]
-    cases = sorted(p.parent for p in CONFORMANCE_DIR.rglob("case.json") if _is_v5_sampler_case(p))
-    if not cases:
-        reason = f"no v5/v5b/v5c sampler or image cases below {CONFORMANCE_DIR}"
-        return [pytest.param(None, marks=pytest.mark.skip(reason=reason))]
-    return [pytest.param(p, id=str(p.relative_to(CONFORMANCE_DIR))) for p in cases]
+    return case_params(lambda kind, version: kind in ("sampler", "image") and version in FAMILY.versions, "v5/v5b/v5c sampler or image cases")
 
 
 def _case_sampler(folder: Path, case: dict) -> HM5VideoSampler:
     """The sampler on the case's networks (motion adapter only when the case has one)."""
     if case["control"] not in CONTROL_KINDS:
         raise AssertionError(f"{folder}: unknown control kind {case['control']!r}")
-    unet = _load(folder, case, "unet")
-    motion = _load(folder, case, "hm_motion") if case["kind"] == "sampler" else None
+    unet = FAMILY.load(folder, case, "unet")
+    motion = FAMILY.load(folder, case, "hm_motion") if case["kind"] == "sampler" else None
     return HM5VideoSampler(
         HM5ReferenceNet(unet),
-        HM5DenoisingNet(unet, _load(folder, case, "hm_reference"), motion),
-        _load(folder, case, "hm_control_base"),
-        _load(folder, case, "hm_control_proj"),
-        load_folder(AutoencoderKL, _weights(folder, case, "vae")),
+        HM5DenoisingNet(unet, FAMILY.load(folder, case, "hm_reference"), motion),
+        FAMILY.load(folder, case, "hm_control_base"),
+        FAMILY.load(folder, case, "hm_control_proj"),
+        load_folder(AutoencoderKL, weight_folder(folder, case, "vae")),
         control=CONTROL_KINDS[case["control"]],
         reference_control=case["version"] in REFERENCE_WITH_OWN_CONTROL,
     )
@@ -143,30 +126,28 @@ def test_window_plan_is_the_official_one():
     assert margin_frames(list(range(12))) == []
 
 
-def _tiny_sampler(version: str = "v5") -> HM5VideoSampler:
-    weights = require(CONFORMANCE_DIR / "hm5_weights", "v5 tiny weights")
-    unet = load_folder(UNet2DConditionModel, weights / "unet")
-    return HM5VideoSampler(
-        HM5ReferenceNet(unet),
-        HM5DenoisingNet(
-            unet, load_folder(HM5ReferenceAdapter, weights / "hm5_reference"), load_folder(HM5MotionAdapter, weights / "hm5_motion")
-        ),
-        load_folder(HM5ControlNetBase, weights / "hm5_control_base"),
-        load_folder(HM5SD15ControlProj, weights / "hm5_control_proj"),
-        load_folder(AutoencoderKL, weights / "vae"),
-        control=PDFGC,
-    )
+def _one_sampler_case() -> tuple[HM5VideoSampler, dict, dict]:
+    """The sampler on the networks of one sampler case (motion modules included; v5's first where
+    there is one), the case and its tensors: a test that makes its own inputs sizes them by this
+    same case."""
+    folder = first_case(lambda kind, version: kind == "sampler" and version in FAMILY.versions, "v5/v5b sampler case")
+    case, io = load_case(folder)
+    return _case_sampler(folder, case), case, io
 
 
-def _random_inputs(height: int, width: int, frames: int, text_dim: int = 32) -> SamplerInputs:
+def _random_inputs(case: dict, io: dict, height: int, width: int, frames: int) -> SamplerInputs:
+    """Random inputs of the given size and length; the prompt embeddings and the control inputs
+    shaped as the case's (its text width, its control kind)."""
     g = torch.Generator().manual_seed(7)
+    text_shape = io["in.text_embeds"].shape
+    expression = {
+        name: torch.randn(1, frames, *io[f"in.{name}"].shape[2:], generator=g) for name in CONTROL_KINDS[case["control"]].inputs
+    }
     return SamplerInputs(
         ref_image=torch.rand(1, 3, height, width, generator=g) * 2 - 1,
-        text_embeds=torch.randn(1, 77, text_dim, generator=g),
-        negative_text_embeds=torch.randn(1, 77, text_dim, generator=g),
-        control=control_from_tensors(
-            torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1, pd_fpg=torch.randn(1, frames, 548, generator=g)
-        ),
+        text_embeds=torch.randn(text_shape, generator=g),
+        negative_text_embeds=torch.randn(text_shape, generator=g),
+        control=control_from_tensors(torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1, **expression),
         num_frames=frames,
     )
 
@@ -175,8 +156,8 @@ def _random_inputs(height: int, width: int, frames: int, text_dim: int = 32) -> 
 def test_v5_video_works_on_non_square_sizes_and_a_seed_reproduces_it():
     """The official v5 fails unless h == w (and H, W multiples of 64); ours does not, and all
     its noise comes from the one generator, so the same seed gives the same latents."""
-    sampler = _tiny_sampler()
-    inputs = _random_inputs(height=64, width=96, frames=3)
+    sampler, case, io = _one_sampler_case()
+    inputs = _random_inputs(case, io, height=64, width=96, frames=3)
     settings = SamplerSettings(steps=2, guidance=1.5)
     first = sampler.sample(inputs, settings, torch.Generator().manual_seed(11))
     assert first.shape == (1, 4, 3, 8, 12) and torch.isfinite(first).all()
@@ -190,8 +171,8 @@ def test_v5_video_works_on_non_square_sizes_and_a_seed_reproduces_it():
 
 @torch.no_grad()
 def test_image_on_non_square_sizes_is_reproducible():
-    sampler = _tiny_sampler()
-    inputs = _random_inputs(height=64, width=128, frames=1)
+    sampler, case, io = _one_sampler_case()
+    inputs = _random_inputs(case, io, height=64, width=128, frames=1)
     settings = SamplerSettings(steps=2, guidance=1.5)
     first = sampler.sample_image(inputs, settings, torch.Generator().manual_seed(3))
     assert first.shape == (1, 4, 1, 8, 16)
@@ -202,16 +183,16 @@ def test_image_on_non_square_sizes_is_reproducible():
 
 def test_scheduler_without_a_generator_is_refused():
     """PNDM's step takes no generator: official v5 then draws the SDE noise from torch's global state."""
-    sampler = _tiny_sampler()
+    sampler, _, _ = _one_sampler_case()
     with pytest.raises(ValueError, match="takes no generator"):
         HM5VideoSampler(
             sampler.reference_net, sampler.denoiser, sampler.control_net, sampler.control_proj,
-            sampler.vae_encoder, control=PDFGC, scheduler=PNDMScheduler(),
+            sampler.vae_encoder, control=sampler.control, scheduler=PNDMScheduler(),
         )
 
 
 def test_v5c_without_the_reference_control_is_refused():
-    sampler = _tiny_sampler()
+    sampler, case, io = _one_sampler_case()
     sampler.reference_control = True
     with pytest.raises(ValueError, match="reference_control"):
-        sampler.sample_image(_random_inputs(64, 64, 1), SamplerSettings(steps=1), torch.Generator())
+        sampler.sample_image(_random_inputs(case, io, 64, 64, 1), SamplerSettings(steps=1), torch.Generator())

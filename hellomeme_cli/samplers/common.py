@@ -1,5 +1,8 @@
 """What every sampler shares: its settings and inputs, the window plan, a fresh schedule per stage,
-the VAE's part (`LatentCodec`), noise drawn from the run's CPU generator, and classifier-free guidance.
+the VAE's part (`LatentCodec`), noise drawn from the run's CPU generator, classifier-free guidance,
+and `Sampler`, the base of the three families: their networks, `from_pipeline`, `sample`'s step 1
+(the clip's preparation), the image sampler whole, and the denoising loops they are built of
+(frames on their own, or overlapping windows averaged), with their progress events.
 
 Samplers reach a loaded pipeline's networks through `LoadedNetworks`, a description of the
 attributes they read, so this room never imports the engine that builds them.
@@ -8,14 +11,17 @@ attributes they read, so this room never imports the engine that builds them.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from typing import Protocol
+import inspect
+import operator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.models.unet import ControlFeatures, ReferenceCache
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 from hellomeme_cli.versions import ControlKind, Version
 
@@ -73,6 +79,7 @@ class DrivingFrames:
     pd_fpg: torch.Tensor | None = None
 
 
+# Gives the control inputs of frames [start, stop); asked for at most one window at a time.
 ControlSource = Callable[[int, int], DrivingFrames]
 
 
@@ -117,10 +124,15 @@ class WindowPlan:
 
     def coverage(self) -> torch.Tensor:
         """How many windows hold each frame, (length,)."""
-        counts = torch.zeros(self.length)
-        for start, stop in self.windows:
-            counts[start:stop] += 1
-        return counts
+        return window_coverage(self.windows, self.length)
+
+
+def window_coverage(windows: Iterable[tuple[int, int]], length: int) -> torch.Tensor:
+    """How many of the windows [start, stop) hold each of `length` frames, (length,)."""
+    counts = torch.zeros(length)
+    for start, stop in windows:
+        counts[start:stop] += 1
+    return counts
 
 
 def plan_windows(num_frames: int, window: int, overlap: int) -> WindowPlan:
@@ -207,3 +219,240 @@ def guide(noise: torch.Tensor, settings: SamplerSettings) -> torch.Tensor:
     unconditional, conditional = noise.chunk(2)
     return unconditional + settings.guidance * (conditional - unconditional)
 
+
+
+def scheduler_step(
+    schedule: SchedulerMixin, noise: torch.Tensor, timestep: torch.Tensor, latents: torch.Tensor, generator: torch.Generator
+) -> torch.Tensor:
+    """One scheduler step; a stochastic one draws from `generator` (a `step` without a
+    generator parameter draws nothing; Euler's takes one and draws nothing either)."""
+    if "generator" in inspect.signature(schedule.step).parameters:
+        return schedule.step(noise, timestep, latents, generator=generator).prev_sample
+    return schedule.step(noise, timestep, latents).prev_sample
+
+
+class StepCount:
+    """Denoising steps reported as `task` progress events against `total`: 0 at once, then one
+    event after every step, which counts `weight` (a step over n windows can count n)."""
+
+    def __init__(self, progress: ProgressCallback, task: str, total: int):
+        self.progress, self.task, self.total, self.done = progress, task, total, 0
+        progress(ProgressEvent(task, 0, total, "steps"))
+
+    def steps(self, schedule: SchedulerMixin, weight: int = 1) -> Iterator[torch.Tensor]:
+        """The schedule's timesteps; each one's event is sent once its step is done."""
+        for timestep in schedule.timesteps:
+            yield timestep
+            self.done += weight
+            self.progress(ProgressEvent(self.task, self.done, self.total, "steps"))
+
+
+def denoising_steps(schedule: SchedulerMixin, task: str, progress: ProgressCallback) -> Iterator[torch.Tensor]:
+    """The timesteps of one pass that reports its own steps, 0 to n."""
+    return StepCount(progress, task, len(schedule.timesteps)).steps(schedule)
+
+
+def consecutive_runs(frames: Sequence[int]) -> list[tuple[int, int]]:
+    """`frames` in order as runs [start, stop) of consecutive frames: a ControlSource is asked
+    for one run at a time (a repeated frame starts a new run)."""
+    runs: list[list[int]] = []
+    for frame in frames:
+        if runs and frame == runs[-1][1]:
+            runs[-1][1] += 1
+        else:
+            runs.append([frame, frame + 1])
+    return [(start, stop) for start, stop in runs]
+
+
+def require_control_inputs(kind: ControlKind, frames: DrivingFrames, names: Iterable[str] | None = None) -> None:
+    """Refuses driving frames without one of `names` (default: every input the control kind takes)."""
+    missing = [name for name in (kind.inputs if names is None else names) if getattr(frames, name) is None]
+    if missing:
+        raise ValueError(f"the {kind.name} control needs {', '.join(missing)} in the driving frames")
+
+
+def unconditional_frames(first: DrivingFrames, zeroed: Iterable[str], given: Mapping[str, torch.Tensor] | None = None) -> DrivingFrames:
+    """The driving frame of guidance's unconditional half, from frame 0's shapes (as official): a
+    blank (-1) condition image, zeros for the `zeroed` inputs and the `given` ones as they are."""
+    zeros = {name: torch.zeros_like(getattr(first, name)) for name in zeroed}
+    return DrivingFrames(torch.full_like(first.condition, -1.0), **zeros, **(given or {}))
+
+
+def with_unconditional(features: ControlFeatures, negative: ControlFeatures | None) -> ControlFeatures:
+    """With guidance, the one-frame unconditional control repeated over the frames, first in the batch."""
+    if negative is None:
+        return features
+    return {k: torch.cat([negative[k].expand(-1, -1, v.shape[2], -1, -1), v], dim=0) for k, v in features.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Clip:
+    """What every denoiser call of one clip (or image) shares, computed once by `Sampler._prepare`."""
+
+    settings: SamplerSettings
+    inputs: SamplerInputs
+    generator: torch.Generator
+    ref_latents: torch.Tensor  # (1, 4, 1, h, w), scaled
+    text: torch.Tensor  # the denoisers' prompt embeddings, guidance-batched
+    reference: ReferenceCache
+    negative_control: ControlFeatures | None  # one frame; None without guidance
+
+
+def check_denoisers(denoiser_2d: torch.nn.Module, denoiser_motion: torch.nn.Module | None) -> None:
+    """v1 to v4 load two denoisers: one without motion modules (images, stage 1, margins) and,
+    for video, one with them; swapped, every frame would silently be denoised wrong."""
+    if denoiser_2d.is_motion or (denoiser_motion is not None and not denoiser_motion.is_motion):
+        raise ValueError("denoiser_2d must be the 2D denoiser and denoiser_motion the motion denoiser")
+
+
+PipelineArguments = Mapping[str, Callable[[LoadedNetworks], object]]
+
+
+def pipeline_attributes(*same: str, **renamed: str) -> dict[str, Callable[[LoadedNetworks], object]]:
+    """Constructor arguments read off a loaded pipeline: the attributes named `same`, and
+    `argument=attribute` where the names differ."""
+    attributes = {**dict(zip(same, same)), **renamed}
+    return {argument: operator.attrgetter(attribute) for argument, attribute in attributes.items()}
+
+
+class Sampler(LatentCodec):
+    """The base of the three sampler families: the networks every version has, `from_pipeline`,
+    step 1 of `sample` (`_prepare`), `sample_image` whole, and the two denoising loops the
+    families are made of. A family supplies `denoiser_2d` and `denoiser_motion`, `_denoise_video`
+    (the rest of `sample`), `_control` (a clip's frames -> control features) and
+    `_negative_control` (the unconditional control of one frame)."""
+
+    # Constructor argument -> how `from_pipeline` reads it off a loaded pipeline, besides the shared ones.
+    pipeline_arguments: ClassVar[PipelineArguments] = {}
+
+    def __init__(
+        self,
+        reference_net: torch.nn.Module,
+        control_net: torch.nn.Module,
+        vae_encoder: torch.nn.Module,
+        vae_decoder: torch.nn.Module | None = None,
+        *,
+        scheduler: SchedulerMixin,
+        image_scheduler: SchedulerMixin | None = None,
+        device: torch.device,
+    ):
+        """`vae_decoder` defaults to the encoder's VAE, `image_scheduler` to the video one."""
+        self.reference_net = reference_net
+        self.control_net = control_net
+        self.vae_encoder = vae_encoder
+        self.vae_decoder = vae_decoder or vae_encoder
+        self.scheduler = scheduler
+        self.image_scheduler = image_scheduler or scheduler
+        self.device = device
+
+    @classmethod
+    def from_pipeline(cls, pipeline: LoadedNetworks) -> Sampler:
+        """On a loaded pipeline's networks and schedulers."""
+        shared = pipeline_attributes("reference_net", "control_net", "vae_encoder", "vae_decoder", "scheduler", "device")
+        return cls(**{name: read(pipeline) for name, read in {**shared, **cls.pipeline_arguments}.items()})
+
+    @torch.no_grad()
+    def sample(
+        self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, progress: ProgressCallback = no_progress
+    ) -> torch.Tensor:
+        """-> final latents divided by the VAE scaling factor, (1, 4, F, h, w) float32."""
+        self._check_video_networks()
+        # 1. The reference latent, the prompt embeddings, the reference cache and the unconditional control.
+        clip = self._prepare(inputs, settings, generator)
+        # 2. and on: the family's passes (`_denoise_video` in its file).
+        return self._denoise_video(clip, progress) / self.vae_encoder.config.scaling_factor
+
+    @torch.no_grad()
+    def sample_image(
+        self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, progress: ProgressCallback = no_progress
+    ) -> torch.Tensor:
+        """One frame, as the official image pipelines (`HMImagePipeline`, `HM3ImagePipeline`,
+        `HM5ImagePipeline`): pure noise (`noise * init_noise_sigma`, the reference only through
+        the reference net), then every step of `image_scheduler` with the denoiser without
+        motion -> (1, 4, 1, h, w) / scaling factor."""
+        # 1. The reference latent, the prompt embeddings, the reference cache and the unconditional control.
+        clip = self._prepare(inputs, settings, generator)
+        # 2. The base noise, then every step.
+        schedule = fresh_schedule(self.image_scheduler, settings.steps, self.device)
+        latent = draw_noise(generator, clip.ref_latents.shape, self.device) * schedule.init_noise_sigma
+        latent = self._denoise_alone(clip, latent, schedule, [0], denoising_steps(schedule, "denoise", progress))
+        return latent / self.vae_encoder.config.scaling_factor
+
+    def _check_video_networks(self) -> None:
+        """Video needs the motion networks, which image runs do not load."""
+        if self.denoiser_motion is None:
+            raise ValueError("video sampling needs the motion denoiser (loaded for video runs)")
+
+    def _prepare(self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator) -> Clip:
+        """The reference latent (the generator's first draw), the unconditional control, the
+        reference cache and the guidance-batched prompt embeddings, as official."""
+        guided = settings.uses_guidance
+        ref_latents = self._encode_reference(inputs, generator)
+        negative_control = self._negative_control(inputs) if guided else None
+        reference_text = cfg_batch(
+            or_default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
+            or_default(inputs.reference_text_embeds, inputs.text_embeds),
+            guided,
+        ).to(self.device)
+        reference = self._reference_cache(ref_latents, reference_text, guided, **self._reference_inputs(inputs, negative_control))
+        text = cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device)
+        return Clip(settings, inputs, generator, ref_latents, text, reference, negative_control)
+
+    def _reference_inputs(self, inputs: SamplerInputs, negative_control: ControlFeatures | None) -> dict[str, object]:
+        """What the reference net takes besides a latent and the prompt (only v5c: a control)."""
+        return {}
+
+    def _reference_cache(self, latent: torch.Tensor, text: torch.Tensor, guided: bool, **inputs) -> ReferenceCache:
+        """The reference net's features of `latent`; with guidance the unconditional half is
+        those of a zero latent, as official (for the reference image and for motion pads)."""
+        return self.reference_net(cfg_batch(torch.zeros_like(latent), latent, guided), text, **inputs)
+
+    def _predict(
+        self,
+        denoiser: torch.nn.Module,
+        latents: torch.Tensor,
+        schedule: SchedulerMixin,
+        timestep: torch.Tensor,
+        clip: Clip,
+        control: ControlFeatures,
+        **motion,
+    ) -> torch.Tensor:
+        """The (unconditional, conditional) noise predictions in one network call, float32;
+        `motion`: the denoiser's motion arguments, if any."""
+        model_input = schedule.scale_model_input(cfg_batch(latents, latents, clip.settings.uses_guidance), timestep)
+        return denoiser(model_input, timestep, clip.text, clip.reference, control, **motion).float()
+
+    def _denoise_alone(
+        self, clip: Clip, latents: torch.Tensor, schedule: SchedulerMixin, frames: Sequence[int], timesteps: Iterable[torch.Tensor]
+    ) -> torch.Tensor:
+        """The latents of the clip's `frames`, each frame on its own (the denoiser without
+        motion), through `timesteps` of `schedule`."""
+        control = self._control(clip, frames)
+        for timestep in timesteps:
+            noise = guide(self._predict(self.denoiser_2d, latents, schedule, timestep, clip, control), clip.settings)
+            latents = scheduler_step(schedule, noise, timestep, latents, clip.generator)
+        return latents
+
+    def _denoise_windows(
+        self,
+        clip: Clip,
+        latents: torch.Tensor,
+        schedule: SchedulerMixin,
+        windows: Sequence[tuple[int, int]],
+        conditions: Callable[[int, int], tuple[ControlFeatures, dict]],
+        timesteps: Iterable[torch.Tensor],
+    ) -> torch.Tensor:
+        """`latents` through `timesteps` with the motion denoiser over overlapping windows [start,
+        stop): each step averages the windows' predictions frame by frame, then guides.
+        `conditions(start, stop)` gives a window's control and motion arguments."""
+        coverage = window_coverage(windows, latents.shape[2]).to(self.device).view(1, 1, -1, 1, 1)
+        noise_sum = torch.zeros((2 if clip.settings.uses_guidance else 1, *latents.shape[1:]), device=self.device)
+        for timestep in timesteps:
+            noise_sum.zero_()
+            for start, stop in windows:
+                control, motion = conditions(start, stop)
+                window = latents[:, :, start:stop]
+                noise_sum[:, :, start:stop] += self._predict(self.denoiser_motion, window, schedule, timestep, clip, control, **motion)
+            noise = guide(noise_sum / coverage, clip.settings)
+            latents = scheduler_step(schedule, noise, timestep, latents, clip.generator)
+        return latents
