@@ -38,7 +38,8 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisio
 
 from hellomeme_cli import __version__
 from hellomeme_cli.versions import get_version
-from hellomeme_cli.engine import HelloMemePipeline, apply_speed_options, load_pipeline, resolve_device, resolve_dtype
+from hellomeme_cli.engine import HelloMemePipeline, apply_speed_options, load_pipeline
+from hellomeme_cli.model_options import resolve_device, resolve_dtype
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.models import HMControlNet, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
 from hellomeme_cli.pipeline import AnimateSettings, animate, load_reference

@@ -13,31 +13,47 @@ serves the reference net and both stages.
 from __future__ import annotations
 
 import dataclasses
-import re
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
+import numpy as np
+import PIL.Image
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, MotionAdapter
 from diffusers.hooks import apply_group_offloading
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
+from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
-from hellomeme_cli.weights.checkpoints import PICKLE_SUFFIXES, load_sd15, load_vae
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.face.driving import is_template, track_clip
+from hellomeme_cli.face.tracking import MODEL_FILE, Smoothing
+from hellomeme_cli.media.upscale import COMPONENT as UPSCALER_COMPONENT, Upscaler, load_upscaler
+from hellomeme_cli.model_options import resolve_checkpoint, resolve_device, resolve_dtype, resolve_loras
 from hellomeme_cli.models import FanEncoder, motion_unet
 from hellomeme_cli.models.unet import load_folder
-from hellomeme_cli.weights.presets import checkpoint_preset, fetch_preset, lora_preset
+from hellomeme_cli.pipeline import VIDEO_SUFFIXES, AnimateSettings, generate_image, generate_video, load_reference
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
-from hellomeme_cli.samplers.two_stage import VideoSampler
-from hellomeme_cli.settings import ModelOptions
-from hellomeme_cli.face.tracking import MODEL_FILE
-from hellomeme_cli.media.upscale import COMPONENT as UPSCALER_COMPONENT, Upscaler, load_upscaler
+from hellomeme_cli.samplers.common import DenoisingStep, Sampler
+from hellomeme_cli.settings import ModelOptions, from_values
 from hellomeme_cli.versions import ControlKind, Version, get_version, resolve
 from hellomeme_cli.weights.cache import WeightCache
+from hellomeme_cli.weights.checkpoints import load_sd15, load_vae
 
-WEIGHT_SUFFIXES = (".safetensors", *PICKLE_SUFFIXES)
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_CHECKPOINT_PATTERNS = ["model_index.json", "*/*.json", "tokenizer/*.txt", "unet/*.safetensors", "vae/*.safetensors", "text_encoder/*.safetensors"]
+
+@dataclasses.dataclass
+class HelloMemePipelineOutput(BaseOutput):
+    """What a pipeline call returns. `frames` holds one video, as diffusers' video pipelines do:
+    `frames[0]` is a list of PIL images ("pil"), or an array (1, F, H, W, 3) float32 in [0, 1]
+    ("np"), or the latents (1, 4, F, h, w) divided by the VAE's scaling factor ("latent"); F is 1
+    for a picture. `seed`: the seed of the generator the noise came from."""
+
+    frames: Any
+    seed: int
+
+
+DRIVING_FRAMES_FPS = 25.0  # the rate of driving frames given as a list, unless `fps` says otherwise
 
 
 @dataclasses.dataclass
@@ -68,6 +84,7 @@ class HelloMemePipeline(DiffusionPipeline):
         "->denoiser_2d->denoiser_motion->vae_decoder"
     )
     _optional_components = ["denoiser_motion", "image_encoder", "fan_encoder", "control_proj", "image_scheduler"]
+    _callback_tensor_inputs = ["latents"]
 
     def __init__(
         self,
@@ -121,6 +138,95 @@ class HelloMemePipeline(DiffusionPipeline):
     def control(self) -> str:
         return self.control_kind.name
 
+    @torch.no_grad()
+    def __call__(
+        self,
+        reference_image: str | Path | PIL.Image.Image | np.ndarray,
+        driving: str | Path | PIL.Image.Image | np.ndarray | Sequence[PIL.Image.Image | np.ndarray],
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        generator: torch.Generator | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: Callable[[HelloMemePipeline, int, torch.Tensor, dict], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+        **settings: Any,
+    ) -> HelloMemePipelineOutput | tuple:
+        """The reference portrait with the driving input's head motion and expressions, in memory.
+
+        `driving`: a clip (a path), a motion template (`hellomeme track`'s .npz), a list of frames
+        (PIL images or RGB uint8 arrays, `fps` apart: 25 unless `fps=` says), or one picture (a PIL
+        image, an array or an image file: the official image pipeline, one frame). `height` and
+        `width` are the working size (square, a multiple of 64; default 512). `generator`: a CPU
+        `torch.Generator` (the noise is drawn on the CPU, so a seed gives the same frames on any
+        device); without one a seed is chosen. Every other generation setting by its name
+        (`prompt`, `negative_prompt`, `trans_ratio`, `pose`, `motion`, `fps`, `max_frames`,
+        `window`, `overlap`, `upscale`, `paste_back`, ...: docs/usage.md). `callback_on_step_end(pipe,
+        step, timestep, {"latents": ...})` is called after every denoising step, the step counted
+        across the sampler's stages, and may return replaced latents. No audio: `hm.animate` writes
+        the mp4 with the clip's sound. Returns `HelloMemePipelineOutput` (or `(frames, seed)`).
+
+            pipe = hm.load_pipeline()
+            video = pipe("ref.jpg", "drive.mp4", generator=torch.Generator().manual_seed(1)).frames[0]
+        """
+        # 1. Check the inputs: the settings on this pipeline's model options, the output type, the callback.
+        is_picture = self.denoiser_motion is None or _is_picture(driving)
+        run = self._call_settings(settings, num_inference_steps, guidance_scale, height, width, generator, is_picture)
+        if output_type not in ("pil", "np", "latent"):
+            raise HellomemeError(f"output_type must be pil, np or latent (got {output_type!r})")
+        unknown = sorted(set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs))
+        if unknown:
+            raise HellomemeError(f"callback_on_step_end_tensor_inputs: {', '.join(unknown)} (the pipeline gives {self._callback_tensor_inputs})")
+        generator = generator or torch.Generator().manual_seed(run.seed)
+        on_step = None if callback_on_step_end is None else _step_callback(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+
+        # 2. The reference picture and its face.
+        reference = load_reference(_path_or_pixels(reference_image), run, self.face_model)
+
+        # 3 and 4. The driving signals, the version's sampler, the frames (decoded as they are taken).
+        with _ProgressBars(self) as progress:
+            if is_picture:
+                picture = generate_image(reference, _path_or_pixels(driving), run, self, progress=progress, generator=generator, on_step=on_step)
+                latents, frames = picture.latents, [picture.frame]
+            else:
+                video = generate_video(reference, self._driving_clip(driving, run, progress), run, self, progress=progress, generator=generator, on_step=on_step)
+                latents, frames = video.latents, video.frames
+
+            # 5. The output type.
+            if output_type == "latent":
+                output = latents
+            elif output_type == "np":
+                output = (np.stack(list(frames)).astype(np.float32) / 255)[None]
+            else:
+                output = [[PIL.Image.fromarray(frame) for frame in frames]]
+        return HelloMemePipelineOutput(frames=output, seed=generator.initial_seed()) if return_dict else (output, generator.initial_seed())
+
+    def _call_settings(self, values: dict[str, Any], steps, guidance, height, width, generator, is_picture: bool) -> AnimateSettings:
+        """The call's settings by name, with diffusers' names for steps, guidance and size."""
+        model_values = sorted(set(values) & {field.name for field in dataclasses.fields(ModelOptions)})
+        if model_values:
+            raise HellomemeError(f"{', '.join(model_values)}: model settings are chosen by load_pipeline, not per call")
+        if height is not None and width is not None and height != width:
+            raise HellomemeError(f"HelloMeme works on square frames: height {height} and width {width} differ")
+        named = {"steps": steps, "guidance": guidance, "size": height or width, "seed": generator.initial_seed() if generator else None}
+        values = {**{name: value for name, value in named.items() if value is not None}, **values}
+        if is_picture:
+            values.pop("fps", None)
+        return from_values(values, AnimateSettings(models=self.options)).with_seed()
+
+    def _driving_clip(self, driving, settings: AnimateSettings, progress: ProgressCallback):
+        """A path as it is (a clip or a template file); frames tracked now, `fps` apart."""
+        if isinstance(driving, (str, Path)):
+            return Path(driving)
+        frames = [_rgb(frame) for frame in driving]
+        smoothing = Smoothing(pose=settings.smooth_pose, expression=settings.smooth_expression) if settings.smoothing else None
+        return track_clip(
+            frames, fps=settings.fps or DRIVING_FRAMES_FPS, face_index=settings.face_index, smoothing=smoothing,
+            max_frames=settings.max_frames, model_path=self.face_model, progress=progress,
+        )
+
     @property
     def device(self) -> torch.device:
         """Where the networks compute, also while low-memory mode keeps their weights on the CPU."""
@@ -149,7 +255,7 @@ class HelloMemePipeline(DiffusionPipeline):
             negative=encode(self.text_encoder, negative_prompt),
         )
 
-    def sampler(self) -> VideoSampler:
+    def sampler(self) -> Sampler:
         """The version's sampler on these networks and schedulers."""
         return resolve(self.version.sampler).from_pipeline(self)
 
@@ -191,87 +297,61 @@ class HelloMemePipeline(DiffusionPipeline):
         return _unique(roles)
 
 
+def _is_picture(driving) -> bool:
+    """One picture (a PIL image, an (H, W, 3) array, an image file), not a clip, template or frame list."""
+    if isinstance(driving, (str, Path)):
+        return not (is_template(Path(driving)) or Path(driving).suffix.lower() in VIDEO_SUFFIXES)
+    return isinstance(driving, PIL.Image.Image) or (isinstance(driving, np.ndarray) and driving.ndim == 3)
+
+
+def _rgb(picture: PIL.Image.Image | np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 RGB pixels of a PIL image or an array."""
+    pixels = np.asarray(picture.convert("RGB")) if isinstance(picture, PIL.Image.Image) else np.asarray(picture)
+    if pixels.ndim != 3 or pixels.shape[2] != 3 or pixels.dtype != np.uint8:
+        raise HellomemeError(f"a picture must be RGB uint8 (H, W, 3), got {pixels.dtype} {pixels.shape}")
+    return pixels
+
+
+def _path_or_pixels(picture) -> Path | np.ndarray:
+    return Path(picture) if isinstance(picture, (str, Path)) else _rgb(picture)
+
+
+def _step_callback(pipe: HelloMemePipeline, callback: Callable, names: Sequence[str]):
+    """diffusers' `callback_on_step_end` as the samplers' `on_step`: one step count across stages."""
+    steps = iter(range(1 << 62))
+
+    def on_step(step: DenoisingStep) -> torch.Tensor | None:
+        given = callback(pipe, next(steps), step.timestep, {name: step.latents for name in names})
+        return (given or {}).get("latents")
+
+    return on_step
+
+
+class _ProgressBars:
+    """The library's progress events as diffusers' tqdm bars (`set_progress_bar_config` applies), one per task."""
+
+    def __init__(self, pipe: DiffusionPipeline):
+        self.pipe, self.bars = pipe, {}
+
+    def __call__(self, event: ProgressEvent) -> None:
+        if event.task not in self.bars:
+            self.bars[event.task] = self.pipe.progress_bar(total=event.total)
+            self.bars[event.task].set_description(event.task)
+        bar = self.bars[event.task]
+        bar.total = event.total
+        bar.update(event.completed - bar.n)
+
+    def __enter__(self) -> _ProgressBars:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for bar in self.bars.values():
+            bar.close()
+
+
 # transformers' CLIP models: their transformer layers are offloaded one by one (diffusers'
 # models name their own blocks in `_group_offload_block_modules`).
 _OFFLOAD_BLOCKS = {CLIPTextModel: ["encoder"], CLIPVisionModelWithProjection: ["vision_model", "encoder"]}
-
-
-def resolve_device(name: str = "auto") -> torch.device:
-    """`auto`: the first CUDA GPU, else Apple's MPS, else the CPU; a named device must exist."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("mps" if torch.backends.mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError as err:
-        raise HellomemeError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from err
-    if device.type == "cuda" and (not torch.cuda.is_available() or (device.index or 0) >= torch.cuda.device_count()):
-        raise HellomemeError(f"device {name!r} is not available here (CUDA GPUs: {torch.cuda.device_count()})")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise HellomemeError("device 'mps' is not available here")
-    return device
-
-
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """`auto`: float16 on a GPU (the released weights are float16), float32 on the CPU."""
-    if name == "auto":
-        return torch.float32 if device.type == "cpu" else torch.float16
-    if name not in _DTYPES:
-        raise HellomemeError(f"unknown dtype {name!r} (use auto, {', '.join(_DTYPES)})")
-    return _DTYPES[name]
-
-
-def _is_repo_id(value: str) -> bool:
-    """`owner/name`, as Hugging Face names a repository."""
-    return re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None
-
-
-def resolve_checkpoint(value: str, cache: WeightCache, progress: ProgressCallback = no_progress) -> Path | None:
-    """A local folder or file as it is; a preset name (presets.py) fetched into the Hugging Face
-    cache (None for SD1.5: the base model, no swap); an `owner/name` Hugging Face repo id
-    downloaded (diffusers layout, safetensors only) under the cache's `checkpoints/` folder."""
-    path = Path(value).expanduser()
-    if path.exists():
-        return path
-    preset = checkpoint_preset(value)
-    if preset:
-        return None if preset.kind == "base" else fetch_preset(preset, cache, progress)
-    if not _is_repo_id(value):
-        raise HellomemeError(
-            f"checkpoint not found: {value} (give a folder, a .safetensors/.ckpt file, a preset name from "
-            "`hellomeme weights presets` or a Hugging Face repo id)"
-        )
-    from huggingface_hub import snapshot_download
-
-    try:
-        return Path(
-            snapshot_download(value, allow_patterns=_CHECKPOINT_PATTERNS, cache_dir=cache.home / "checkpoints")
-        )
-    except Exception as err:  # network, auth, missing repo: all end the run the same way
-        first_line = next((line for line in str(err).splitlines() if line.strip()), type(err).__name__)
-        raise HellomemeError(f"cannot download checkpoint {value} from Hugging Face: {first_line}") from err
-
-
-def resolve_loras(loras: tuple[tuple[Path, float], ...], cache: WeightCache, progress: ProgressCallback = no_progress) -> tuple[tuple[Path, float], ...]:
-    """Each LoRA file as it is; a preset name (presets.py) fetched into the Hugging Face cache."""
-    return tuple((fetch_preset(preset, cache, progress) if (preset := lora_preset(path)) else path, scale) for path, scale in loras)
-
-
-def check_options(options: ModelOptions) -> None:
-    """Everything about the options that can be wrong, found before any loading starts."""
-    resolve_dtype(options.dtype, resolve_device(options.device))
-    local = [(path, "LoRA") for path, _ in options.loras if not lora_preset(path)] + ([(options.vae, "VAE")] if options.vae else [])
-    remote = options.checkpoint and (_is_repo_id(options.checkpoint) or checkpoint_preset(options.checkpoint))
-    if options.checkpoint and (Path(options.checkpoint).expanduser().exists() or not remote):
-        local.append((Path(options.checkpoint), "checkpoint"))
-    for path, what in local:
-        path = Path(path).expanduser()
-        if not path.exists():
-            hint = "" if what == "VAE" else " (nor is it a preset name: `hellomeme weights presets` lists them)"
-            raise HellomemeError(f"{what} not found: {path}{hint}")
-        if path.is_file() and path.suffix.lower() not in WEIGHT_SUFFIXES:
-            raise HellomemeError(f"{path}: not a weight file for the {what} (expected {', '.join(WEIGHT_SUFFIXES)})")
 
 
 def load_pipeline(

@@ -15,19 +15,20 @@ import dataclasses
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from typing import Any, Protocol
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from hellomeme_cli.version import __version__
-from hellomeme_cli.engine import HelloMemePipeline, check_options
+from hellomeme_cli.model_options import check_options
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.preflight import check_paths
 from hellomeme_cli.face.pasteback import PasteBack, head_travel
 from hellomeme_cli.progress import ProgressCallback, no_progress
-from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings
-from hellomeme_cli.face.driving import Driving, check_driving, check_driving_image, prepare_driving, prepare_driving_image
+from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings, StepCallback
+from hellomeme_cli.face.driving import Driving, FaceEncoders, MotionTemplate, check_driving, check_driving_image, prepare_driving, prepare_driving_image
 from hellomeme_cli.settings import AnimateSettings
 from hellomeme_cli.face.signals import DrivingSignals, ReferenceFace, prepare_reference
 from hellomeme_cli.face.steering import needs_reference_signals, steer
@@ -35,6 +36,7 @@ from hellomeme_cli.face.tracking import MODEL_FILE, track_image
 from hellomeme_cli.media.upscale import components as upscale_components
 from hellomeme_cli.media.files import check_destination
 from hellomeme_cli.media.video import VideoInfo, read_image, write_image, write_video
+from hellomeme_cli.versions import Version
 from hellomeme_cli.weights.cache import WeightCache
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
@@ -53,12 +55,25 @@ class AnimateResult:
     dropped_frames: int = 0  # driving frames no output frame shows (the output rate is below the clip's)
 
 
+class LoadedModels(FaceEncoders, Protocol):
+    """What a run needs of the loaded models (engine.HelloMemePipeline, whose `__call__` runs through
+    this module: described here rather than imported)."""
+
+    version: Version
+
+    def encode_prompt(self, prompt: str = "", negative_prompt: str = "", mode: str = "video") -> Any: ...
+
+    def sampler(self) -> Any: ...
+
+    def upscaler(self) -> Any: ...
+
+
 @dataclasses.dataclass(frozen=True)
 class Reference:
     """The reference picture, read and its face found, before any model is loaded (so a picture
     without a face fails in a second, and a batch with one reference does this once)."""
 
-    path: Path
+    path: Path | None  # None: a picture given as pixels
     face: ReferenceFace
     picture: np.ndarray  # the whole picture, for --paste-back
 
@@ -83,7 +98,7 @@ class PreparedRun:
     force: bool = False
     probed: VideoInfo | None = None  # the driving clip's, from the check: not probed again
 
-    def execute(self, models: HelloMemePipeline, progress: ProgressCallback = no_progress) -> AnimateResult | int:
+    def execute(self, models: LoadedModels, progress: ProgressCallback = no_progress) -> AnimateResult | int:
         """The video's `AnimateResult`, or the picture's seed."""
         if self.mode == "image":
             return render_image(self.reference, self.driving, self.output, self.settings, models, force=self.force, progress=progress)
@@ -109,16 +124,18 @@ def prepare_run(
     return PreparedRun(mode, load_reference(reference, settings, face_model), Path(driving), Path(output), settings, force, probed)
 
 
-def load_reference(path: Path, settings: AnimateSettings, face_model: Path) -> Reference:
-    """The picture read, its face found and cropped; with --paste-back, checked that it can be blended back."""
-    image = read_image(path)
-    track = track_image(image, name=str(path), model_path=face_model)
+def load_reference(source: Path | np.ndarray, settings: AnimateSettings, face_model: Path) -> Reference:
+    """The picture (a file, or RGB uint8 pixels) read, its face found and cropped; with --paste-back,
+    checked that it can be blended back."""
+    path, image = (None, source) if isinstance(source, np.ndarray) else (Path(source), read_image(Path(source)))
+    name = str(path or "the reference picture")
+    track = track_image(image, name=name, model_path=face_model)
     reference = Reference(path, prepare_reference(image, track, settings.size, settings.crop), image)
     if settings.paste_back:
         try:
             PasteBack.from_reference(image, reference.face)
         except HellomemeError as error:
-            raise HellomemeError(f"{path}: {error}") from None
+            raise HellomemeError(f"{name}: {error}") from None
     return reference
 
 
@@ -127,7 +144,7 @@ def animate(
     driving: Path,
     output: Path,
     settings: AnimateSettings,
-    models: HelloMemePipeline,
+    models: LoadedModels,
     *,
     force: bool = False,
     progress: ProgressCallback = no_progress,
@@ -173,17 +190,21 @@ class GeneratedVideo:
 
 def generate_video(
     reference: Reference,
-    driving: Path,
+    driving: Path | MotionTemplate,
     settings: AnimateSettings,
-    models: HelloMemePipeline,
+    models: LoadedModels,
     *,
     progress: ProgressCallback = no_progress,
     track_cache: Path | None = None,
     probed: VideoInfo | None = None,
     audio_to: Path | None = None,
+    generator: torch.Generator | None = None,
+    on_step: StepCallback | None = None,
 ) -> GeneratedVideo:
-    """Steps 1-5 of `animate` but writing: `settings.seed` must be chosen (`with_seed`). The driving
-    clip's audio goes to `audio_to` where given (`prepare_driving`)."""
+    """Steps 1-5 of `animate` but writing, from a clip, a template file or a template tracked already.
+    The noise comes from `generator` (a CPU one), else from a new one seeded with `settings.seed`.
+    The driving clip's audio goes to `audio_to` where given (`prepare_driving`); `on_step` sees the
+    latents after every denoising step (`samplers.common.StepCallback`)."""
     # 1 and 2. Track the driving clip (decoded once) or load its template, the output's timing, the driving signals.
     drive = prepare_driving(driving, reference.face, settings, models, progress=progress, track_cache=track_cache, probed=probed, audio_to=audio_to)
     own = _own_signals(reference, settings, models) if needs_reference_signals(settings.pose, settings.motion) else None
@@ -194,8 +215,9 @@ def generate_video(
     latents = sampler.sample(
         _sampler_inputs(reference.face, signals, settings, models),
         _sampler_settings(settings),
-        torch.Generator().manual_seed(settings.seed),
+        generator or torch.Generator().manual_seed(settings.seed),
         progress,
+        on_step=on_step,
     )
 
     # 5. Frames decoded batch by batch, through the upscaler and the paste-back.
@@ -213,7 +235,7 @@ def render_image(
     driving_image: Path,
     output: Path,
     settings: AnimateSettings,
-    models: HelloMemePipeline,
+    models: LoadedModels,
     *,
     force: bool = False,
     progress: ProgressCallback = no_progress,
@@ -222,31 +244,58 @@ def render_image(
     image pipeline: all steps with the 2D denoiser); returns the seed used."""
     settings = settings.with_seed()
     check_destination(output, force, [reference.path, driving_image])
+    picture = generate_image(reference, driving_image, settings, models, progress=progress)
+    tags = {"Comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed)}
+    write_image(picture.frame, output, force=force, protect=[reference.path, driving_image], tags=tags)
+    return settings.seed
+
+
+@dataclasses.dataclass
+class GeneratedImage:
+    latents: torch.Tensor  # (1, 4, 1, h, w), divided by the VAE's scaling factor
+    frame: np.ndarray  # (H, W, 3) uint8 RGB, upscaled and pasted back as the settings say
+
+
+def generate_image(
+    reference: Reference,
+    driving_image: Path | np.ndarray,
+    settings: AnimateSettings,
+    models: LoadedModels,
+    *,
+    progress: ProgressCallback = no_progress,
+    generator: torch.Generator | None = None,
+    on_step: StepCallback | None = None,
+) -> GeneratedImage:
+    """`render_image` but writing: the driving picture a file, its pixels or a template file."""
+    # 1 and 2. The driving picture's signals; the reference's own where the version or the motion controls take them.
     signals = prepare_driving_image(driving_image, reference.face, settings, models, progress=progress)
     own = None
     if models.version.reference_control or needs_reference_signals(settings.pose, settings.motion):
         own = _own_signals(reference, settings, models)  # v5c's reference net takes them too
     signals = _steered(signals, own, settings)
+
+    # 3 and 4. Prompt, reference cache and the version's image sampler.
     sampler = models.sampler()
     latents = sampler.sample_image(
         _sampler_inputs(reference.face, signals, settings, models, mode="image", own=own),
         _sampler_settings(settings),
-        torch.Generator().manual_seed(settings.seed),
+        generator or torch.Generator().manual_seed(settings.seed),
         progress,
+        on_step=on_step,
     )
+
+    # 5. Decoded, upscaled and pasted back.
     frame = next(sampler.decode(latents))[0]
     if settings.upscale != 1:
         frame = models.upscaler().upscale(frame)
     if settings.paste_back:
         frame = PasteBack.from_reference(reference.picture, reference.face, frame_scale=settings.upscale).paste(frame)
-    tags = {"Comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed)}
-    write_image(frame, output, force=force, protect=[reference.path, driving_image], tags=tags)
-    return settings.seed
+    return GeneratedImage(latents, frame)
 
 
-def _own_signals(reference: Reference, settings: AnimateSettings, models: HelloMemePipeline) -> DrivingSignals:
+def _own_signals(reference: Reference, settings: AnimateSettings, models: LoadedModels) -> DrivingSignals:
     """The reference picture's own head pose and expression, as a one-frame driving signal."""
-    return prepare_driving_image(reference.path, reference.face, dataclasses.replace(settings, face_index=0), models)
+    return prepare_driving_image(reference.picture, reference.face, dataclasses.replace(settings, face_index=0), models)
 
 
 def _steered(signals: DrivingSignals, own: DrivingSignals | None, settings: AnimateSettings) -> DrivingSignals:
@@ -262,7 +311,7 @@ def _sampler_inputs(
     reference: ReferenceFace,
     signals: DrivingSignals,
     settings: AnimateSettings,
-    models: HelloMemePipeline,
+    models: LoadedModels,
     *,
     mode: str = "video",
     own: DrivingSignals | None = None,

@@ -15,7 +15,8 @@ from safetensors.torch import save_file
 
 from conformance_case import control_from_tensors
 from hellomeme_cli.weights.checkpoints import load_sd15
-from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline, resolve_device, resolve_dtype
+from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, load_pipeline
+from hellomeme_cli.model_options import check_options, resolve_device, resolve_dtype
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.samplers.common import SamplerInputs, SamplerSettings
 from hellomeme_cli.weights.cache import WeightCache
@@ -80,7 +81,7 @@ def test_hub_checkpoint_that_cannot_be_downloaded_is_one_line(tmp_path):
     """A repo id goes to the Hugging Face hub; here the endpoint is a closed local port."""
     code = (
         "from pathlib import Path\n"
-        "from hellomeme_cli.engine import resolve_checkpoint\n"
+        "from hellomeme_cli.model_options import resolve_checkpoint\n"
         "from hellomeme_cli.weights.cache import WeightCache\n"
         f"resolve_checkpoint('someone/realistic-model', WeightCache(Path({str(tmp_path)!r})))\n"
     )

@@ -35,9 +35,96 @@ def test_the_library_example_runs_as_written(tiny_cache, tmp_path):
     assert probe_video(tmp_path / "out.mp4").frame_count == 2
 
 
+def test_the_diffusers_call_example_runs_as_written(tiny_cache, tmp_path):
+    (tmp_path / "ref.jpg").symlink_to(require(MEDIA / "majicmix1.jpg", "test portrait"))
+    (tmp_path / "drive.mp4").symlink_to(require(MEDIA / "qie.mp4", "test clip"))
+    example = _python_blocks(PROJECT_ROOT / "docs" / "library.md")[1]
+    environment = {**os.environ, "HELLOMEME_HOME": str(tiny_cache), "PYTHONPATH": str(PROJECT_ROOT)}
+    done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == "2 frames, seed 1\n" and done.stderr == ""
+    assert (tmp_path / "first.png").is_file()
+
+
 def test_model_settings_belong_to_the_pipeline_not_to_a_call(tiny_cache):
     with pytest.raises(hm.HellomemeError, match="unknown option"):
         hm.load_pipeline(version="v1", steps=3)
     fake_pipe = type("Pipe", (), {"options": None, "cache": None})()
     with pytest.raises(hm.HellomemeError, match="control: model settings are chosen by load_pipeline"):
         hm.animate(fake_pipe, "r.jpg", "d.mp4", "o.mp4", control="pdfgc")
+
+
+@pytest.fixture(scope="module")
+def tiny_pipe(tiny_cache):
+    """The default video pipeline on the tiny weights, on the CPU."""
+    with pytest.MonkeyPatch.context() as env:
+        env.setenv("HELLOMEME_HOME", str(tiny_cache))
+        yield hm.load_pipeline(device="cpu")
+
+
+CALL = {"num_inference_steps": 2, "height": 128, "width": 128, "max_frames": 3}
+
+
+def test_a_pipeline_call_gives_the_frames_animate_writes(tiny_pipe, tmp_path, monkeypatch):
+    """diffusers' convention: `pipe(reference, driving, ...)` returns the frames that `hm.animate`
+    encodes, for the same seed, as PIL images, float arrays or latents."""
+    import numpy as np
+    import torch
+
+    from hellomeme_cli import pipeline
+
+    portrait, clip = require(MEDIA / "majicmix1.jpg", "test portrait"), require(MEDIA / "qie.mp4", "test clip")
+    written = []
+    real_write = pipeline.write_video
+    monkeypatch.setattr(pipeline, "write_video", lambda frames, *a, **k: real_write(written.extend(frames) or written, *a, **k))
+    hm.animate(tiny_pipe, portrait, clip, tmp_path / "out.mp4", seed=5, steps=2, size=128, max_frames=3)
+
+    tiny_pipe.set_progress_bar_config(disable=True)
+    called = tiny_pipe(portrait, clip, generator=torch.Generator().manual_seed(5), output_type="np", **CALL)
+    assert called.seed == 5 and called.frames.shape == (1, 3, 128, 128, 3) and called.frames.dtype == np.float32
+    assert np.array_equal(np.round(called.frames[0] * 255).astype(np.uint8), np.stack(written))
+    pictures = tiny_pipe(str(portrait), str(clip), generator=torch.Generator().manual_seed(5), **CALL).frames[0]
+    assert [picture.size for picture in pictures] == [(128, 128)] * 3
+    assert np.array_equal(np.stack([np.asarray(picture) for picture in pictures]), np.stack(written))
+    latents, seed = tiny_pipe(portrait, clip, generator=torch.Generator().manual_seed(5), output_type="latent", return_dict=False, **CALL)
+    assert latents.shape == (1, 4, 3, 16, 16) and seed == 5
+
+
+def test_the_call_takes_frames_a_picture_and_a_step_callback(tiny_pipe, capsys):
+    import numpy as np
+    import PIL.Image
+    import torch
+
+    from hellomeme_cli.media.video import read_frames
+
+    portrait = PIL.Image.open(require(MEDIA / "majicmix1.jpg", "test portrait"))
+    frames = list(read_frames(require(MEDIA / "qie.mp4", "test clip"), 4))
+    tiny_pipe.set_progress_bar_config(disable=True)
+    from_frames = tiny_pipe(portrait, [PIL.Image.fromarray(frame) for frame in frames], output_type="np", **{**CALL, "max_frames": None})
+    assert from_frames.frames.shape == (1, 4, 128, 128, 3) and capsys.readouterr().err == ""
+    picture = tiny_pipe(portrait, frames[0], output_type="np", **CALL)
+    assert picture.frames.shape == (1, 1, 128, 128, 3)
+
+    seen = []
+
+    def callback(pipe, step, timestep, tensors):
+        seen.append((step, tuple(tensors["latents"].shape)))
+        return {}
+
+    plain = tiny_pipe(portrait, frames[0], generator=torch.Generator().manual_seed(3), output_type="latent", **CALL).frames
+    watched = tiny_pipe(portrait, frames[0], generator=torch.Generator().manual_seed(3), output_type="latent", callback_on_step_end=callback, **CALL)
+    assert seen == [(0, (1, 4, 1, 16, 16)), (1, (1, 4, 1, 16, 16))] and torch.equal(plain, watched.frames)  # two image steps, kept
+    seen.clear()
+    clip = tiny_pipe(portrait, frames, output_type="latent", callback_on_step_end=lambda pipe, step, t, tensors: seen.append(step) or {}, **CALL)
+    assert seen == list(range(len(seen))) and len(seen) == 3 * 2 + 2  # stage 1: 3 frames x 2 steps; stage 2: 2 steps
+    zeroed = tiny_pipe(
+        portrait, frames, output_type="latent", generator=torch.Generator().manual_seed(3),
+        callback_on_step_end=lambda pipe, step, t, tensors: {"latents": torch.zeros_like(tensors["latents"])} if step == 7 else {}, **CALL,
+    )
+    assert torch.count_nonzero(zeroed.frames) == 0 and torch.count_nonzero(clip.frames) > 0
+    with pytest.raises(hm.HellomemeError, match="callback_on_step_end_tensor_inputs: noise"):
+        tiny_pipe(portrait, frames, callback_on_step_end=callback, callback_on_step_end_tensor_inputs=["noise"], **CALL)
+
+    tiny_pipe.set_progress_bar_config(disable=False)
+    tiny_pipe(portrait, frames, output_type="latent", **CALL)
+    assert "stage 2" in capsys.readouterr().err

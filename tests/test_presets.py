@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from conftest import MEDIA, require
 from hellomeme_cli.weights.checkpoints import load_sd15
 from hellomeme_cli.cli import app
-from hellomeme_cli.engine import check_options, resolve_checkpoint, resolve_loras
+from hellomeme_cli.model_options import check_options, resolve_checkpoint, resolve_loras
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.weights.presets import CHECKPOINT_FILES, PRESETS, all_presets, checkpoint_preset, lora_preset
 from hellomeme_cli.settings import ModelOptions, from_values

@@ -29,7 +29,8 @@ from pathlib import Path
 import torch
 
 from hellomeme_cli.version import __version__
-from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, check_options, load_pipeline
+from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, load_pipeline
+from hellomeme_cli.model_options import check_options
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.face.driving import TEMPLATE_SUFFIX, expected_frames
 from hellomeme_cli.pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, load_reference, run_components

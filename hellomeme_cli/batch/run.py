@@ -7,7 +7,7 @@ import signal
 from collections.abc import Iterator, Sequence
 
 from hellomeme_cli.batch.jobs import BatchPlan, BatchReport, ClusterOptions, _check_setup, _ClipMaker, _Ledger, _prepare, _Task, remove_leftovers
-from hellomeme_cli.engine import resolve_device
+from hellomeme_cli.model_options import resolve_device
 from hellomeme_cli.face.tracking import MODEL_FILE
 from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.weights.cache import WeightCache

@@ -16,7 +16,7 @@ import json
 import math
 import tempfile
 import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from fractions import Fraction
 from pathlib import Path
 from typing import BinaryIO, Protocol
@@ -108,8 +108,9 @@ class MotionTemplate:
 
 
 def track_clip(
-    clip: Path | VideoInfo,
+    clip: Path | VideoInfo | Sequence[np.ndarray],
     *,
+    fps: float | None = None,
     face_index: int = 0,
     smoothing: Smoothing | None = Smoothing(),
     max_frames: int | None = None,
@@ -119,10 +120,16 @@ def track_clip(
 ) -> MotionTemplate:
     """Probe the clip (demux only; not again when given its `VideoInfo`) and decode it once: track the
     face and keep the patches around it; with `audio_to` the decode also writes the audio there, and
-    the template's audio is that file (else the clip's own). Close the result (or use it in `with`)
+    the template's audio is that file (else the clip's own). Frames given directly (RGB uint8, `fps`
+    apart) are tracked as they are, and give a silent template. Close the result (or use it in `with`)
     to free the spooled patches."""
-    info = clip if isinstance(clip, VideoInfo) else probe_video(Path(clip))
-    path = info.path
+    if isinstance(clip, (str, Path, VideoInfo)):
+        info = clip if isinstance(clip, VideoInfo) else probe_video(Path(clip))
+        source, rate, path = info, info.rate, info.path
+    elif not fps or fps <= 0:
+        raise HellomemeError(f"driving frames given directly need their frame rate (got fps={fps})")
+    else:
+        info, source, rate, path = None, clip, Fraction(fps).limit_denominator(1001), Path("driving frames")
     spool = tempfile.TemporaryFile(prefix="hellomeme-patches-")
     boxes = []
 
@@ -133,7 +140,7 @@ def track_clip(
 
     try:
         track = track_video(
-            info, face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model_path,
+            source, fps=float(rate), face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model_path,
             progress=progress, each_frame=keep, audio_to=audio_to,
         )
         spool.flush()
@@ -142,16 +149,16 @@ def track_clip(
         spool.close()
         raise
     count = len(track)
-    if info.timestamps is not None and count == min(info.frame_count, max_frames or info.frame_count):
+    if info is not None and info.timestamps is not None and count == min(info.frame_count, max_frames or info.frame_count):
         timestamps = info.timestamps[:count]
         duration = info.duration if count == info.frame_count else float(info.timestamps[count])
         variable = info.variable_rate
-    else:  # no timestamps, or the decode disagrees with the container: the decoded frames at the header's rate
-        timestamps, duration, variable = np.arange(count) / float(info.rate), count / float(info.rate), False
-    return MotionTemplate(
-        track, FacePatches(pixels, np.stack(boxes)), timestamps, duration, info.rate, variable, path,
-        audio=AudioTrack(Path(audio_to)) if audio_to is not None and info.has_audio else audio_track(info), _spool=spool,
-    )
+    else:  # frames given, no timestamps, or the decode disagrees with the container: the frames at the rate
+        timestamps, duration, variable = np.arange(count) / float(rate), count / float(rate), False
+    audio = None
+    if info is not None:
+        audio = AudioTrack(Path(audio_to)) if audio_to is not None and info.has_audio else audio_track(info)
+    return MotionTemplate(track, FacePatches(pixels, np.stack(boxes)), timestamps, duration, rate, variable, path, audio=audio, _spool=spool)
 
 
 # -- motion templates (.npz) ---------------------------------------------------------
@@ -301,7 +308,7 @@ class Driving:
 
 
 def open_driving(
-    drive: Path,
+    drive: Path | MotionTemplate,
     settings: AnimateSettings,
     face_model: Path | None,
     *,
@@ -313,8 +320,10 @@ def open_driving(
     """DRIVE as a motion template: loaded from a .npz (no decode; the tracking options it was made
     with hold), taken from `track_cache` (a clip tracked before with the same tracking settings), or
     tracked now (one decode, which writes the audio to `audio_to` where given; then kept in
-    `track_cache` when one is given). `probed`: the clip's `VideoInfo` (`check_driving`), so it is
-    not probed again. At most `settings.max_frames` frames."""
+    `track_cache` when one is given), or a template made already. `probed`: the clip's `VideoInfo`
+    (`check_driving`), so it is not probed again. At most `settings.max_frames` frames."""
+    if isinstance(drive, MotionTemplate):
+        return drive.head(settings.max_frames)
     drive = Path(drive)
     if is_template(drive):
         return load_template(drive).head(settings.max_frames)
@@ -346,7 +355,7 @@ def open_driving(
 
 
 def prepare_driving(
-    drive: Path,
+    drive: Path | MotionTemplate,
     reference: ReferenceFace,
     settings: AnimateSettings,
     models: FaceEncoders,
@@ -367,14 +376,13 @@ def prepare_driving(
 
 
 def prepare_driving_image(
-    drive: Path, reference: ReferenceFace, settings: AnimateSettings, models: FaceEncoders, *, progress: ProgressCallback = no_progress
+    drive: Path | np.ndarray, reference: ReferenceFace, settings: AnimateSettings, models: FaceEncoders, *, progress: ProgressCallback = no_progress
 ) -> DrivingSignals:
-    """The signals of one driving picture, or of a template's first frame with a detected face
-    (its first frame if none was detected)."""
-    drive = Path(drive)
-    if not is_template(drive):
-        image = read_image(drive)
-        track = track_image(image, face_index=settings.face_index, name=str(drive), model_path=models.face_model)
+    """The signals of one driving picture (a file, or RGB uint8 pixels), or of a template's first
+    frame with a detected face (its first frame if none was detected)."""
+    if isinstance(drive, np.ndarray) or not is_template(Path(drive)):
+        image, name = (drive, "the driving picture") if isinstance(drive, np.ndarray) else (read_image(Path(drive)), str(drive))
+        track = track_image(image, face_index=settings.face_index, name=name, model_path=models.face_model)
         return _signals(track, [image], reference, settings, models, progress)
     with load_template(drive) as template:
         index = image_frame(template.track)

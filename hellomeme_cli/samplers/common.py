@@ -286,6 +286,19 @@ def with_unconditional(features: ControlFeatures, negative: ControlFeatures | No
 
 
 @dataclasses.dataclass(frozen=True)
+class DenoisingStep:
+    """What a `StepCallback` sees after each denoising step: its timestep and the latents of the
+    frames it denoised, as the scheduler holds them (float32, not divided by the VAE's factor)."""
+
+    timestep: torch.Tensor
+    latents: torch.Tensor
+
+
+# Called after every denoising step of every stage; returns latents to go on with, or None to keep them.
+StepCallback = Callable[[DenoisingStep], "torch.Tensor | None"]
+
+
+@dataclasses.dataclass(frozen=True)
 class Clip:
     """What every denoiser call of one clip (or image) shares, computed once by `Sampler._prepare`."""
 
@@ -296,6 +309,14 @@ class Clip:
     text: torch.Tensor  # the denoisers' prompt embeddings, guidance-batched
     reference: ReferenceCache
     negative_control: ControlFeatures | None  # one frame; None without guidance
+    on_step: StepCallback | None = None
+
+    def stepped(self, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        """The latents after a step, as `on_step` leaves them."""
+        if self.on_step is None:
+            return latents
+        replaced = self.on_step(DenoisingStep(timestep, latents))
+        return latents if replaced is None else replaced.to(latents)
 
 
 def check_denoisers(denoiser_2d: torch.nn.Module, denoiser_motion: torch.nn.Module | None) -> None:
@@ -353,25 +374,38 @@ class Sampler(LatentCodec):
 
     @torch.no_grad()
     def sample(
-        self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, progress: ProgressCallback = no_progress
+        self,
+        inputs: SamplerInputs,
+        settings: SamplerSettings,
+        generator: torch.Generator,
+        progress: ProgressCallback = no_progress,
+        *,
+        on_step: StepCallback | None = None,
     ) -> torch.Tensor:
-        """-> final latents divided by the VAE scaling factor, (1, 4, F, h, w) float32."""
+        """-> final latents divided by the VAE scaling factor, (1, 4, F, h, w) float32; `on_step`
+        sees (and may replace) the latents after every denoising step of every stage."""
         self._check_video_networks()
         # 1. The reference latent, the prompt embeddings, the reference cache and the unconditional control.
-        clip = self._prepare(inputs, settings, generator)
+        clip = self._prepare(inputs, settings, generator, on_step)
         # 2. and on: the family's passes (`_denoise_video` in its file).
         return self._denoise_video(clip, progress) / self.vae_encoder.config.scaling_factor
 
     @torch.no_grad()
     def sample_image(
-        self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, progress: ProgressCallback = no_progress
+        self,
+        inputs: SamplerInputs,
+        settings: SamplerSettings,
+        generator: torch.Generator,
+        progress: ProgressCallback = no_progress,
+        *,
+        on_step: StepCallback | None = None,
     ) -> torch.Tensor:
         """One frame, as the official image pipelines (`HMImagePipeline`, `HM3ImagePipeline`,
         `HM5ImagePipeline`): pure noise (`noise * init_noise_sigma`, the reference only through
         the reference net), then every step of `image_scheduler` with the denoiser without
         motion -> (1, 4, 1, h, w) / scaling factor."""
         # 1. The reference latent, the prompt embeddings, the reference cache and the unconditional control.
-        clip = self._prepare(inputs, settings, generator)
+        clip = self._prepare(inputs, settings, generator, on_step)
         # 2. The base noise, then every step.
         schedule = fresh_schedule(self.image_scheduler, settings.steps, self.device)
         latent = draw_noise(generator, clip.ref_latents.shape, self.device) * schedule.init_noise_sigma
@@ -383,7 +417,7 @@ class Sampler(LatentCodec):
         if self.denoiser_motion is None:
             raise ValueError("video sampling needs the motion denoiser (loaded for video runs)")
 
-    def _prepare(self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator) -> Clip:
+    def _prepare(self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, on_step: StepCallback | None) -> Clip:
         """The reference latent (the generator's first draw), the unconditional control, the
         reference cache and the guidance-batched prompt embeddings, as official."""
         guided = settings.uses_guidance
@@ -396,7 +430,7 @@ class Sampler(LatentCodec):
         ).to(self.device)
         reference = self._reference_cache(ref_latents, reference_text, guided, **self._reference_inputs(inputs, negative_control))
         text = cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device)
-        return Clip(settings, inputs, generator, ref_latents, text, reference, negative_control)
+        return Clip(settings, inputs, generator, ref_latents, text, reference, negative_control, on_step)
 
     def _reference_inputs(self, inputs: SamplerInputs, negative_control: ControlFeatures | None) -> dict[str, object]:
         """What the reference net takes besides a latent and the prompt (only v5c: a control)."""
@@ -430,7 +464,7 @@ class Sampler(LatentCodec):
         control = self._control(clip, frames)
         for timestep in timesteps:
             noise = guide(self._predict(self.denoiser_2d, latents, schedule, timestep, clip, control), clip.settings)
-            latents = scheduler_step(schedule, noise, timestep, latents, clip.generator)
+            latents = clip.stepped(timestep, scheduler_step(schedule, noise, timestep, latents, clip.generator))
         return latents
 
     def _denoise_windows(
@@ -454,5 +488,5 @@ class Sampler(LatentCodec):
                 window = latents[:, :, start:stop]
                 noise_sum[:, :, start:stop] += self._predict(self.denoiser_motion, window, schedule, timestep, clip, control, **motion)
             noise = guide(noise_sum / coverage, clip.settings)
-            latents = scheduler_step(schedule, noise, timestep, latents, clip.generator)
+            latents = clip.stepped(timestep, scheduler_step(schedule, noise, timestep, latents, clip.generator))
         return latents

@@ -41,7 +41,7 @@ from hellomeme_cli.models import HM5ControlNetBase, HM5DenoisingNet, HM5Referenc
 from hellomeme_cli.models.unet import ControlFeatures, ReferenceCache
 from hellomeme_cli.progress import ProgressCallback
 from hellomeme_cli.samplers.common import (
-    Clip, DrivingFrames, Sampler, SamplerInputs, SamplerSettings, consecutive_runs, denoising_steps, draw_noise, fresh_schedule,
+    Clip, DrivingFrames, Sampler, SamplerInputs, SamplerSettings, StepCallback, consecutive_runs, denoising_steps, draw_noise, fresh_schedule,
     pipeline_attributes, require_control_inputs, unconditional_frames, with_unconditional,
 )
 from hellomeme_cli.versions import DPM_SDE, ControlKind
@@ -142,11 +142,11 @@ class HM5VideoSampler(Sampler):
         if self.denoiser.motion_adapter is None:
             raise ValueError("video sampling needs the motion adapter (hm5_motion) in the denoiser")
 
-    def _prepare(self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator) -> Clip:
+    def _prepare(self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, on_step: StepCallback | None) -> Clip:
         """Refuses a v5c clip without the reference's own control before anything runs."""
         if self.reference_control and inputs.reference_control is None:
             raise ValueError("this version's reference net needs the reference image's own control (reference_control)")
-        return super()._prepare(inputs, settings, generator)
+        return super()._prepare(inputs, settings, generator, on_step)
 
     def _reference_inputs(self, inputs: SamplerInputs, negative_control: ControlFeatures | None) -> dict[str, object]:
         """v5c: the reference image's own control, the unconditional control first with guidance."""
