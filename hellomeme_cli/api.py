@@ -69,6 +69,7 @@ def animate(
     return prepare("video", reference, driving, output, pipe.options, force=force, cache=pipe.cache, **settings).execute(pipe, progress)
 
 
+# Alike in shape only to `animate`: the library's two entry points take the same kinds of argument.
 def render_image(
     pipe: HelloMemePipeline,
     reference: str | Path,

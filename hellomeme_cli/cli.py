@@ -158,31 +158,27 @@ def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[
 # Resolving annotations: `AnimateSettings` is imported where it is used (it pulls in torch); here any class will do.
 _LAZY_NAMES = {"AnimateSettings": object}
 LOCAL_RAY = "local"  # `--ray local`, or `--ray` alone: a Ray runtime started on this machine
+# The arguments animate, image and demo share.
+Portrait = Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")]
+Force = Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG)]
+DrivingClip = Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes, or its `hellomeme track` .npz (silent output).")]
+DrivingPicture = Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes, or a `hellomeme track` .npz (its first frame with a face).")]
+VideoOutput = Annotated[Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE_VERSION.mp4 in the current folder).")]
+PictureOutput = Annotated[Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE_VERSION.png in the current folder).")]
 
 
 @app.command()
 @_with_generation_options("video")
-def animate(
-    reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
-    drive: Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes, or its `hellomeme track` .npz (silent output).")],
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE_VERSION.mp4 in the current folder).")
-    ] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG)] = False,
-    *,
-    settings: AnimateSettings,
-) -> None:
+def animate(reference: Portrait, drive: DrivingClip, output: VideoOutput = None, force: Force = False, *, settings: AnimateSettings) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
-    from hellomeme_cli.preflight import default_output
-
-    _animate(reference, drive, output or default_output(reference, drive, version=settings.models.version), force, settings)
+    _animate(reference, drive, output, force, settings)
 
 
 @app.command()
 @_with_generation_options("video")
 def demo(
     output: Annotated[Path, typer.Option("--output", "-o", help="The mp4 to write.")] = Path("hellomeme-demo.mp4"),
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG)] = False,
+    force: Force = False,
     *,
     settings: AnimateSettings,
 ) -> None:
@@ -194,7 +190,7 @@ def demo(
     _animate(portrait, clip, output, force, settings)
 
 
-def _animate(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings) -> None:
+def _animate(reference: Path, drive: Path, output: Path | None, force: bool, settings: AnimateSettings) -> None:
     result = _generate("video", reference, drive, output, force, settings)
     out.print(
         f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, seed {result.seed}, "
@@ -211,27 +207,22 @@ CLIP_ONLY = ("fps", "max_frames", "window", "overlap", "smoothing", "smooth_pose
 
 @app.command()
 @_with_generation_options("image", skip=CLIP_ONLY)
-def image(
-    reference: Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")],
-    drive_image: Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes, or a `hellomeme track` .npz (its first frame with a face).")],
-    output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE_VERSION.png in the current folder).")
-    ] = None,
-    force: Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG)] = False,
-    *,
-    settings: AnimateSettings,
-) -> None:
+def image(reference: Portrait, drive_image: DrivingPicture, output: PictureOutput = None, force: Force = False, *, settings: AnimateSettings) -> None:
     """One picture: the portrait with the head pose and expression of another picture."""
+    seed = _generate("image", reference, drive_image, output, force, settings)
+    out.print(f"wrote {output or _default_output('image', reference, drive_image, settings)}, seed {seed}", highlight=False)
+
+
+def _default_output(mode: str, reference: Path, drive: Path, settings: AnimateSettings) -> Path:
     from hellomeme_cli.preflight import default_output
 
-    output = output or default_output(reference, drive_image, ".png", version=settings.models.version)
-    seed = _generate("image", reference, drive_image, output, force, settings)
-    out.print(f"wrote {output}, seed {seed}", highlight=False)
+    return default_output(reference, drive, ".mp4" if mode == "video" else ".png", version=settings.models.version)
 
 
-def _generate(mode: str, reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings):
+def _generate(mode: str, reference: Path, drive: Path, output: Path | None, force: bool, settings: AnimateSettings):
     """Check everything that can fail fast before importing torch or loading a model (the seed is said
-    at once), then load the models with progress bars and run."""
+    at once), then load the models with progress bars and run; `output` defaults to REF_DRIVE_VERSION."""
+    output = output or _default_output(mode, reference, drive, settings)
     prepared, cache = _prepare_run(reference, drive, output, force, settings, mode)
     from hellomeme_cli.engine import load_pipeline
     from hellomeme_cli.logs import libraries_quiet
@@ -426,20 +417,29 @@ def _aligned(rows: list[tuple[str, ...]]) -> list[str]:
     return ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
 
 
-@weights_app.command("fetch")
-def weights_fetch(
-    names: Annotated[list[str] | None, typer.Argument(help="Components or preset names (`weights presets`) to fetch (default: every component).")] = None,
-    version: Annotated[
-        str | None, typer.Option("--version", help="Fetch what this HelloMeme version needs, every control and mode (docs/versions.md), besides any components named.")
-    ] = None,
-) -> None:
-    """Download missing components into the Hugging Face cache (sha256-checked before use)."""
-    from hellomeme_cli.weights.presets import fetch_preset, find_preset
+def _with_version(names: list[str] | None, version: str | None) -> list[str] | None:
+    """The components named, and those `version` needs (every control and mode) where one is given."""
     from hellomeme_cli.versions import any_version
 
+    if version is None:
+        return names
+    return list(dict.fromkeys([*(names or []), *any_version(version).all_components()]))
+
+
+VersionComponents = Annotated[
+    str | None, typer.Option("--version", help="Also what this HelloMeme version needs, every control and mode (docs/versions.md).")
+]
+FetchNames = Annotated[list[str] | None, typer.Argument(help="Components or preset names (`weights presets`) to fetch (default: every component).")]
+VerifyNames = Annotated[list[str] | None, typer.Argument(help="Components to check; a missing file is an error (default: every file that is here).")]
+
+
+@weights_app.command("fetch")
+def weights_fetch(names: FetchNames = None, version: VersionComponents = None) -> None:
+    """Download missing components into the Hugging Face cache (sha256-checked before use)."""
+    from hellomeme_cli.weights.presets import fetch_preset, find_preset
+
     cache = _cache()
-    if version is not None:
-        names = list(dict.fromkeys([*(names or []), *any_version(version).all_components()]))
+    names = _with_version(names, version)
     presets = [preset for name in names or [] if name not in cache.lock and (preset := find_preset(name, ("checkpoint", "lora")))]
     names = [name for name in names or [] if not any(preset.name.casefold() == name.casefold() for preset in presets)]
     for name in names:
@@ -468,19 +468,10 @@ def weights_presets() -> None:
 
 
 @weights_app.command("verify")
-def weights_verify(
-    names: Annotated[list[str] | None, typer.Argument(help="Components to check; a missing file is an error (default: every file that is here).")] = None,
-    version: Annotated[
-        str | None, typer.Option("--version", help="Check what this HelloMeme version needs, every control and mode; a missing file is an error.")
-    ] = None,
-) -> None:
-    """Re-hash every file, wherever it is, and name every missing or corrupt one; without names, say which components are not fetched."""
-    from hellomeme_cli.versions import any_version
-
+def weights_verify(names: VerifyNames = None, version: VersionComponents = None) -> None:
+    """Re-hash every file, wherever it is, and name every missing or corrupt one; without names or --version, say which components are not fetched."""
     cache = _cache()
-    if version is not None:
-        names = list(dict.fromkeys([*(names or []), *any_version(version).all_components()]))
-    states, not_fetched = cache.verify(names or None)
+    states, not_fetched = cache.verify(_with_version(names, version) or None)
     bad = [s for s in states if s.state in ("missing", "corrupt")]
     for state in bad:
         out.print(f"{state.state:8s} {state.location or f'{state.component}/{state.path}'} {state.detail}".rstrip(), highlight=False)

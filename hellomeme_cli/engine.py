@@ -27,13 +27,13 @@ from diffusers.utils import BaseOutput
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPVisionModelWithProjection
 
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.face.driving import is_template, track_clip
-from hellomeme_cli.face.tracking import MODEL_FILE, Smoothing
+from hellomeme_cli.face.driving import DrivingInput, is_template, track_clip, tracking_options
+from hellomeme_cli.face.tracking import MODEL_FILE
 from hellomeme_cli.media.upscale import COMPONENT as UPSCALER_COMPONENT, Upscaler, load_upscaler
 from hellomeme_cli.model_options import resolve_checkpoint, resolve_device, resolve_dtype, resolve_loras
 from hellomeme_cli.models import FanEncoder, motion_unet
 from hellomeme_cli.models.unet import load_folder
-from hellomeme_cli.pipeline import VIDEO_SUFFIXES, AnimateSettings, generate_image, generate_video, load_reference
+from hellomeme_cli.pipeline import VIDEO_SUFFIXES, AnimateSettings, generate, load_reference
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 from hellomeme_cli.samplers.common import DenoisingStep, Sampler
 from hellomeme_cli.settings import ModelOptions, from_values
@@ -187,20 +187,16 @@ class HelloMemePipeline(DiffusionPipeline):
 
         # 3 and 4. The driving signals, the version's sampler, the frames (decoded as they are taken).
         with _ProgressBars(self) as progress:
-            if is_picture:
-                picture = generate_image(reference, _path_or_pixels(driving), run, self, progress=progress, generator=generator, on_step=on_step)
-                latents, frames = picture.latents, [picture.frame]
-            else:
-                video = generate_video(reference, self._driving_clip(driving, run, progress), run, self, progress=progress, generator=generator, on_step=on_step)
-                latents, frames = video.latents, video.frames
+            source = _path_or_pixels(driving) if is_picture else DrivingInput(self._driving_clip(driving, run, progress))
+            made = generate(reference, source, run, self, progress=progress, generator=generator, on_step=on_step)
 
-            # 5. The output type.
+            # 5. The output type (the frames are decoded only for pil and np).
             if output_type == "latent":
-                output = latents
+                output = made.latents
             elif output_type == "np":
-                output = (np.stack(list(frames)).astype(np.float32) / 255)[None]
+                output = (np.stack(list(made.frames)).astype(np.float32) / 255)[None]
             else:
-                output = [[PIL.Image.fromarray(frame) for frame in frames]]
+                output = [[PIL.Image.fromarray(frame) for frame in made.frames]]
         return HelloMemePipelineOutput(frames=output, seed=generator.initial_seed()) if return_dict else (output, generator.initial_seed())
 
     def _call_settings(self, values: dict[str, Any], steps, guidance, height, width, generator, is_picture: bool) -> AnimateSettings:
@@ -221,11 +217,7 @@ class HelloMemePipeline(DiffusionPipeline):
         if isinstance(driving, (str, Path)):
             return Path(driving)
         frames = [_rgb(frame) for frame in driving]
-        smoothing = Smoothing(pose=settings.smooth_pose, expression=settings.smooth_expression) if settings.smoothing else None
-        return track_clip(
-            frames, fps=settings.fps or DRIVING_FRAMES_FPS, face_index=settings.face_index, smoothing=smoothing,
-            max_frames=settings.max_frames, model_path=self.face_model, progress=progress,
-        )
+        return track_clip(frames, fps=settings.fps or DRIVING_FRAMES_FPS, **tracking_options(settings, self.face_model, progress))
 
     @property
     def device(self) -> torch.device:

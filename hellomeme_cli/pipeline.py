@@ -28,7 +28,7 @@ from hellomeme_cli.preflight import check_paths
 from hellomeme_cli.face.pasteback import PasteBack, head_travel
 from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings, StepCallback
-from hellomeme_cli.face.driving import Driving, FaceEncoders, MotionTemplate, check_driving, check_driving_image, prepare_driving, prepare_driving_image
+from hellomeme_cli.face.driving import Driving, DrivingInput, FaceEncoders, check_driving, check_driving_image, prepare_driving, prepare_driving_image
 from hellomeme_cli.settings import AnimateSettings
 from hellomeme_cli.face.signals import DrivingSignals, ReferenceFace, prepare_reference
 from hellomeme_cli.face.steering import needs_reference_signals, steer
@@ -162,9 +162,8 @@ def animate(
     check_destination(output, force, [reference.path, driving])
     with tempfile.TemporaryDirectory(prefix="hellomeme-") as scratch:
         # 1-4. The driving signals, the sampler's latents; 5. frames decoded as the encoder takes them.
-        video = generate_video(
-            reference, driving, settings, models, progress=progress, track_cache=track_cache, probed=probed, audio_to=Path(scratch) / "audio.wav"
-        )
+        source = DrivingInput(driving, probed, track_cache, Path(scratch) / "audio.wav")
+        video = generate(reference, source, settings, models, progress=progress)
         metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed), **(extra_tags or {})}
         write_video(
             video.frames, output, video.drive.timing.rate, audio_from=video.drive.audio, metadata=metadata, force=force,
@@ -177,43 +176,60 @@ def animate(
     )
 
 
+def render_image(
+    reference: Reference, driving_image: Path, output: Path, settings: AnimateSettings, models: LoadedModels, *,
+    force: bool = False, progress: ProgressCallback = no_progress,
+) -> int:
+    """One picture: the reference with the head pose and expression of `driving_image` (official
+    image pipeline: all steps with the 2D denoiser); returns the seed used."""
+    settings = settings.with_seed()
+    check_destination(output, force, [reference.path, driving_image])
+    picture = generate(reference, driving_image, settings, models, progress=progress)
+    tags = {"Comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed)}
+    write_image(next(picture.frames), output, force=force, protect=[reference.path, driving_image], tags=tags)
+    return settings.seed
+
+
 @dataclasses.dataclass
-class GeneratedVideo:
-    """A clip made but not written: its latents and its frames, decoded (then upscaled and pasted back,
-    as the settings say) only as they are taken, so a writer holds one batch at a time."""
+class Generated:
+    """A clip or a picture made but not written: its latents and its frames, decoded (then upscaled
+    and pasted back, as the settings say) only as they are taken, so a writer holds one batch at a time."""
 
     latents: torch.Tensor  # (1, 4, F, h, w), divided by the VAE's scaling factor
     frames: Iterator[np.ndarray]  # (H, W, 3) uint8 RGB, one per output frame
     frame_count: int
-    drive: Driving  # the driving signals, the output's timing and its audio
+    drive: Driving | None  # a clip's signals, the output's timing and its audio; None for a picture
 
 
-def generate_video(
+def generate(
     reference: Reference,
-    driving: Path | MotionTemplate,
+    driving: DrivingInput | Path | np.ndarray,
     settings: AnimateSettings,
     models: LoadedModels,
     *,
     progress: ProgressCallback = no_progress,
-    track_cache: Path | None = None,
-    probed: VideoInfo | None = None,
-    audio_to: Path | None = None,
     generator: torch.Generator | None = None,
     on_step: StepCallback | None = None,
-) -> GeneratedVideo:
-    """Steps 1-5 of `animate` but writing, from a clip, a template file or a template tracked already.
-    The noise comes from `generator` (a CPU one), else from a new one seeded with `settings.seed`.
-    The driving clip's audio goes to `audio_to` where given (`prepare_driving`); `on_step` sees the
-    latents after every denoising step (`samplers.common.StepCallback`)."""
-    # 1 and 2. Track the driving clip (decoded once) or load its template, the output's timing, the driving signals.
-    drive = prepare_driving(driving, reference.face, settings, models, progress=progress, track_cache=track_cache, probed=probed, audio_to=audio_to)
-    own = _own_signals(reference, settings, models) if needs_reference_signals(settings.pose, settings.motion) else None
-    signals = _steered(drive.signals, own, settings)
+) -> Generated:
+    """Steps 1-5 of `animate` (a `DrivingInput`: a clip or a template) or of `render_image` (a
+    picture, as a file or pixels, or a template's first frame with a face), but not writing. The
+    noise comes from `generator` (a CPU one), else from a new one seeded with `settings.seed`;
+    `on_step` sees the latents after every denoising step (`samplers.common.StepCallback`)."""
+    is_clip = isinstance(driving, DrivingInput)
+    # 1 and 2. The driving clip tracked (decoded once) or its template loaded, the output's timing and
+    # the driving signals; or the picture's; the reference's own where the version or the motion controls take them.
+    drive = prepare_driving(driving, reference.face, settings, models, progress) if is_clip else None
+    signals = drive.signals if is_clip else prepare_driving_image(driving, reference.face, settings, models, progress=progress)
+    own = None
+    if needs_reference_signals(settings.pose, settings.motion) or (not is_clip and models.version.reference_control):
+        own = _own_signals(reference, settings, models)  # v5c's reference net takes them too
+    signals = _steered(signals, own, settings)
 
     # 3 and 4. Prompt, reference cache and the version's sampler.
     sampler = models.sampler()
-    latents = sampler.sample(
-        _sampler_inputs(reference.face, signals, settings, models),
+    sample = sampler.sample if is_clip else sampler.sample_image
+    latents = sample(
+        _sampler_inputs(reference.face, signals, settings, models, mode="video" if is_clip else "image", own=own if models.version.reference_control else None),
         _sampler_settings(settings),
         generator or torch.Generator().manual_seed(settings.seed),
         progress,
@@ -221,76 +237,13 @@ def generate_video(
     )
 
     # 5. Frames decoded batch by batch, through the upscaler and the paste-back.
-    frames = (frame for batch in sampler.decode(latents, progress=progress) for frame in batch)
+    frames = (frame for batch in sampler.decode(latents, progress=progress if is_clip else no_progress) for frame in batch)
     if settings.upscale != 1:
         frames = models.upscaler()(frames)
     if settings.paste_back:
         paste = PasteBack.from_reference(reference.picture, reference.face, travel=head_travel(signals), frame_scale=settings.upscale)
         frames = paste(frames)
-    return GeneratedVideo(latents, frames, len(signals), drive)
-
-
-def render_image(
-    reference: Reference,
-    driving_image: Path,
-    output: Path,
-    settings: AnimateSettings,
-    models: LoadedModels,
-    *,
-    force: bool = False,
-    progress: ProgressCallback = no_progress,
-) -> int:
-    """One picture: the reference with the head pose and expression of `driving_image` (official
-    image pipeline: all steps with the 2D denoiser); returns the seed used."""
-    settings = settings.with_seed()
-    check_destination(output, force, [reference.path, driving_image])
-    picture = generate_image(reference, driving_image, settings, models, progress=progress)
-    tags = {"Comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed)}
-    write_image(picture.frame, output, force=force, protect=[reference.path, driving_image], tags=tags)
-    return settings.seed
-
-
-@dataclasses.dataclass
-class GeneratedImage:
-    latents: torch.Tensor  # (1, 4, 1, h, w), divided by the VAE's scaling factor
-    frame: np.ndarray  # (H, W, 3) uint8 RGB, upscaled and pasted back as the settings say
-
-
-def generate_image(
-    reference: Reference,
-    driving_image: Path | np.ndarray,
-    settings: AnimateSettings,
-    models: LoadedModels,
-    *,
-    progress: ProgressCallback = no_progress,
-    generator: torch.Generator | None = None,
-    on_step: StepCallback | None = None,
-) -> GeneratedImage:
-    """`render_image` but writing: the driving picture a file, its pixels or a template file."""
-    # 1 and 2. The driving picture's signals; the reference's own where the version or the motion controls take them.
-    signals = prepare_driving_image(driving_image, reference.face, settings, models, progress=progress)
-    own = None
-    if models.version.reference_control or needs_reference_signals(settings.pose, settings.motion):
-        own = _own_signals(reference, settings, models)  # v5c's reference net takes them too
-    signals = _steered(signals, own, settings)
-
-    # 3 and 4. Prompt, reference cache and the version's image sampler.
-    sampler = models.sampler()
-    latents = sampler.sample_image(
-        _sampler_inputs(reference.face, signals, settings, models, mode="image", own=own),
-        _sampler_settings(settings),
-        generator or torch.Generator().manual_seed(settings.seed),
-        progress,
-        on_step=on_step,
-    )
-
-    # 5. Decoded, upscaled and pasted back.
-    frame = next(sampler.decode(latents))[0]
-    if settings.upscale != 1:
-        frame = models.upscaler().upscale(frame)
-    if settings.paste_back:
-        frame = PasteBack.from_reference(reference.picture, reference.face, frame_scale=settings.upscale).paste(frame)
-    return GeneratedImage(latents, frame)
+    return Generated(latents, frames, len(signals), drive)
 
 
 def _own_signals(reference: Reference, settings: AnimateSettings, models: LoadedModels) -> DrivingSignals:

@@ -215,6 +215,7 @@ _V5_FAMILY = dict(
     defaults=_V5_DEFAULTS,
 )
 
+# The entries are alike in shape only: each is one release's data, what differs between them is the point.
 VERSIONS: dict[str, Version] = {
     "v1": Version(
         name="v1",

@@ -53,8 +53,7 @@ def test_weight_folders_load_with_no_missing_or_unexpected_keys(folder):
     for role, class_name in case_roles(case).items():
         if class_name not in family.classes or weight_folder(folder, case, role) is None:
             continue
-        model, info = family.load(folder, case, role, output_loading_info=True)
-        assert (info["missing_keys"], info["unexpected_keys"], info["mismatched_keys"]) == ([], [], []), role
+        model = family.load(folder, case, role)  # load_folder refuses a file with missing, unexpected or mismatched tensors
         spec = case.get("modules", {}).get(role, {})
         config = {k: list(v) if isinstance(v, tuple) else v for k, v in model.config.items()}
         assert {k: config[k] for k in spec.get("init_kwargs", {})} == spec.get("init_kwargs", {}), role

@@ -147,10 +147,10 @@ def test_v5_runs_non_square_sizes_that_are_not_multiples_of_64():
     reference = reference_net(torch.randn(1, 4, h, w, generator=generator), text)
     pads = [reference_net(torch.randn(1, 4, h, w, generator=generator), text) for _ in range(2)]
     latents = torch.randn(1, 4, frames, h, w, generator=generator)
-    noise = denoiser(latents, 500, text, reference, control, motion_pad_states(*pads), use_motion=True)
+    noise = denoiser(latents, 500, text, reference, control, motion_pad=motion_pad_states(*pads), use_motion=True)
     assert noise.shape == latents.shape and torch.isfinite(noise).all()
     # The reference attention took part (it is what fails officially on these sizes).
-    without_reference = denoiser(latents, 500, text, None, control, motion_pad_states(*pads), use_motion=True)
+    without_reference = denoiser(latents, 500, text, None, control, motion_pad=motion_pad_states(*pads), use_motion=True)
     assert not torch.allclose(noise, without_reference)
 
 

@@ -22,27 +22,26 @@ def _python_blocks(page: Path) -> list[str]:
     return re.findall(r"```python\n(.*?)```", page.read_text(), re.DOTALL)
 
 
-def test_the_library_example_runs_as_written(tiny_cache, tmp_path):
-    (tmp_path / "ref.jpg").symlink_to(require(MEDIA / "majicmix1.jpg", "test portrait"))
-    (tmp_path / "drive.mp4").symlink_to(require(MEDIA / "qie.mp4", "test clip"))
-    example = _python_blocks(PROJECT_ROOT / "docs" / "library.md")[0]
+def _run_example(number: int, tiny_cache: Path, folder: Path) -> str:
+    """The `number`-th python block of docs/library.md run as written, with ref.jpg and drive.mp4 beside it; its output."""
+    (folder / "ref.jpg").symlink_to(require(MEDIA / "majicmix1.jpg", "test portrait"))
+    (folder / "drive.mp4").symlink_to(require(MEDIA / "qie.mp4", "test clip"))
+    example = _python_blocks(PROJECT_ROOT / "docs" / "library.md")[number]
     environment = {**os.environ, "HELLOMEME_HOME": str(tiny_cache), "PYTHONPATH": str(PROJECT_ROOT)}
-    done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "-c", example], cwd=folder, env=environment, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("wrote out.mp4: 2 frames"), done.stdout
-    assert "seed 1" in done.stdout
     assert done.stderr == "", "the library printed to stderr"
+    return done.stdout
+
+
+def test_the_library_example_runs_as_written(tiny_cache, tmp_path):
+    printed = _run_example(0, tiny_cache, tmp_path)
+    assert printed.startswith("wrote out.mp4: 2 frames") and "seed 1" in printed, printed
     assert probe_video(tmp_path / "out.mp4").frame_count == 2
 
 
 def test_the_diffusers_call_example_runs_as_written(tiny_cache, tmp_path):
-    (tmp_path / "ref.jpg").symlink_to(require(MEDIA / "majicmix1.jpg", "test portrait"))
-    (tmp_path / "drive.mp4").symlink_to(require(MEDIA / "qie.mp4", "test clip"))
-    example = _python_blocks(PROJECT_ROOT / "docs" / "library.md")[1]
-    environment = {**os.environ, "HELLOMEME_HOME": str(tiny_cache), "PYTHONPATH": str(PROJECT_ROOT)}
-    done = subprocess.run([sys.executable, "-c", example], cwd=tmp_path, env=environment, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    assert done.stdout == "2 frames, seed 1\n" and done.stderr == ""
+    assert _run_example(1, tiny_cache, tmp_path) == "2 frames, seed 1\n"
     assert (tmp_path / "first.png").is_file()
 
 

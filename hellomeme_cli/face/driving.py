@@ -108,21 +108,15 @@ class MotionTemplate:
 
 
 def track_clip(
-    clip: Path | VideoInfo | Sequence[np.ndarray],
-    *,
-    fps: float | None = None,
-    face_index: int = 0,
-    smoothing: Smoothing | None = Smoothing(),
-    max_frames: int | None = None,
-    model_path: Path | None = None,
-    progress: ProgressCallback = no_progress,
-    audio_to: Path | None = None,
+    clip: Path | VideoInfo | Sequence[np.ndarray], *, fps: float | None = None, max_frames: int | None = None, **tracking
 ) -> MotionTemplate:
     """Probe the clip (demux only; not again when given its `VideoInfo`) and decode it once: track the
     face and keep the patches around it; with `audio_to` the decode also writes the audio there, and
     the template's audio is that file (else the clip's own). Frames given directly (RGB uint8, `fps`
-    apart) are tracked as they are, and give a silent template. Close the result (or use it in `with`)
+    apart) are tracked as they are, and give a silent template. `tracking`: `track_video`'s options
+    (face_index, smoothing, model_path, progress, audio_to). Close the result (or use it in `with`)
     to free the spooled patches."""
+    audio_to = tracking.get("audio_to")
     if isinstance(clip, (str, Path, VideoInfo)):
         info = clip if isinstance(clip, VideoInfo) else probe_video(Path(clip))
         source, rate, path = info, info.rate, info.path
@@ -139,10 +133,7 @@ def track_clip(
         boxes.append(box)
 
     try:
-        track = track_video(
-            source, fps=float(rate), face_index=face_index, smoothing=smoothing, max_frames=max_frames, model_path=model_path,
-            progress=progress, each_frame=keep, audio_to=audio_to,
-        )
+        track = track_video(source, fps=float(rate), max_frames=max_frames, each_frame=keep, **tracking)
         spool.flush()
         pixels = np.memmap(spool, dtype=np.uint8, mode="r", shape=(len(track), PATCH_SIZE, PATCH_SIZE, 3))
     except BaseException:
@@ -307,39 +298,46 @@ class Driving:
     audio: AudioTrack | None  # what the output's sound is; None: silent (a template)
 
 
-def open_driving(
-    drive: Path | MotionTemplate,
-    settings: AnimateSettings,
-    face_model: Path | None,
-    *,
-    progress: ProgressCallback = no_progress,
-    track_cache: Path | None = None,
-    probed: VideoInfo | None = None,
-    audio_to: Path | None = None,
-) -> MotionTemplate:
-    """DRIVE as a motion template: loaded from a .npz (no decode; the tracking options it was made
-    with hold), taken from `track_cache` (a clip tracked before with the same tracking settings), or
-    tracked now (one decode, which writes the audio to `audio_to` where given; then kept in
-    `track_cache` when one is given), or a template made already. `probed`: the clip's `VideoInfo`
-    (`check_driving`), so it is not probed again. At most `settings.max_frames` frames."""
-    if isinstance(drive, MotionTemplate):
-        return drive.head(settings.max_frames)
-    drive = Path(drive)
+@dataclasses.dataclass(frozen=True)
+class DrivingInput:
+    """Where a run's motion comes from, and what is known of it already.
+
+    source: a clip or a template file (.npz), or a template tracked already
+    probed: the clip's `VideoInfo` from the check before the run (`check_driving`): not probed again
+    track_cache: a folder of clips tracked before with the same tracking settings (batch)
+    audio_to: where the decode that tracks the clip writes its audio, so the mux need not read the clip
+    """
+
+    source: Path | MotionTemplate
+    probed: VideoInfo | None = None
+    track_cache: Path | None = None
+    audio_to: Path | None = None
+
+
+def tracking_options(settings: AnimateSettings, face_model: Path | None, progress: ProgressCallback) -> dict:
+    """`track_clip`'s options for a run with these settings."""
+    smoothing = Smoothing(pose=settings.smooth_pose, expression=settings.smooth_expression) if settings.smoothing else None
+    return {"face_index": settings.face_index, "smoothing": smoothing, "max_frames": settings.max_frames, "model_path": face_model, "progress": progress}
+
+
+def open_driving(driving: DrivingInput, settings: AnimateSettings, face_model: Path | None, progress: ProgressCallback = no_progress) -> MotionTemplate:
+    """The driving input as a motion template, at most `settings.max_frames` frames: loaded from a
+    .npz (no decode; the tracking options it was made with hold), taken from the track cache, or
+    tracked now (one decode; then kept in the track cache when there is one)."""
+    if isinstance(driving.source, MotionTemplate):
+        return driving.source.head(settings.max_frames)
+    drive = Path(driving.source)
     if is_template(drive):
         return load_template(drive).head(settings.max_frames)
-    smoothing = Smoothing(pose=settings.smooth_pose, expression=settings.smooth_expression) if settings.smoothing else None
-    info = probed or probe_video(drive)  # a clip that is not one fails here, as it would when tracked
+    info = driving.probed or probe_video(drive)  # a clip that is not one fails here, as it would when tracked
 
     def tracked() -> MotionTemplate:
-        return track_clip(
-            info, face_index=settings.face_index, smoothing=smoothing, max_frames=settings.max_frames, model_path=face_model,
-            progress=progress, audio_to=audio_to,
-        )
+        return track_clip(info, audio_to=driving.audio_to, **tracking_options(settings, face_model, progress))
 
-    if track_cache is None:
+    if driving.track_cache is None:
         return tracked()
     sha256 = sha256_of(drive)
-    cached = Path(track_cache) / f"{drive.stem}.{_cache_key(sha256, settings)}{TEMPLATE_SUFFIX}"
+    cached = Path(driving.track_cache) / f"{drive.stem}.{_cache_key(sha256, settings)}{TEMPLATE_SUFFIX}"
     if cached.is_file():
         with contextlib.suppress(HellomemeError):  # a damaged cache entry is made again
             template = load_template(cached)
@@ -355,20 +353,11 @@ def open_driving(
 
 
 def prepare_driving(
-    drive: Path | MotionTemplate,
-    reference: ReferenceFace,
-    settings: AnimateSettings,
-    models: FaceEncoders,
-    *,
-    progress: ProgressCallback = no_progress,
-    track_cache: Path | None = None,
-    probed: VideoInfo | None = None,
-    audio_to: Path | None = None,
+    driving: DrivingInput, reference: ReferenceFace, settings: AnimateSettings, models: FaceEncoders, progress: ProgressCallback = no_progress
 ) -> Driving:
-    """Steps 1-2 of `animate`: DRIVE tracked (or its template loaded), the output's timing, and the
-    driving signals of every output frame (`open_driving` says what `probed` and `audio_to` do)."""
-    opened = open_driving(drive, settings, models.face_model, progress=progress, track_cache=track_cache, probed=probed, audio_to=audio_to)
-    with opened as template:
+    """Steps 1-2 of `animate`: the driving input tracked (or its template loaded), the output's
+    timing, and the driving signals of every output frame."""
+    with open_driving(driving, settings, models.face_model, progress) as template:
         timing = output_timing(template, settings.fps)
         track = select_frames(template.track, timing.shown, float(timing.rate))
         signals = _signals(track, template.patches.select(timing.shown), reference, settings, models, progress)

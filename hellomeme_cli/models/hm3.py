@@ -95,7 +95,7 @@ class HM3MotionAdapter(ModelMixin, ConfigMixin):
     up block (`motion_up`). `time_embed_dim` is the UNet's time-embedding width,
     4 x its first block width (official: hard-coded 1280); `use_3d` is unused."""
 
-    # _UpBlockReferenceAdapter's official config keys again (use_3d True here), then time_embed_dim.
+    # Alike in shape only to _UpBlockReferenceAdapter: the official config keys again (use_3d True here), then time_embed_dim.
     @register_to_config
     def __init__(
         self,

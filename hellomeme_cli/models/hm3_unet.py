@@ -23,7 +23,7 @@ from diffusers import UNet2DConditionModel, UNetMotionModel
 from torch import nn
 
 from hellomeme_cli.models.hm3 import HM3MotionAdapter, HM3ReferenceAdapter
-from hellomeme_cli.models.unet import ControlFeatures, HookedUNet, InjectionPoints, ReferenceCache, _Call
+from hellomeme_cli.models.unet import ControlFeatures, DenoiserForward, HookedUNet, InjectionPoints, ReferenceCache, _Call
 
 MotionPads = dict[str, torch.Tensor]
 
@@ -83,7 +83,7 @@ class HM3ReferenceNet(HookedUNet):
         return {key: torch.stack([caches[0][key], caches[1][key]], dim=2) for key in caches[0]}
 
 
-class HM3DenoisingNet(HookedUNet):
+class HM3DenoisingNet(DenoiserForward, HookedUNet):
     """The v3/v4 denoiser: the SD1.5 UNet (frames independent; official `HM3Denoising3D`)
     or the AnimateDiff motion UNet (official `HM3DenoisingMotion`) with the reference
     adapter, the control features and, given motion pads, the motion adapter.
@@ -101,28 +101,13 @@ class HM3DenoisingNet(HookedUNet):
         self.reference_adapter = reference_adapter
         self.motion_adapter = motion_adapter
 
-    # HMDenoisingNet.forward's parameters again (a signature cannot be inherited and extended); the work is HookedUNet._denoise's.
-    def forward(
-        self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        text_embeds: torch.Tensor,
-        reference: ReferenceCache | None = None,
-        control: ControlFeatures | None = None,
-        motion_pads: MotionPads | None = None,
-    ) -> torch.Tensor:
-        """latents (b, 4, f, h, w); text_embeds (b, 77, C); reference from HM3ReferenceNet
-        (batch b); control from HMV3ControlNet or HM4SD15ControlProj (b, c, f, h', w');
-        motion_pads from HM3ReferenceNet.motion_pads (the official `use_motion=True`)
-        -> noise (b, 4, f, h, w)."""
+    def _call(
+        self, num_frames: int, reference: ReferenceCache | None, control: ControlFeatures | None, motion_pads: MotionPads | None = None
+    ) -> _HM3Call:
+        """`motion_pads` from HM3ReferenceNet.motion_pads (the official `use_motion=True`)."""
         if motion_pads is not None and self.motion_adapter is None:
             raise ValueError("HM3DenoisingNet got motion pads but has no motion adapter")
-        call = _HM3Call(
-            num_frames=latents.shape[2],
-            adapter=self.reference_adapter,
-            reference=reference,
-            control=control,
-            motion_adapter=self.motion_adapter,
-            motion_pads=motion_pads,
+        return _HM3Call(
+            num_frames=num_frames, adapter=self.reference_adapter, reference=reference, control=control,
+            motion_adapter=self.motion_adapter, motion_pads=motion_pads,
         )
-        return self._denoise(latents, timestep, text_embeds, call)

@@ -44,7 +44,7 @@ from hellomeme_cli.models.hm4 import (
     _projector_widths,
     _STKCrossAttentionBase,
 )
-from hellomeme_cli.models.unet import ControlFeatures, HookedUNet, ReferenceCache, _Call, load_folder
+from hellomeme_cli.models.unet import ControlFeatures, DenoiserForward, HookedUNet, ReferenceCache, _Call, load_folder
 
 # The official reference attention's unused time projection is sized for SD1.5's time embedding.
 SD15_TIME_EMBED_DIM = 1280
@@ -358,7 +358,7 @@ def motion_pad_states(first: ReferenceCache, last: ReferenceCache) -> ReferenceC
     return {key: torch.stack([first[key], last[key]], dim=2) for key in first}
 
 
-class HM5DenoisingNet(_V5HookedUNet):
+class HM5DenoisingNet(DenoiserForward, _V5HookedUNet):
     """The v5-family denoiser: the SD1.5 UNet with the reference attentions, the 8
     control residuals and (video) the motion modules injected. Frames are folded into
     the batch; inputs and outputs are (b, c, f, h, w)."""
@@ -391,21 +391,16 @@ class HM5DenoisingNet(_V5HookedUNet):
         motion = load_folder(HM5MotionAdapter, motion_path, **kwargs) if motion_path else None
         return cls(unet, adapter, motion)
 
-    # HMDenoisingNet.forward's parameters again (a signature cannot be inherited and extended); the work is HookedUNet._denoise's.
-    def forward(
+    def _call(
         self,
-        latents: torch.Tensor,
-        timestep: torch.Tensor | float | int,
-        text_embeds: torch.Tensor,
-        reference: ReferenceCache | None = None,
-        control: ControlFeatures | None = None,
+        num_frames: int,
+        reference: ReferenceCache | None,
+        control: ControlFeatures | None,
         motion_pad: ReferenceCache | None = None,
         use_motion: bool = False,
-    ) -> torch.Tensor:
-        """latents (b, 4, f, h, w); text_embeds (b, 77, C); reference from HM5ReferenceNet
-        (batch b); control from HM5SD15ControlProj (b, c, f, h', w'); motion_pad: all 8
-        entries (b, c, 2, h', w') (see `motion_pad_states`), used with `use_motion`
-        -> noise (b, 4, f, h, w)."""
+    ) -> _HM5Call:
+        """reference from HM5ReferenceNet; control from HM5SD15ControlProj; motion_pad: all 8
+        entries (b, c, 2, h', w') (see `motion_pad_states`), used with `use_motion`."""
         if reference is not None and self.reference_adapter is None:
             raise ValueError("HM5DenoisingNet: a reference cache needs a reference adapter (hm5_reference)")
         if use_motion and self.motion_adapter is None:
@@ -414,15 +409,10 @@ class HM5DenoisingNet(_V5HookedUNet):
             missing = [f"{p}_{i}" for p in ("down", "up") for i in range(LEVELS) if f"{p}_{i}" not in motion_pad]
             if missing:
                 raise ValueError(f"HM5DenoisingNet: motion_pad lacks {', '.join(missing)}")
-        call = _HM5Call(
-            num_frames=latents.shape[2],
-            adapter=self.reference_adapter,
-            reference=reference,
-            control=control,
-            motion_adapter=self.motion_adapter if use_motion else None,
-            motion_pads=motion_pad if use_motion else None,
+        return _HM5Call(
+            num_frames=num_frames, adapter=self.reference_adapter, reference=reference, control=control,
+            motion_adapter=self.motion_adapter if use_motion else None, motion_pads=motion_pad if use_motion else None,
         )
-        return self._denoise(latents, timestep, text_embeds, call)
 
 
 # Which reference adapter each version's denoiser loads (v5c: v5b's class, its own weights).

@@ -272,17 +272,11 @@ class HMReferenceNet(HookedUNet):
         return self._capture(ref_latents, text_embeds, _Call())
 
 
-class HMDenoisingNet(HookedUNet):
-    """The denoiser: the SD1.5 UNet (stage 1, frames independent) or the AnimateDiff
-    motion UNet (stage 2, frames attend to each other) with the reference adapter
-    and the control features injected. Inputs and outputs are (b, c, f, h, w).
-    """
+class DenoiserForward:
+    """The one `forward` of every version's denoiser (mixed into a `HookedUNet`); a version says in
+    `_call` what a call injects, its motion inputs by keyword."""
 
-    injection_points = HMInjectionPoints
-
-    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel, reference_adapter: HMReferenceAdapter | None):
-        super().__init__(unet)
-        self.reference_adapter = reference_adapter
+    reference_adapter: nn.Module | None
 
     def forward(
         self,
@@ -291,12 +285,29 @@ class HMDenoisingNet(HookedUNet):
         text_embeds: torch.Tensor,
         reference: ReferenceCache | None = None,
         control: ControlFeatures | None = None,
+        **motion,
     ) -> torch.Tensor:
-        """latents (b, 4, f, h, w); text_embeds (b, 77, C); reference from HMReferenceNet
-        (batch b); control from the control nets of one version, e.g. HMControlNet/HMControlNet2
-        or HMV2ControlNet/HMV2ControlNet2 (b, c, f, h', w') -> noise (b, 4, f, h, w)."""
-        call = _Call(num_frames=latents.shape[2], adapter=self.reference_adapter, reference=reference, control=control)
-        return self._denoise(latents, timestep, text_embeds, call)
+        """latents (b, 4, f, h, w); text_embeds (b, 77, C); reference from the version's reference
+        net (batch b); control from its control nets (b, c, f, h', w'); `motion`: the version's
+        motion inputs (its `_call`) -> noise (b, 4, f, h, w)."""
+        return self._denoise(latents, timestep, text_embeds, self._call(latents.shape[2], reference, control, **motion))
+
+    def _call(self, num_frames: int, reference: ReferenceCache | None, control: ControlFeatures | None) -> _Call:
+        return _Call(num_frames=num_frames, adapter=self.reference_adapter, reference=reference, control=control)
+
+
+class HMDenoisingNet(DenoiserForward, HookedUNet):
+    """The denoiser: the SD1.5 UNet (stage 1, frames independent) or the AnimateDiff
+    motion UNet (stage 2, frames attend to each other) with the reference adapter
+    (HMReferenceNet's cache) and the control features (HMControlNet/HMControlNet2 or
+    HMV2ControlNet/HMV2ControlNet2) injected. Inputs and outputs are (b, c, f, h, w).
+    """
+
+    injection_points = HMInjectionPoints
+
+    def __init__(self, unet: UNet2DConditionModel | UNetMotionModel, reference_adapter: HMReferenceAdapter | None):
+        super().__init__(unet)
+        self.reference_adapter = reference_adapter
 
 
 def motion_unet(unet: UNet2DConditionModel, motion_adapter: MotionAdapter) -> UNetMotionModel:

@@ -390,6 +390,7 @@ class Sampler(LatentCodec):
         # 2. and on: the family's passes (`_denoise_video` in its file).
         return self._denoise_video(clip, progress) / self.vae_encoder.config.scaling_factor
 
+    # Alike in shape only to `sample`: both entry points take the same arguments.
     @torch.no_grad()
     def sample_image(
         self,

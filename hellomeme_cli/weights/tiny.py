@@ -5,6 +5,7 @@ layout of a real download, so the real loading code runs offline in tests and CI
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -165,15 +166,9 @@ def write_sd15(folder: Path, variant: str | None = None, **unet_shape: int) -> P
 
 
 def _tiny_motion_adapter() -> MotionAdapter:
-    return _randomize(
-        MotionAdapter(
-            block_out_channels=BLOCK_OUT_CHANNELS,
-            motion_layers_per_block=2,
-            motion_norm_num_groups=32,
-            motion_num_attention_heads=8,
-            motion_max_seq_length=32,
-            use_motion_mid_block=True,
-        )
+    return MotionAdapter(
+        block_out_channels=BLOCK_OUT_CHANNELS, motion_layers_per_block=2, motion_norm_num_groups=32, motion_num_attention_heads=8,
+        motion_max_seq_length=32, use_motion_mid_block=True,
     )
 
 
@@ -188,50 +183,53 @@ def write_esrgan(folder: Path) -> Path:
     return folder / WEIGHTS_FILE
 
 
-def _writers():
+def _saved(build: Callable[[], torch.nn.Module], prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = _randomize):
+    """A writer: the network `build` makes, `prepare`d (randomised, by default), saved in its released layout."""
+    return lambda folder: (prepare or (lambda model: model))(build()).save_pretrained(folder)
+
+
+def _writers() -> dict[str, Callable[[Path], object]]:
+    """Every component's writer, in the order the random draws are made (a seed gives the same cache)."""
     return {
         "sd15": write_sd15,
-        "hm_reference": lambda d: _randomize(HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS)).save_pretrained(d),
-        "hm_control": lambda d: _control(HMControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS)).save_pretrained(d),
-        "hm_control2": lambda d: _control(HMControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS)).save_pretrained(d),
-        "hm_animatediff_frame12": lambda d: _tiny_motion_adapter().save_pretrained(d),
-        "hm2_reference": lambda d: _randomize(HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS, version="v2")).save_pretrained(d),
-        "hm2_control": lambda d: _control(HMV2ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS)).save_pretrained(d),
-        "hm2_control2": lambda d: _control(HMV2ControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS)).save_pretrained(d),
-        "hm2_animatediff_frame12": lambda d: _tiny_motion_adapter().save_pretrained(d),
-        "image_encoder": lambda d: _image_encoder().save_pretrained(d),
+        "hm_reference": _saved(lambda: HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS)),
+        "hm_control": _saved(lambda: HMControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS), _control),
+        "hm_control2": _saved(lambda: HMControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS), _control),
+        "hm_animatediff_frame12": _saved(_tiny_motion_adapter),
+        "hm2_reference": _saved(lambda: HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS, version="v2")),
+        "hm2_control": _saved(lambda: HMV2ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS), _control),
+        "hm2_control2": _saved(lambda: HMV2ControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS), _control),
+        "hm2_animatediff_frame12": _saved(_tiny_motion_adapter),
+        "image_encoder": _saved(_image_encoder, None),
         # The PD-FGC encoder's layout is fixed by its 224x224 input; it is small (8.5 M values).
-        "pd_fgc_motion": lambda d: FanEncoder().half().save_pretrained(d),
+        "pd_fgc_motion": _saved(lambda: FanEncoder().half(), None),
         **_v3_writers("hm3"),
-        "hm3_control_mix": lambda d: _control(
-            HMV3ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS, unet_block_out_channels=BLOCK_OUT_CHANNELS)
-        ).save_pretrained(d),
+        "hm3_control_mix": _saved(
+            lambda: HMV3ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS, unet_block_out_channels=BLOCK_OUT_CHANNELS),
+            _control,
+        ),
         **_v3_writers("hm4"),
-        "hm_control_base": lambda d: _control(HMControlNetBase(cross_attention_dim=TEXT_DIM, unet_block_out_channels=BLOCK_OUT_CHANNELS)).save_pretrained(d),
-        "hm4_control_proj": lambda d: _save(HM4SD15ControlProj(unet_block_out_channels=BLOCK_OUT_CHANNELS), d),
-        "hm5_reference": lambda d: _save(HM5ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
-        "hm5b_reference": lambda d: _save(HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
-        "hm5c_reference": lambda d: _save(HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
-        "hm5_motion": lambda d: _save(HM5MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
-        "hm5_control_base": lambda d: _control(
-            HM5ControlNetBase(cross_attention_dim=TEXT_DIM, mid_channels=V5_CONTROL_MID_CHANNELS, out_channels=BLOCK_OUT_CHANNELS[0])
-        ).save_pretrained(d),
-        "hm5_control_proj": lambda d: _save(_v5_control_proj(), d),
-        "hm5c_control_proj": lambda d: _save(_v5_control_proj(), d),
+        "hm_control_base": _saved(lambda: HMControlNetBase(cross_attention_dim=TEXT_DIM, unet_block_out_channels=BLOCK_OUT_CHANNELS), _control),
+        "hm4_control_proj": _saved(lambda: HM4SD15ControlProj(unet_block_out_channels=BLOCK_OUT_CHANNELS)),
+        "hm5_reference": _saved(lambda: HM5ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
+        "hm5b_reference": _saved(lambda: HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
+        "hm5c_reference": _saved(lambda: HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
+        "hm5_motion": _saved(lambda: HM5MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
+        "hm5_control_base": _saved(
+            lambda: HM5ControlNetBase(cross_attention_dim=TEXT_DIM, mid_channels=V5_CONTROL_MID_CHANNELS, out_channels=BLOCK_OUT_CHANNELS[0]), _control
+        ),
+        "hm5_control_proj": _saved(_v5_control_proj),
+        "hm5c_control_proj": _saved(_v5_control_proj),
         "esrgan": write_esrgan,
     }
-
-
-def _save(model: torch.nn.Module, folder: Path) -> None:
-    _randomize(model).save_pretrained(folder)
 
 
 def _v3_writers(prefix: str) -> dict:
     """The reference and motion adapters and the AnimateDiff module of v3 (prefix hm3) or v4 (hm4)."""
     return {
-        f"{prefix}_reference": lambda d: _save(HM3ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
-        f"{prefix}_motion": lambda d: _save(HM3MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), d),
-        f"{prefix}_animatediff": lambda d: _tiny_motion_adapter().save_pretrained(d),
+        f"{prefix}_reference": _saved(lambda: HM3ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
+        f"{prefix}_motion": _saved(lambda: HM3MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
+        f"{prefix}_animatediff": _saved(_tiny_motion_adapter),
     }
 
 
