@@ -172,7 +172,9 @@ class HelloMemePipeline(DiffusionPipeline):
             video = pipe("ref.jpg", "drive.mp4", generator=torch.Generator().manual_seed(1)).frames[0]
         """
         # 1. Check the inputs: the settings on this pipeline's model options, the output type, the callback.
-        is_picture = self.denoiser_motion is None or _is_picture(driving)
+        is_picture = _is_picture(driving) or (self.denoiser_motion is None and isinstance(driving, (str, Path)) and is_template(Path(driving)))
+        if self.denoiser_motion is None and not is_picture:
+            raise HellomemeError("this pipeline was loaded for pictures (mode='image'): load_pipeline(mode='video') makes clips")
         run = self._call_settings(settings, num_inference_steps, guidance_scale, height, width, generator, is_picture)
         if output_type not in ("pil", "np", "latent"):
             raise HellomemeError(f"output_type must be pil, np or latent (got {output_type!r})")

@@ -113,10 +113,13 @@ def test_the_architecture_page_lists_every_module():
     assert listed == actual, f"missing from docs/architecture.md: {sorted(actual - listed)}; not in the package: {sorted(listed - actual)}"
 
 
-def test_the_readme_layout_names_every_room_once_and_only_paths_that_exist():
+def test_the_readme_layout_names_every_room_and_module_once_and_only_paths_that_exist():
     readme = (PACKAGE.parent / "README.md").read_text()
     table = readme[readme.index("## Layout"):readme.index("## Licence")]
-    paths = re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE)
-    assert len(paths) == len(set(paths))
+    first_cells = re.findall(r"^\| (`[^|]+`) \|", table, re.MULTILINE)
+    paths = [path for cell in first_cells for path in re.findall(r"`([^`]+)`", cell)]
+    assert len(paths) == len(set(paths)), "a path is listed twice"
     assert all((PACKAGE.parent / path).exists() for path in paths), [path for path in paths if not (PACKAGE.parent / path).exists()]
-    assert {f"hellomeme_cli/{room}/" for room in ROOMS} <= set(paths)
+    top = {f"hellomeme_cli/{room}/" for room in ROOMS}
+    top |= {f"hellomeme_cli/{path.name}" for path in PACKAGE.glob("*.py") if path.name != "__init__.py"}
+    assert top <= set(paths), f"missing from the README's layout: {sorted(top - set(paths))}"

@@ -127,3 +127,19 @@ def test_the_call_takes_frames_a_picture_and_a_step_callback(tiny_pipe, capsys):
     tiny_pipe.set_progress_bar_config(disable=False)
     tiny_pipe(portrait, frames, output_type="latent", **CALL)
     assert "stage 2" in capsys.readouterr().err
+
+
+def test_an_image_pipeline_takes_pictures_and_templates_not_clips(tiny_cache, monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    from hellomeme_cli.cli import app
+
+    monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
+    portrait, clip = require(MEDIA / "majicmix1.jpg", "test portrait"), require(MEDIA / "qie.mp4", "test clip")
+    assert CliRunner().invoke(app, ["track", str(clip), "--max-frames", "2", "-o", str(tmp_path / "t.npz")]).exit_code == 0
+    pipe = hm.load_pipeline("v5", mode="image", device="cpu")
+    pipe.set_progress_bar_config(disable=True)
+    for driving in (portrait, tmp_path / "t.npz"):
+        assert pipe(portrait, driving, output_type="np", num_inference_steps=1, height=128).frames.shape == (1, 1, 128, 128, 3)
+    with pytest.raises(hm.HellomemeError, match=r"loaded for pictures \(mode='image'\)"):
+        pipe(portrait, clip, height=128)

@@ -220,8 +220,9 @@ def write_video(
     muxer = VIDEO_SUFFIXES.get(path.suffix.lower())
     if muxer is None:
         raise HellomemeError(f"{path}: videos are written as {', '.join(VIDEO_SUFFIXES)}, not {path.suffix or 'no extension'}")
+    sources = [audio_from.path] if isinstance(audio_from, (VideoInfo, AudioTrack)) else [audio_from] if audio_from is not None else []
+    check_destination(path, force, [*protect, *sources])
     audio = _audio(audio_from)
-    check_destination(path, force, [*protect, *([audio.path] if audio is not None else [])])
     rate = _exact_rate(fps)
     frames = iter(frames)
     first = next(frames, None)
@@ -240,9 +241,9 @@ def write_video(
         # Silence before a late first sample (and nothing of what comes before the first frame); with the
         # frame count known, cut and padded to the exact video duration: `-shortest` alone overshoots by
         # what the muxer buffered (worse on a busy machine).
-        timing = "aresample=async=1:first_pts=0"
+        timing = "aresample=async=1:first_pts=0,apad"  # without the frame count `-shortest` ends the padding with the video
         if total is not None:
-            timing += f",apad=whole_dur={float(total / rate):.6f},atrim=end={float(total / rate):.6f}"
+            timing += f"=whole_dur={float(total / rate):.6f},atrim=end={float(total / rate):.6f}"
         command += ["-c:a", "aac", "-b:a", AUDIO_BITRATE, "-af", timing, *([] if total else ["-shortest"])]
     command += ["-fps_mode", "passthrough", "-vf", TO_BT709_YUV420P]
     command += ["-c:v", "libx264", "-crf", str(VIDEO_CRF), "-preset", "medium"]
