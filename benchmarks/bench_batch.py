@@ -1,6 +1,6 @@
 """Benchmark: clips per minute of `batch` on Ray with 1, 2, ... workers, and in this process.
 
-    python -m benchmarks.bench_batch [--clips 8] [--workers 1 --workers 2] [--json out.json]
+    python -m benchmarks.bench_batch [--clips 8] [--workers 1 --workers 2] [--address HOST:PORT] [--json out.json]
 
 Every run makes the same folder of clips (links to the project's test clips, cycled) from scratch:
 a fresh output folder and no tracks cached, so each run tracks and loads its models itself (with
@@ -46,8 +46,11 @@ def clip_folder(folder: Path, count: int, media: Path) -> Path:
     return folder
 
 
-def one_run(folder: Path, reference: Path, settings: AnimateSettings, cache: WeightCache, workers: int | None, cold: bool) -> dict:
-    """One batch from scratch (`cold`: no track cached either); `workers` None runs in this process."""
+def one_run(
+    folder: Path, reference: Path, settings: AnimateSettings, cache: WeightCache, workers: int | None, cold: bool, address: str | None = None
+) -> dict:
+    """One batch from scratch (`cold`: no track cached either); `workers` None runs in this process,
+    else on a local Ray runtime or the cluster at `address`."""
     output = folder.parent / f"out-{workers or 'local'}"
     shutil.rmtree(output, ignore_errors=True)
     if cold:
@@ -60,7 +63,7 @@ def one_run(folder: Path, reference: Path, settings: AnimateSettings, cache: Wei
             ready.append(time.monotonic() - started)
 
     plan = plan_folder(folder, reference, settings, output_dir=output)
-    report = run_batch(plan, cache=cache, progress=progress, cluster=None if workers is None else ClusterOptions(workers=workers))
+    report = run_batch(plan, cache=cache, progress=progress, cluster=None if workers is None else ClusterOptions(address, workers))
     seconds = time.monotonic() - started
     made = report.count("ok")
     return {
@@ -78,6 +81,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--clips", type=int, default=8, help="clips in the folder (default: %(default)s)")
     parser.add_argument("--workers", type=int, action="append", help="Ray workers of a run; repeat (default: 1 and 2)")
     parser.add_argument("--no-local", action="store_true", help="leave out the run in this process")
+    parser.add_argument("--address", help="the Ray cluster to run on (HOST:PORT, as `batch --ray`; default: a local runtime per run)")
     parser.add_argument("--home", type=Path, help="weight cache to use (default: tiny random weights made for the run)")
     parser.add_argument("--reference", type=Path, default=SHARED / "media" / "majicmix1.jpg", help="portrait (default: %(default)s)")
     parser.add_argument("--size", type=int, default=128, help="working size (default: %(default)s)")
@@ -100,10 +104,11 @@ def main(argv: list[str] | None = None) -> int:
         folder = clip_folder(scratch / "clips", arguments.clips, SHARED / "media")
         runs = [None] * (not arguments.no_local) + (arguments.workers or [1, 2])
         cold = arguments.home is None  # a weight cache of the user's keeps its tracks
-        results = [one_run(folder, arguments.reference, settings, cache, workers, cold) for workers in runs]
+        results = [one_run(folder, arguments.reference, settings, cache, workers, cold, arguments.address) for workers in runs]
     report = {
         "hellomeme": __version__,
         "machine": {"cpus": os.cpu_count(), "gpus": torch.cuda.device_count(), "python": platform.python_version(), "torch": torch.__version__},
+        "cluster": arguments.address or "local",
         "settings": {"size": arguments.size, "steps": arguments.steps, "max_frames": arguments.max_frames, "weights": "given" if arguments.home else "tiny"},
         "runs": results,
     }

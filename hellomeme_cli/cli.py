@@ -263,7 +263,7 @@ def batch(
         str | None,
         typer.Option(
             "--ray", metavar="[ADDRESS]",
-            help="Run on Ray: alone (or `local`), a local Ray runtime, one worker per GPU; auto or ray://HOST:PORT, a cluster (docs/batch.md).",
+            help="Run on Ray: alone (or `local`), a Ray runtime of its own on this machine, one worker per GPU; HOST:PORT, auto or ray://HOST:PORT, a cluster, with its token (docs/batch.md).",
         ),
     ] = None,
     workers: Annotated[int | None, typer.Option(help="With --ray: this many workers (default: one per GPU, one without a GPU).")] = None,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import secrets
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +22,9 @@ CONFORMANCE_DIR = Path(os.environ.get("HELLOMEME_CONFORMANCE_DIR", SHARED / "con
 
 # Two cores in CI: more threads than cores only adds contention.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# The Ray runtimes the tests start take this token, so Ray does not write one into the user's ~/.ray
+# (where a `ray start` of theirs would find it).
+os.environ.setdefault("RAY_AUTH_TOKEN", secrets.token_hex(16))
 
 
 def require(path: Path, what: str) -> Path:

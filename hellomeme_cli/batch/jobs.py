@@ -242,9 +242,9 @@ class _Task:
 
 @dataclasses.dataclass(frozen=True)
 class ClusterOptions:
-    """Where a batch runs on Ray: `address` None starts a local runtime on this machine (or uses the
-    one this process already started), `auto` or `ray://HOST:PORT` joins a cluster; `workers` None
-    is one per GPU (one on a machine without), else that many."""
+    """Where a batch runs on Ray: `address` None starts a runtime of its own on this machine (or uses
+    the one this process already started), `HOST:PORT`, `auto` or `ray://HOST:PORT` joins a cluster;
+    `workers` None is one per GPU (one on a machine without), else that many."""
 
     address: str | None = None
     workers: int | None = None

@@ -1,4 +1,4 @@
-"""A batch on Ray: step 4 of batch.py on many GPUs and many machines.
+"""A batch on Ray: making the clips (jobs.py) on many GPUs and many machines.
 
 One Ray actor per GPU (or `workers` of them on CPUs) loads the models once and makes clip after
 clip; the driver hands the next clip to whichever actor is free, so a slow clip holds back no
@@ -23,6 +23,7 @@ import os
 import secrets
 import signal
 import socket
+import sys
 import threading
 import time
 from collections import deque
@@ -47,11 +48,19 @@ POLL_SECONDS = 0.2  # how often the driver looks at workers' stages between fini
 GROW_SECONDS = 5.0  # how often it looks for GPUs added to the cluster
 EVENT_SECONDS = 0.25  # a worker sends at most this often the progress of one stage (its start and end always)
 STOP_SECONDS = 30.0  # how long a stopped batch waits for its killed workers to be gone
+HEAD_RESOURCE = "node:__internal_head__"  # the resource Ray gives the head node alone
+PLACE_SECONDS = 60.0  # once a first worker has answered, how long the others may take (Ray may have no room for them yet)
 CHECK_PREFIX = ".hellomeme-shared-"  # hidden: a folder plan leaves it out
 
 
-def import_ray():
-    """Ray, or the one line that says how to install it."""
+def import_ray(address: str | None = None):
+    """Ray, or the one line that says how to install it. To join the cluster at `address` with a
+    token this machine has, Ray is put in token mode first (`RAY_AUTH_MODE=token`): `ray start` is
+    told so on each node, a driver is not, and Ray sends no token without it."""
+    if address is not None and "RAY_AUTH_MODE" not in os.environ and cluster_token_source() is not None:
+        os.environ["RAY_AUTH_MODE"] = "token"
+        if "ray" in sys.modules:  # it read its configuration when loaded: again, as Ray's own token setup does
+            sys.modules["ray"]._raylet.Config.initialize("")
     try:
         import ray
     except ImportError:
@@ -62,35 +71,90 @@ def import_ray():
 def run_on_ray(tasks: Sequence[_Task], options: ClusterOptions, cache: WeightCache, ledger: _Ledger, progress: ProgressCallback) -> None:
     """Make `tasks` on Ray workers, recording each clip in `ledger`. Uses the Ray runtime this
     process already started, else starts (and stops) one as `options` say."""
-    ray = import_ray()
+    ray = import_ray(options.address)
     with _runtime(ray, options):
         _Driver(ray, tasks, options, cache, ledger, progress).run()
 
 
 @contextlib.contextmanager
 def _runtime(ray, options: ClusterOptions) -> Iterator[None]:
+    """The Ray runtime the batch runs on, for as long as it runs: the one this process started, else
+    a local one of its own (never a cluster `ray start` left on the machine, running or not), else the
+    cluster at `options.address`, with its authentication token. A runtime it started it stops; a
+    cluster it only joined it leaves running."""
     if ray.is_initialized():
         yield
         return
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        if options.address is None:
-            cpus = max(os.cpu_count() or 1, options.workers or 1)  # `workers` CPU workers always fit
-            ray.init(num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, **quiet)
-        else:
-            ray.init(address=options.address, **quiet)
-    except (ConnectionError, ValueError, RuntimeError) as error:
-        where = f"the Ray cluster at {options.address}" if options.address else "a local Ray runtime"
-        raise HellomemeError(f"cannot start or reach {where}: {str(error).strip().splitlines()[0]}") from None
-    if threading.current_thread() is threading.main_thread():
-        for number, handler in handlers.items():  # Ray's own would abort the driver before the report is written
-            if handler is not None:
-                signal.signal(number, handler)
+        with _stderr_quiet():
+            if options.address is None:
+                cpus = max(os.cpu_count() or 1, options.workers or 1)  # `workers` CPU workers always fit
+                # "local": a new runtime, whatever RAY_ADDRESS or the pointer file of a `ray start` says.
+                ray.init(address="local", num_cpus=cpus, object_store_memory=OBJECT_STORE_BYTES, include_dashboard=False, **quiet)
+            else:
+                ray.init(address=options.address, **quiet)
+    except (ConnectionError, ValueError, RuntimeError, ray.exceptions.AuthenticationError) as error:
+        raise HellomemeError(_cannot_reach(options.address, error)) from None
+    _restore(handlers)  # Ray's own would abort the driver before the report is written
     try:
         yield
     finally:
         ray.shutdown()
+        _restore(handlers)  # and would stay behind it, ending the next program that gets a SIGTERM in the middle
+
+
+def _restore(handlers: dict[int, object]) -> None:
+    if threading.current_thread() is threading.main_thread():
+        for number, handler in handlers.items():
+            if handler is not None:
+                signal.signal(number, handler)
+
+
+@contextlib.contextmanager
+def _stderr_quiet() -> Iterator[None]:
+    """Within, what is written to the standard error file goes nowhere: Ray's C++ core writes its
+    warnings and every connection retry there, past Python's logging, while `ray.init` runs."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as nowhere:
+            os.dup2(nowhere.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+# Where Ray looks for a cluster's token, first found first: the variable, the file it names, the default file.
+TOKEN_VARIABLE, TOKEN_PATH_VARIABLE, DEFAULT_TOKEN = "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", Path("~/.ray/auth_token")
+
+
+def cluster_token_source() -> str | None:
+    """Where this machine keeps a Ray cluster's authentication token, or None."""
+    if os.environ.get(TOKEN_VARIABLE):
+        return TOKEN_VARIABLE
+    named = os.environ.get(TOKEN_PATH_VARIABLE)
+    if named:
+        return named if Path(named).expanduser().is_file() else None
+    return str(DEFAULT_TOKEN) if DEFAULT_TOKEN.expanduser().is_file() else None
+
+
+def _cannot_reach(address: str | None, error: BaseException) -> str:
+    """One line for a runtime that would not start, or a cluster that would not take this driver."""
+    if address is None:
+        return f"cannot start a local Ray runtime: {_first_line(error)}"
+    source = cluster_token_source()
+    if source is None:
+        return (
+            f"cannot reach the Ray cluster at {address} ({_first_line(error)}): it may want its authentication token "
+            f"(Ray's default), which this machine does not have: copy the head node's {DEFAULT_TOKEN} here, or set "
+            f"{TOKEN_VARIABLE} (`ray get-auth-token` on the head node prints it; docs/batch.md)"
+        )
+    if "token" in str(error).lower():
+        return f"the Ray cluster at {address} refuses the authentication token in {source}: copy the head node's {DEFAULT_TOKEN} (docs/batch.md)"
+    return f"cannot reach the Ray cluster at {address}: {_first_line(error)}"
 
 
 class Worker:
@@ -175,8 +239,11 @@ class _Driver:
         self.made: dict[str, int] = {}  # clips each worker has made
         self.workers = 0  # started so far: each has its own number
         self.first: set[object] = set()  # the checks of the first workers still running
+        self.problems: list[str] = []  # what the first workers' checks found
+        self.first_answer: float | None = None  # when the first worker's check came back
         self.token = secrets.token_hex(8)
-        self.events = Queue(actor_options={"num_cpus": 0})
+        # On the head node (which every Ray cluster has, and a batch cannot outlive): a worker node may be lost mid-batch.
+        self.events = Queue(actor_options={"num_cpus": 0, "resources": {HEAD_RESOURCE: 0.001}})
         self.folders = sorted({self.ledger.plan.report.parent, *(job.output.parent for job in self.jobs)})
         self.inputs = sorted({str(path) for job in self.jobs for path in (job.reference, job.driving)})
         resources = ray.cluster_resources()
@@ -212,10 +279,12 @@ class _Driver:
             done, _ = self.ray.wait(waiting, num_returns=1, timeout=POLL_SECONDS) if waiting else ([], [])
             for ref in done:
                 if ref in self.starting:
-                    self.first.discard(ref)
                     self._started(ref)
                 else:
                     self._finished(ref)
+            if self.first and self.first_answer is not None and time.monotonic() - self.first_answer > PLACE_SECONDS:
+                self.first.clear()  # the others wait for room on the cluster (checked when placed); work starts
+                self._stop_on_problems()
             self._show_stages()
             if not self.options.workers and time.monotonic() - looked > GROW_SECONDS:
                 looked = time.monotonic()
@@ -236,15 +305,26 @@ class _Driver:
         self.starting[worker.check.remote(self.inputs, markers, self.jobs)] = worker
 
     def _started(self, ref) -> None:
+        """A worker's check back: ready, or a problem, which stops the batch once every first worker has answered."""
         worker = self.starting.pop(ref)
+        self.first.discard(ref)
+        self.first_answer = self.first_answer or time.monotonic()
         try:
             label, problem = self.ray.get(ref)
         except self.ray.exceptions.RayError as error:
-            raise HellomemeError(f"a Ray worker could not start: {_first_line(error)}") from None
+            label, problem = "", f"a Ray worker could not start: {_first_line(error)}"
         if problem:
-            raise HellomemeError(problem)
-        self.idle.append((worker, label))
-        self._say(label, "ready")
+            self.problems.append(problem)
+        else:
+            self.idle.append((worker, label))
+            self._say(label, "ready")
+        if not self.first:
+            self._stop_on_problems()
+
+    def _stop_on_problems(self) -> None:
+        """What the workers' checks found, all of it, in one line."""
+        if self.problems:
+            raise HellomemeError("; ".join(dict.fromkeys(self.problems)))
 
     def _hand_out(self) -> None:
         while self.idle and self.pending and not self.first:
@@ -262,7 +342,7 @@ class _Driver:
         task = busy.task
         try:
             report = self.ray.get(ref)
-        except self.ray.exceptions.RayActorError:
+        except (self.ray.exceptions.RayActorError, self.ray.exceptions.ActorUnavailableError):  # dead, or its node unreachable
             self._lost(busy)
             return
         except self.ray.exceptions.RayError as error:

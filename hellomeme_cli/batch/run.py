@@ -29,7 +29,7 @@ def run_batch(
     if cluster is not None:
         from hellomeme_cli.batch.on_ray import import_ray
 
-        import_ray()  # without Ray, say how to install it before anything else
+        import_ray(cluster.address)  # without Ray, say how to install it before anything else
     cache = cache or WeightCache()
     device = str(resolve_device(plan.jobs[0].settings.models.device)) if plan.jobs and cluster is None else None
     _check_setup(plan.jobs, device, cache)
