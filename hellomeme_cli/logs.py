@@ -4,6 +4,8 @@ never prints (it reports through its progress callback), so loading runs with th
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 from collections.abc import Iterator
 
 
@@ -45,3 +47,18 @@ def hub_logs_quiet() -> Iterator[None]:
         yield
     finally:
         logging.set_verbosity(level)
+
+
+@contextlib.contextmanager
+def native_stderr_muted() -> Iterator[None]:
+    """Within: what C++ code writes to file descriptor 2 goes nowhere. MediaPipe's start-up logging and
+    Ray's connection retries are written there directly, past Python's logging; the library must not print."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)

@@ -35,6 +35,7 @@ import torch
 
 from hellomeme_cli.batch.jobs import DIGEST_TAG, ClipReport, ClusterOptions, _check_setup, _ClipMaker, _failed, _Ledger, _Task, remove_leftovers
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.logs import native_stderr_muted
 from hellomeme_cli.pipeline import SEED_TAG
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
 from hellomeme_cli.media.video import probe_video
@@ -88,7 +89,7 @@ def _runtime(ray, options: ClusterOptions) -> Iterator[None]:
     quiet = dict(log_to_driver=False, logging_level=logging.ERROR, configure_logging=True)
     handlers = {number: signal.getsignal(number) for number in (signal.SIGINT, signal.SIGTERM)}
     try:
-        with _stderr_quiet():
+        with native_stderr_muted():  # Ray's C++ core writes every connection retry there
             if options.address is None:
                 cpus = max(os.cpu_count() or 1, options.workers or 1)  # `workers` CPU workers always fit
                 # "local": a new runtime, whatever RAY_ADDRESS or the pointer file of a `ray start` says.
@@ -110,21 +111,6 @@ def _restore(handlers: dict[int, object]) -> None:
         for number, handler in handlers.items():
             if handler is not None:
                 signal.signal(number, handler)
-
-
-@contextlib.contextmanager
-def _stderr_quiet() -> Iterator[None]:
-    """Within, what is written to the standard error file goes nowhere: Ray's C++ core writes its
-    warnings and every connection retry there, past Python's logging, while `ray.init` runs."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as nowhere:
-            os.dup2(nowhere.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 # Where Ray looks for a cluster's token, first found first: the variable, the file it names, the default file.

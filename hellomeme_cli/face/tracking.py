@@ -5,14 +5,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import os
-import sys
 from collections.abc import Callable, Iterable, Iterator, Sized
 from pathlib import Path
 
 import numpy as np
 
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.logs import native_stderr_muted
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 from hellomeme_cli.media.video import VideoInfo, probe_video, read_frames, read_image
 from hellomeme_cli.weights.cache import WeightCache
@@ -228,26 +227,12 @@ def _landmarker(model_path: Path | None, *, video: bool, num_faces: int) -> Iter
         output_facial_transformation_matrixes=True,
     )
     try:
-        with _native_stderr_muted():
+        with native_stderr_muted():  # MediaPipe's C++ start-up logging
             landmarker = vision.FaceLandmarker.create_from_options(options)
     except (RuntimeError, ValueError) as error:
         raise HellomemeError(f"{model_path}: not a usable face landmarker model ({_first_line(error)})") from None
     with landmarker:
         yield landmarker
-
-
-@contextlib.contextmanager
-def _native_stderr_muted() -> Iterator[None]:
-    """MediaPipe's C++ start-up logging writes to file descriptor 2 directly; the library must not print."""
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "wb") as devnull:
-            os.dup2(devnull.fileno(), 2)
-        yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
 
 
 def _mp_image(frame: np.ndarray) -> object:
