@@ -14,7 +14,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet "$(TORCH)"
-	$(BIN)/pip install --quiet -e ".[test,cluster,app]"
+	$(BIN)/pip install --quiet -e ".[test,cluster,app,eval]"
 	# The app's browser test drives Debian's chromium (apt, in CI) with Playwright; no browser is downloaded.
 	$(BIN)/pip install --quiet playwright
 	touch $@

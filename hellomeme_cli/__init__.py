@@ -6,11 +6,11 @@ imported on first use, so `import hellomeme_cli` (and the command line's --help)
 
 from hellomeme_cli.version import __version__
 
-__all__ = ["HellomemeError", "ProgressEvent", "__version__", "animate", "load_pipeline", "render_image"]
+__all__ = ["HellomemeError", "ProgressEvent", "__version__", "animate", "evaluate", "load_pipeline", "render_image"]
 
 
 def __getattr__(name: str):
-    if name in ("animate", "load_pipeline", "render_image"):
+    if name in ("animate", "evaluate", "load_pipeline", "render_image"):
         from hellomeme_cli import api
 
         return getattr(api, name)

@@ -21,6 +21,8 @@ from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.logs import libraries_quiet
 from hellomeme_cli.pipeline import AnimateResult, PreparedRun, Reference, prepare_run
 from hellomeme_cli.progress import ProgressCallback, no_progress
+from hellomeme_cli.quality.evaluate import Evaluation
+from hellomeme_cli.quality.evaluate import evaluate as score
 from hellomeme_cli.settings import AnimateSettings, ModelOptions, from_values
 from hellomeme_cli.versions import DEFAULT_VERSIONS
 from hellomeme_cli.weights.cache import WeightCache
@@ -106,4 +108,20 @@ def prepare(
     return prepare_run(Path(reference), Path(driving), Path(output), chosen, mode=mode, force=force, cache=cache)
 
 
-__all__ = ["AnimateResult", "PreparedRun", "Reference", "animate", "load_pipeline", "prepare", "render_image"]
+def evaluate(
+    output: str | Path,
+    driving: str | Path,
+    reference: str | Path,
+    *,
+    self_reenactment: bool = False,
+    windows: tuple[tuple[int, int], ...] | None = None,
+    cache: WeightCache | None = None,
+    progress: ProgressCallback = no_progress,
+) -> Evaluation:
+    """The numbers of a made clip against its driving clip and reference portrait (docs/eval.md):
+    `.summary` (one value per metric), `.frames` (per frame), `.to_json()`. Needs no pipeline: the
+    face tracker and the identity model (weights component `sface`) are all it loads."""
+    return score(Path(output), Path(driving), Path(reference), self_reenactment=self_reenactment, windows=windows, cache=cache, progress=progress)
+
+
+__all__ = ["AnimateResult", "Evaluation", "PreparedRun", "Reference", "animate", "evaluate", "load_pipeline", "prepare", "render_image"]

@@ -182,9 +182,9 @@ def _named(run: Callable[..., Any], names: Iterable[str]) -> Callable[..., Any]:
 class _Tab:
     """One tab's settings inputs, and its values split as the library wants them."""
 
-    def __init__(self, mode: str, cache: WeightCache):
+    def __init__(self, mode: str, cache: WeightCache, groups: tuple[str, ...] = ("models", "generation")):
         self.mode = mode
-        self.settings = [s for s in all_settings() if mode == "video" or s.name not in CLIP_ONLY]
+        self.settings = [s for s in all_settings() if (mode == "video" or s.name not in CLIP_ONLY) and s.group in groups]
         self.inputs: dict[str, gr.components.Component] = {}
         for group, title in (("models", "Models"), ("generation", "Generation")):
             with gr.Accordion(title, open=group == "generation"):
@@ -302,6 +302,42 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                 [image_result, image_seed, image_shown], api_name="render_image", concurrency_id="generation", show_progress_on=image_result,
             )
             image_reuse.click(lambda seed: seed, image_seed, image_tab.inputs["seed"], api_name=False)
+
+        with gr.Tab("Compare"):
+            with gr.Row():
+                with gr.Column():
+                    compare_reference = gr.Image(type="filepath", label="reference portrait", elem_id="compare-reference")
+                    compare_driving = gr.Video(label="driving clip", sources=["upload"], include_audio=True, elem_id="compare-driving")
+                    compare_versions = gr.CheckboxGroup(list(version_names("video")), value=["v2", "v5"], label="versions", elem_id="compare-versions")
+                    compare_checkpoints = gr.Dropdown(
+                        _choices(next(s for s in all_settings() if s.name == "checkpoint"), "video", cache), value=[], multiselect=True,
+                        allow_custom_value=True, label="checkpoints (none: each version's base)", elem_id="compare-checkpoints",
+                    )
+                    compare_run = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                    compare_tab = _Tab("video", cache, groups=("generation",))
+                with gr.Column():
+                    compare_video = gr.Video(label="side by side", interactive=False, elem_id="compare-video")
+                    compare_sheet = gr.Image(label="contact sheet", type="filepath", interactive=False, elem_id="compare-sheet")
+                    compare_table = gr.Markdown(elem_id="compare-table")
+
+            @_one_line_errors
+            def run_compare(reference_path, driving_path, versions, checkpoints, *rest):
+                """The library's `compare` on the uploads, with the tab's generation settings."""
+                *values, progress = rest
+                if not reference_path or not driving_path or not versions:
+                    raise HellomemeError("upload a reference portrait and a driving clip, and pick at least one version")
+                from hellomeme_cli.quality.compare import Variant, compare, metrics_markdown
+
+                _, generation_values = compare_tab.split(values)
+                variants = [Variant(version, checkpoint) for version in versions for checkpoint in (checkpoints or [None])]
+                done = compare(Path(reference_path), Path(driving_path), variants, from_values(generation_values), run_folder(), cache=cache, progress=_reporter(progress))
+                return str(done.side_by_side), str(done.contact_sheet), f"seed {done.seed}\n\n" + metrics_markdown(done.rows())
+
+            compare_run.click(
+                _named(run_compare, ["reference", "driving", "versions", "checkpoints", *compare_tab.inputs]),
+                [compare_reference, compare_driving, compare_versions, compare_checkpoints, *compare_tab.inputs.values()],
+                [compare_video, compare_sheet, compare_table], api_name="compare", concurrency_id="generation", show_progress_on=compare_video,
+            )
 
     demo.models = models  # the loaded pipelines, for a caller (tests) to inspect
     demo.output_root = output_root

@@ -268,6 +268,9 @@ def batch(
     ] = None,
     workers: Annotated[int | None, typer.Option(help="With --ray: this many workers (default: one per GPU, one without a GPU).")] = None,
     force: Annotated[bool, typer.Option(help="Remake every clip, replacing finished outputs too.", metavar=FLAG)] = False,
+    evaluate_outputs: Annotated[
+        bool, typer.Option("--eval", help="Then score every finished output (hellomeme eval): its summary on its row of the JSON and CSV report.", metavar=FLAG)
+    ] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
@@ -287,7 +290,7 @@ def batch(
     else:
         raise HellomemeError("give a folder of clips and --ref REF, or --pairs FILE.csv")
     with _progress_bars() as bars, sigterm_interrupts():
-        result = run_batch(plan, force=force, cache=_cache(), progress=bars, cluster=cluster)
+        result = run_batch(plan, force=force, cache=_cache(), progress=bars, cluster=cluster, evaluate=evaluate_outputs)
     out.print(_batch_table(result))
     out.print(f"report {result.path}", highlight=False)
     if not result.finished:
@@ -365,6 +368,104 @@ def track(
         + (f", preview {preview}" if preview else ""),
         highlight=False,
     )
+
+
+def _evaluation_table(summary: dict, title: str) -> Table:
+    table = Table(title=title)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for name, value in summary.items():
+        table.add_row(name, "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value))
+    return table
+
+
+@app.command("eval")
+def evaluate(
+    output: Annotated[Path, typer.Argument(help="The clip to score: one hellomeme made, or any clip of a face.")],
+    drive: Annotated[Path, typer.Option("--drive", help="Its driving clip.")],
+    ref: Annotated[Path, typer.Option("--ref", help="Its reference portrait.")],
+    self_reenactment: Annotated[
+        bool, typer.Option("--self", help="Self-reenactment (the reference is the driving clip's first frame): PSNR and SSIM too.", metavar=FLAG)
+    ] = False,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the summary and the per-frame values as JSON.")] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Also draw the per-frame curves and a strip of frames (PNG).")] = None,
+    window: Annotated[int | None, typer.Option(help="The sampler's window, for a clip whose metadata does not say it.")] = None,
+    overlap: Annotated[int, typer.Option(help="With --window: frames neighbouring windows share.")] = 0,
+    force: Force = False,
+) -> None:
+    """Score a made clip: pose and expression against the driving clip, identity against the reference, flicker, window seams, audio (docs/eval.md)."""
+    from hellomeme_cli.media.files import check_destination, require_file
+
+    for path in (output, drive, ref):
+        require_file(path)
+    for path in filter(None, (json_path, plot_path)):
+        check_destination(path, force, [output, drive, ref])
+    from hellomeme_cli.quality.evaluate import evaluate as run_evaluation
+    from hellomeme_cli.samplers.common import plan_windows
+    from hellomeme_cli.media.video import probe_video
+
+    windows = None
+    if window is not None:
+        count = probe_video(output).frame_count
+        windows = tuple((start, min(stop, count)) for start, stop in plan_windows(count, window, overlap).windows)
+    with _progress_bars() as report:
+        evaluation = run_evaluation(output, drive, ref, self_reenactment=self_reenactment, windows=windows, cache=_cache(), progress=report)
+    if evaluation.summary["faceless_frames"] == evaluation.summary["frames"]:
+        raise HellomemeError(f"{output}: no face found in any of its {evaluation.summary['frames']} frames")
+    out.print(_evaluation_table(evaluation.summary, f"{output.name} against {drive.name} and {ref.name}"))
+    for name, why in evaluation.notes.items():
+        out.print(f"not measured: {name}: {why}", highlight=False)
+    if json_path:
+        from hellomeme_cli.media.files import write_atomically
+
+        write_atomically(json_path, evaluation.to_json())
+        out.print(f"wrote {json_path}", highlight=False)
+    if plot_path:
+        from hellomeme_cli.quality.plot import plot
+
+        plot(evaluation, output, plot_path, force=force)
+        out.print(f"wrote {plot_path}", highlight=False)
+
+
+@app.command()
+@_with_generation_options("video", skip=("version", "checkpoint"))
+def compare(
+    reference: Portrait,
+    drive: DrivingClip,
+    versions: Annotated[str, typer.Option("--versions", help="The HelloMeme versions to compare, comma-separated (e.g. v2,v5).")],
+    checkpoints: Annotated[
+        str | None, typer.Option("--checkpoint", help="Checkpoints to compare, comma-separated (files, presets or repo ids); each with each version.")
+    ] = None,
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="The folder to write the videos, the contact sheet and the table into.")] = Path("compare"),
+    force: Force = False,
+    *,
+    settings: AnimateSettings,
+) -> None:
+    """Make the clip with each variant (version x checkpoint), score each (eval), write them side by side, a contact sheet and a table with the best marked."""
+    from hellomeme_cli.media.files import require_file
+    from hellomeme_cli.versions import get_version
+
+    variants = [(version.strip(), checkpoint) for version in versions.split(",") if version.strip()
+                for checkpoint in ([c.strip() for c in checkpoints.split(",") if c.strip()] if checkpoints else [None])]
+    for version, _ in variants:
+        get_version(version, "video")
+    for path in (reference, drive):
+        require_file(path)
+    from hellomeme_cli.quality.compare import Variant, compare as run_compare
+
+    with _progress_bars() as report:
+        comparison = run_compare(reference, drive, [Variant(*variant) for variant in variants], settings, output_dir, force=force, cache=_cache(), progress=report)
+    table = Table(title=f"{reference.name} driven by {drive.name}, seed {comparison.seed}")
+    from hellomeme_cli.quality.compare import COLUMNS, best
+
+    rows, marked = comparison.rows(), best(comparison.rows())
+    for column in ("variant", *COLUMNS):
+        table.add_column(column, justify="left" if column == "variant" else "right")
+    for index, row in enumerate(rows):
+        cells = ["-" if row[c] is None else f"{row[c]:.4g}" if isinstance(row[c], float) else str(row[c]) for c in COLUMNS]
+        table.add_row(row["variant"], *[f"[bold green]{cell}[/]" if marked[c] == index else cell for c, cell in zip(COLUMNS, cells)])
+    out.print(table)
+    out.print(f"wrote {comparison.side_by_side}, {comparison.contact_sheet}, {comparison.table} and metrics.json in {output_dir}", highlight=False)
 
 
 @app.command("app")

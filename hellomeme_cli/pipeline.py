@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
@@ -41,6 +42,7 @@ from hellomeme_cli.weights.cache import WeightCache
 
 VIDEO_SUFFIXES = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v", ".gif")
 SEED_TAG = "hellomeme_seed"  # the output's metadata key holding the seed it was made with
+RUN_TAG = "hellomeme_run"  # ... and what `hellomeme eval` needs of the run: motion controls, version, window plan (JSON)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,7 +166,10 @@ def animate(
         # 1-4. The driving signals, the sampler's latents; 5. frames decoded as the encoder takes them.
         source = DrivingInput(driving, probed, track_cache, Path(scratch) / "audio.wav")
         video = generate(reference, source, settings, models, progress=progress)
-        metadata = {"comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed), **(extra_tags or {})}
+        metadata = {
+            "comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed),
+            RUN_TAG: run_tag(settings, video.windows), **(extra_tags or {}),
+        }
         write_video(
             video.frames, output, video.drive.timing.rate, audio_from=video.drive.audio, metadata=metadata, force=force,
             protect=[reference.path, driving], progress=progress, total=video.frame_count,
@@ -199,6 +204,7 @@ class Generated:
     frames: Iterator[np.ndarray]  # (H, W, 3) uint8 RGB, one per output frame
     frame_count: int
     drive: Driving | None  # a clip's signals, the output's timing and its audio; None for a picture
+    windows: tuple[tuple[int, int], ...] = ()  # the sampler's motion windows over the frames (none for a picture)
 
 
 def generate(
@@ -243,7 +249,14 @@ def generate(
     if settings.paste_back:
         paste = PasteBack.from_reference(reference.picture, reference.face, travel=head_travel(signals), frame_scale=settings.upscale)
         frames = paste(frames)
-    return Generated(latents, frames, len(signals), drive)
+    windows = sampler.windows(len(signals), _sampler_settings(settings)) if is_clip else ()
+    return Generated(latents, frames, len(signals), drive, windows)
+
+
+def run_tag(settings: AnimateSettings, windows: tuple[tuple[int, int], ...]) -> str:
+    """The `RUN_TAG` value of a video made with `settings` in `windows`."""
+    values = {name: getattr(settings, name) for name in ("pose", "motion", "expression_scale", "trans_ratio")}
+    return json.dumps({**values, "version": settings.models.version, "windows": [list(window) for window in windows]}, separators=(",", ":"))
 
 
 def _own_signals(reference: Reference, settings: AnimateSettings, models: LoadedModels) -> DrivingSignals:

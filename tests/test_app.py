@@ -160,6 +160,21 @@ def test_a_faceless_portrait_is_said_before_any_model_loads(server, faceless_png
     assert asked == []
 
 
+def test_compare_endpoint_returns_the_clips_side_by_side_the_contact_sheet_and_the_table(server):
+    """The compare tab: the library's `compare` over the uploads."""
+    from gradio_client import Client, handle_file
+
+    portrait, clip = require(MEDIA / "majicmix1.jpg", "test portrait"), require(MEDIA / "jue.mp4", "test clip")
+    video, sheet, table = Client(server.local_url, verbose=False).predict(
+        reference=handle_file(str(portrait)), driving=handle_file(str(clip)), versions=["v2", "v5"], checkpoints=[],
+        size=128, steps="1", max_frames="3", seed="4", api_name="/compare",
+    )
+    info = probe_video(Path(video))
+    assert info.frame_count == 3 and info.has_audio and info.height == 128 + 28
+    assert cv2.imread(sheet).shape[0] == 3 * (160 + 28)
+    assert table.startswith("seed 4") and "| v2 |" in table and "| v5 |" in table
+
+
 def test_unreadable_clip_is_one_line_naming_it(server, tmp_path):
     """A file that is not a video: the endpoint's error is the library's one line, by the upload's name."""
     from gradio_client import Client, handle_file

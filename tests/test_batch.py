@@ -99,7 +99,8 @@ def test_folder_records_each_failure_and_a_rerun_skips_the_finished_clip(workdir
     output = folder / "hellomeme" / "majicmix1_qie.mp4"
     assert good["status"] == "ok" and good["reason"] == "" and good["frames"] == 3 and good["device"] == "cpu"
     assert good["output"] == str(output.absolute()) and good["reference"] == str(reference) and good["seconds"] > 0
-    assert set(good) == {"driving", "reference", "output", "status", "reason", "frames", "seconds", "seed", "device"}
+    assert set(good) == {"driving", "reference", "output", "status", "reason", "frames", "seconds", "seed", "device", "metrics"}
+    assert good["metrics"] is None  # scored only with --eval (test_compare.py)
     info = probe_video(output)
     assert info.frame_count == 3 and info.tags[SEED_TAG] == str(good["seed"]) and len(info.tags[DIGEST_TAG]) == 16
     made = output.stat().st_mtime_ns

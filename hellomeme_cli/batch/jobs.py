@@ -19,6 +19,7 @@ import csv
 import dataclasses
 import gc
 import hashlib
+import io
 import json
 import re
 import time
@@ -45,7 +46,7 @@ from hellomeme_cli.weights.cache import WeightCache, sha256_of
 
 DIGEST_TAG = "hellomeme_batch"  # the output's metadata key holding the digest of what made it
 OUTPUT_FOLDER = "hellomeme"  # default output folder, inside the clips' folder (or beside the CSV)
-REPORT_NAME = "batch-report.json"  # and beside it batch-report.log: the traceback of every failure
+REPORT_NAME = "batch-report.json"  # and beside it batch-report.csv (the same rows) and .log: the traceback of every failure
 TRACK_CACHE = "tracks"  # in the weight cache's home: the motion template of every clip tracked, reused by later runs
 DRIVE_SUFFIXES = (*VIDEO_SUFFIXES, TEMPLATE_SUFFIX)
 STATUSES = ("ok", "failed", "skipped")
@@ -82,11 +83,17 @@ class ClipReport:
     seed: int | None = None
     device: str | None = None
     traceback: str = ""  # of a failure, for the log beside the report (not in the JSON)
+    metrics: dict | None = None  # with `batch --eval`: the output's `evaluate` summary
 
     def to_json(self) -> dict[str, object]:
         fields = dataclasses.asdict(self)
         fields.pop("traceback")
         return {key: str(value.absolute()) if isinstance(value, Path) else value for key, value in fields.items()}
+
+    def to_row(self) -> dict[str, object]:
+        """A flat row for the CSV: the metrics as columns of their own."""
+        row = self.to_json()
+        return {**{key: value for key, value in row.items() if key != "metrics"}, **(self.metrics or {})}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +135,7 @@ def plan_folder(
     report = Path(report) if report else output_dir / REPORT_NAME
     files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
     outputs = {clip: default_output(reference, clip, folder=output_dir) for clip in files if clip.suffix.lower() in DRIVE_SUFFIXES}
-    ours = {_identity(path) for path in (reference, report, *outputs.values())}
+    ours = {_identity(path) for path in (reference, report, report.with_suffix(".csv"), *outputs.values())}
     jobs = [BatchJob(reference, clip, output, settings) for clip, output in outputs.items() if _identity(clip) not in ours]
     rejected = [
         ClipReport(path, reference, None, "failed", f"{path}: not a video (clips end in {', '.join(DRIVE_SUFFIXES)})")
@@ -382,6 +389,7 @@ class _Ledger:
             "clips": [clip.to_json() for clip in clips],
         }
         write_atomically(self.plan.report, json.dumps(data, indent=1) + "\n")
+        write_atomically(csv_path(self.plan.report), _csv([clip.to_row() for clip in clips]))
         failures = [f"== {clip.driving}: {clip.reason}\n{clip.traceback}" for clip in clips if clip.traceback]
         if failures:
             write_atomically(log_path(self.plan.report), "\n".join(failures))
@@ -432,6 +440,20 @@ class _ClipMaker:
         if self.models is None:
             raise HellomemeError(self.load_failure)
         return self.models
+
+
+def csv_path(report: Path) -> Path:
+    """The report's rows as a table (spreadsheets, sorting a thousand clips by identity) beside the JSON."""
+    return report.with_suffix(".csv")
+
+
+def _csv(rows: list[dict[str, object]]) -> str:
+    columns = list(dict.fromkeys(key for row in rows for key in row))
+    table = io.StringIO()
+    writer = csv.DictWriter(table, columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows({key: "" if value is None else value for key, value in row.items()} for row in rows)
+    return table.getvalue()
 
 
 def log_path(report: Path) -> Path:

@@ -413,6 +413,12 @@ class Sampler(LatentCodec):
         latent = self._denoise_alone(clip, latent, schedule, [0], denoising_steps(schedule, "denoise", progress))
         return latent / self.vae_encoder.config.scaling_factor
 
+    @staticmethod
+    def windows(num_frames: int, settings: SamplerSettings) -> tuple[tuple[int, int], ...]:
+        """The motion windows [start, stop) over the clip's frames in the pass that makes them: where a
+        window begins or ends the frames may jump (the seams `hellomeme eval` measures)."""
+        raise NotImplementedError
+
     def _check_video_networks(self) -> None:
         """Video needs the motion networks, which image runs do not load."""
         if self.denoiser_motion is None:

@@ -154,6 +154,11 @@ class HM5VideoSampler(Sampler):
             return {}
         return {"control": with_unconditional(self._control_features(inputs.reference_control), negative_control)}
 
+    @staticmethod
+    def windows(num_frames: int, settings: SamplerSettings) -> tuple[tuple[int, int], ...]:
+        """The top pass's windows (the official 12 frames, neighbours sharing one)."""
+        return plan_hm5_windows(num_frames)
+
     def _denoise_video(self, clip: Clip, progress: ProgressCallback) -> torch.Tensor:
         """`sample` after step 1: the clip's latents, (1, 4, F, h, w)."""
         # 2. One noise tensor for every pass.

@@ -43,7 +43,7 @@ from hellomeme_cli.models import HM3DenoisingNet, HM3ReferenceNet
 from hellomeme_cli.models.unet import ControlFeatures, ReferenceCache
 from hellomeme_cli.progress import ProgressCallback
 from hellomeme_cli.samplers.common import (
-    Clip, DrivingFrames, Sampler, SamplerInputs, StepCount, check_denoisers, consecutive_runs, draw_noise, fresh_schedule,
+    Clip, DrivingFrames, Sampler, SamplerInputs, SamplerSettings, StepCount, check_denoisers, consecutive_runs, draw_noise, fresh_schedule,
     pipeline_attributes, unconditional_frames, with_unconditional,
 )
 from hellomeme_cli.versions import DPM_SDE, SD15_SCHEDULE
@@ -145,6 +145,11 @@ class HM3VideoSampler(Sampler):
         self.denoiser_motion = denoiser_motion
         self.control_proj = control_proj
         self.pad_device = pad_device or self.device
+
+    @staticmethod
+    def windows(num_frames: int, settings: SamplerSettings) -> tuple[tuple[int, int], ...]:
+        """The top level's windows: every frame of the clip is made there."""
+        return tuple((window[0], window[-1] + 1) for window in plan_levels(num_frames, settings.window)[0].windows)
 
     def _denoise_video(self, clip: Clip, progress: ProgressCallback) -> torch.Tensor:
         """`sample` after step 1: the clip's latents, (1, 4, F, h, w)."""

@@ -31,7 +31,7 @@ from hellomeme_cli.models import HMDenoisingNet, HMReferenceNet
 from hellomeme_cli.models.unet import ControlFeatures
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
 from hellomeme_cli.samplers.common import (
-    Clip, DrivingFrames, Sampler, SamplerInputs, check_denoisers, denoising_steps, draw_noise, fresh_schedule,
+    Clip, DrivingFrames, Sampler, SamplerInputs, SamplerSettings, check_denoisers, denoising_steps, draw_noise, fresh_schedule,
     pipeline_attributes, plan_windows, require_control_inputs, unconditional_frames, with_unconditional,
 )
 from hellomeme_cli.versions import ControlKind
@@ -69,6 +69,12 @@ class VideoSampler(Sampler):
         self.denoiser_2d = denoiser_2d
         self.denoiser_motion = denoiser_motion
         self.control = control
+
+    @staticmethod
+    def windows(num_frames: int, settings: SamplerSettings) -> tuple[tuple[int, int], ...]:
+        """Stage 2's windows, the padding past the clip cut off."""
+        plan = plan_windows(num_frames, settings.window, settings.overlap)
+        return tuple((start, min(stop, num_frames)) for start, stop in plan.windows)
 
     def _denoise_video(self, clip: Clip, progress: ProgressCallback) -> torch.Tensor:
         """`sample` after step 1: the clip's latents, (1, 4, F, h, w)."""

@@ -32,7 +32,8 @@ from hellomeme_cli.models import (
 )
 from hellomeme_cli.logs import libraries_quiet
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
-from hellomeme_cli.weights.cache import WeightCache
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.weights.cache import WeightCache, read_lock
 
 BLOCK_OUT_CHANNELS = (32, 64, 64, 64)
 CONTROL_CHANNELS = (16, 32, 64, 64)  # control level i feeds UNet down block i
@@ -183,6 +184,26 @@ def write_esrgan(folder: Path) -> Path:
     return folder / WEIGHTS_FILE
 
 
+def write_face_recognizer(folder: Path) -> Path:
+    """A tiny 112 x 112 -> 128 face embedder as ONNX, under the released SFace file's name, which
+    OpenCV's `FaceRecognizerSF` loads as it loads the real one. Writing ONNX takes the onnx package."""
+    import warnings
+
+    try:
+        import onnx  # noqa: F401  (torch's exporter needs it)
+    except ImportError:
+        raise HellomemeError("the tiny face recognition model is written as ONNX, which needs the onnx package: pip install onnx") from None
+    network = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 8, kernel_size=8, stride=8), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(8, 128)
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / read_lock()["sface"].files[0].path
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(network, torch.zeros(1, 3, 112, 112), str(path), dynamo=False, input_names=["data"], output_names=["fc1"])
+    return path
+
+
 def _saved(build: Callable[[], torch.nn.Module], prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = _randomize):
     """A writer: the network `build` makes, `prepare`d (randomised, by default), saved in its released layout."""
     return lambda folder: (prepare or (lambda model: model))(build()).save_pretrained(folder)
@@ -221,6 +242,7 @@ def _writers() -> dict[str, Callable[[Path], object]]:
         "hm5_control_proj": _saved(_v5_control_proj),
         "hm5c_control_proj": _saved(_v5_control_proj),
         "esrgan": write_esrgan,
+        "sface": write_face_recognizer,
     }
 
 
