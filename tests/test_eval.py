@@ -121,3 +121,24 @@ def test_bad_input_is_one_line(tiny_cache, tmp_path, monkeypatch, case):
     }[case]
     result = CliRunner().invoke(app, ["eval", *arguments])
     assert isinstance(result.exception, hm.HellomemeError) and message in str(result.exception), result.output
+
+
+def test_the_targets_are_what_the_motion_controls_asked_for():
+    """With `--pose relative` the output's first frame should have the reference's own pose and later
+    ones turn by the driver's change; with `--motion pose` keep its own expression; a scale scales."""
+    from hellomeme_cli.face.signals import angles_to_rotation
+    from hellomeme_cli.quality.evaluate import RunSettings, _targets
+    from hellomeme_cli.quality.metrics import rotation_error
+
+    driver = np.radians([[0.0, 10.0, 0.0], [0.0, 30.0, 0.0], [5.0, 10.0, 0.0]])
+    own = np.radians([[0.0, -20.0, 0.0]])
+    coefficients, own_coefficients = np.full((3, 51), 0.2), np.full((1, 51), 0.7)
+    coefficients[1] = 0.6
+    angles, expression = _targets(RunSettings(pose="relative"), driver, coefficients, own, own_coefficients)
+    assert rotation_error(angles[:1], own)[0] < 1e-9  # frame 0: the reference's own pose
+    turn = angles_to_rotation(driver[1:2])[0] @ angles_to_rotation(driver[:1])[0].T
+    assert rotation_error(angles[1:2], own)[0] == pytest.approx(np.degrees(np.arccos((np.trace(turn) - 1) / 2)))
+    assert np.array_equal(expression, coefficients)
+    assert np.array_equal(_targets(RunSettings(motion="pose"), driver, coefficients, own, own_coefficients)[1], np.full((3, 51), 0.7))
+    scaled = _targets(RunSettings(expression_scale=2.0), driver, coefficients, own, own_coefficients)[1]
+    assert scaled[1] == pytest.approx(np.full(51, 1.0)) and scaled[2] == pytest.approx(np.full(51, 0.2))  # 0.2 + 2 (0.6 - 0.2), clipped
