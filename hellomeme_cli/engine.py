@@ -227,6 +227,11 @@ class HelloMemePipeline(DiffusionPipeline):
         return self._onload_device or self.denoiser_2d.unet.device
 
     @property
+    def low_memory(self) -> bool:
+        """Whether the run trades speed for memory (`--low-memory`): the samplers keep less between steps too."""
+        return self.options.low_memory
+
+    @property
     def dtype(self) -> torch.dtype:
         return self.denoiser_2d.unet.dtype
 

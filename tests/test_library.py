@@ -143,3 +143,32 @@ def test_an_image_pipeline_takes_pictures_and_templates_not_clips(tiny_cache, mo
         assert pipe(portrait, driving, output_type="np", num_inference_steps=1, height=128).frames.shape == (1, 1, 128, 128, 3)
     with pytest.raises(hm.HellomemeError, match=r"loaded for pictures \(mode='image'\)"):
         pipe(portrait, clip, height=128)
+
+
+def test_each_windows_control_is_made_once_per_pass_and_again_every_step_in_low_memory(tiny_pipe, monkeypatch):
+    """The control net's features of a window depend on its driving frames only: made once for every
+    step (same latents), unless --low-memory asks to keep less."""
+    import torch
+
+    from hellomeme_cli.engine import HelloMemePipeline
+    from hellomeme_cli.media.video import read_frames
+
+    frames = list(read_frames(require(MEDIA / "jue.mp4", "test clip"), 12))
+    calls = []
+    forward = tiny_pipe.control_net.forward
+    monkeypatch.setattr(tiny_pipe.control_net, "forward", lambda condition, *a, **k: calls.append(condition.shape[2]) or forward(condition, *a, **k))
+    tiny_pipe.set_progress_bar_config(disable=True)
+
+    def run() -> tuple[torch.Tensor, int]:
+        calls.clear()
+        made = tiny_pipe(MEDIA / "chillout.jpg", frames, output_type="latent", num_inference_steps=4, height=128, window=6, overlap=2,
+                         generator=torch.Generator().manual_seed(2))
+        return made.frames, sum(calls)
+
+    kept, kept_frames = run()
+    monkeypatch.setattr(HelloMemePipeline, "low_memory", property(lambda self: True))
+    again, again_frames = run()
+    assert torch.equal(kept, again)
+    # Stage 1: each frame's control once (12 frames, and the one-frame unconditional); stage 2: the windows [0, 6),
+    # [4, 10), [8, 14) (past the clip, the last frame's features repeat: 6 + 6 + 4 frames), once, or at each of the 4 steps.
+    assert kept_frames == 12 + 1 + 16 and again_frames == 12 + 1 + 4 * 16, (kept_frames, again_frames)

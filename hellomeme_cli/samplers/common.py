@@ -41,6 +41,7 @@ class LoadedNetworks(Protocol):
     control_kind: ControlKind
     version: Version
     device: torch.device
+    low_memory: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,6 +337,44 @@ def pipeline_attributes(*same: str, **renamed: str) -> dict[str, Callable[[Loade
     return {argument: operator.attrgetter(attribute) for argument, attribute in attributes.items()}
 
 
+def _moved(value, device: torch.device):
+    """`value` (tensors in dicts, lists and tuples, as control features and motion arguments are) on `device`."""
+    if isinstance(value, torch.Tensor):
+        return value.to(device, non_blocking=True)  # one stream orders the copies both ways
+    if isinstance(value, Mapping):
+        return {key: _moved(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_moved(item, device) for item in value)
+    return value
+
+
+def _bytes(value) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, Mapping):
+        return sum(_bytes(item) for item in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_bytes(item) for item in value)
+    return 0
+
+
+class WindowInputs:
+    """Every window's control features and motion arguments for one pass, made once (they depend on
+    the window's driving frames, not on the step). On a GPU they stay on it while they fit a quarter of
+    the memory free when the pass starts; the rest wait on the CPU and are copied in for each use."""
+
+    def __init__(self, conditions: Callable[[int, int], tuple[ControlFeatures, dict]], windows: Sequence[tuple[int, int]], device: torch.device):
+        budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else None
+        self._device, self._kept, used = device, {}, 0
+        for window in windows:
+            made = conditions(*window)
+            used += _bytes(made)
+            self._kept[window] = made if budget is None or used <= budget else _moved(made, torch.device("cpu"))
+
+    def get(self, start: int, stop: int) -> tuple[ControlFeatures, dict]:
+        return _moved(self._kept[start, stop], self._device)
+
+
 class Sampler(LatentCodec):
     """The base of the three sampler families: the networks every version has, `from_pipeline`,
     step 1 of `sample` (`_prepare`), `sample_image` whole, and the two denoising loops the
@@ -345,6 +384,9 @@ class Sampler(LatentCodec):
 
     # Constructor argument -> how `from_pipeline` reads it off a loaded pipeline, besides the shared ones.
     pipeline_arguments: ClassVar[PipelineArguments] = {}
+    # Each window's control features and motion inputs depend on the window, not the step: made once and
+    # kept for every step (memory grows with the clip); False makes them again each step (`--low-memory`).
+    keep_window_inputs: bool = True
 
     def __init__(
         self,
@@ -370,7 +412,9 @@ class Sampler(LatentCodec):
     def from_pipeline(cls, pipeline: LoadedNetworks) -> Sampler:
         """On a loaded pipeline's networks and schedulers."""
         shared = pipeline_attributes("reference_net", "control_net", "vae_encoder", "vae_decoder", "scheduler", "device")
-        return cls(**{name: read(pipeline) for name, read in {**shared, **cls.pipeline_arguments}.items()})
+        sampler = cls(**{name: read(pipeline) for name, read in {**shared, **cls.pipeline_arguments}.items()})
+        sampler.keep_window_inputs = not pipeline.low_memory
+        return sampler
 
     @torch.no_grad()
     def sample(
@@ -488,10 +532,11 @@ class Sampler(LatentCodec):
         `conditions(start, stop)` gives a window's control and motion arguments."""
         coverage = window_coverage(windows, latents.shape[2]).to(self.device).view(1, 1, -1, 1, 1)
         noise_sum = torch.zeros((2 if clip.settings.uses_guidance else 1, *latents.shape[1:]), device=self.device)
+        kept = WindowInputs(conditions, windows, self.device) if self.keep_window_inputs else None
         for timestep in timesteps:
             noise_sum.zero_()
             for start, stop in windows:
-                control, motion = conditions(start, stop)
+                control, motion = kept.get(start, stop) if kept else conditions(start, stop)
                 window = latents[:, :, start:stop]
                 noise_sum[:, :, start:stop] += self._predict(self.denoiser_motion, window, schedule, timestep, clip, control, **motion)
             noise = guide(noise_sum / coverage, clip.settings)
