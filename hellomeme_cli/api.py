@@ -42,7 +42,7 @@ def load_pipeline(
     "image") loaded once onto `device` (`auto`: a CUDA GPU, else MPS, else the CPU). A "video"
     pipeline serves `animate` and `render_image`; an "image" one only `render_image`, without the
     motion modules (and v5c exists only as that). `options` are the model settings: control,
-    checkpoint, vae, lora (list of FILE[:SCALE]), device, dtype, channels_last, compile, low_memory.
+    checkpoint, vae, lora (list of FILE[:SCALE]), few_step, device, dtype, channels_last, compile, low_memory.
     Raises HellomemeError when weights are missing (`hellomeme weights fetch`)."""
     unknown = sorted(set(options) - _MODEL_SETTINGS - {"lora"})
     if unknown:

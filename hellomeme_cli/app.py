@@ -25,7 +25,7 @@ from hellomeme_cli.errors import HellomemeError, first_line
 from hellomeme_cli.weights.presets import all_presets
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
 from hellomeme_cli.settings import DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell
-from hellomeme_cli.versions import DEFAULT_VERSIONS, VERSIONS, version_names
+from hellomeme_cli.versions import DEFAULT_VERSIONS, FEW_STEP, SCHEDULERS, VERSIONS, version_names
 from hellomeme_cli.weights.cache import WeightCache
 
 MAX_UPLOAD = "200mb"  # Gradio refuses larger uploads (launch's max_file_size)
@@ -88,7 +88,10 @@ def _choices(setting: Setting, mode: str, cache: WeightCache) -> list | None:
         return presets + _cached_weights(cache.home / "checkpoints")
     if setting.name == "loras":
         return [preset.name for preset in all_presets() if preset.kind == "lora"] + _cached_weights(cache.home / "loras")
-    fixed = {"dtype": DTYPES, "pose": POSES, "motion": MOTIONS, "upscale": UPSCALE_CHOICES, "device": ("auto", "cpu", "cuda", "mps")}
+    fixed = {
+        "dtype": DTYPES, "pose": POSES, "motion": MOTIONS, "upscale": UPSCALE_CHOICES, "device": ("auto", "cpu", "cuda", "mps"),
+        "scheduler": tuple(SCHEDULERS), "few_step": tuple(FEW_STEP),
+    }
     return list(fixed[setting.name]) if setting.name in fixed else None
 
 
@@ -107,7 +110,7 @@ def _component(setting: Setting, mode: str, cache: WeightCache) -> gr.components
     if setting.name == "checkpoint":
         return gr.Dropdown(choices, value=choices[0], allow_custom_value=True, **{**common, "info": info + " Or a file, folder or repo id."})
     if choices is not None:
-        return gr.Dropdown(choices, value=setting.default, allow_custom_value=setting.name == "device", **common)
+        return gr.Dropdown(choices, value=setting.default, allow_custom_value=setting.name in ("device", "scheduler"), **common)
     if setting.cli_type is bool:
         return gr.Checkbox(value=setting.default, **common)
     if setting.cli_type in (int | None, float | None):  # empty means the default (a number field would send 0)

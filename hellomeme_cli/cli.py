@@ -436,19 +436,27 @@ def compare(
     checkpoints: Annotated[
         str | None, typer.Option("--checkpoint", help="Checkpoints to compare, comma-separated (files, presets or repo ids); each with each version.")
     ] = None,
+    recipes: Annotated[
+        str | None, typer.Option("--recipes", help="Few-step recipes to compare, comma-separated; off: the version's own sampling (e.g. off,lcm,tcd,hyper-sd).")
+    ] = None,
     output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="The folder to write the videos, the contact sheet and the table into.")] = Path("compare"),
     force: Force = False,
     *,
     settings: AnimateSettings,
 ) -> None:
-    """Make the clip with each variant (version x checkpoint), score each (eval), write them side by side, a contact sheet and a table with the best marked."""
+    """Make the clip with each variant (version x checkpoint x recipe), time and score each (eval), write them side by side, a contact sheet and a table with the best marked."""
     from hellomeme_cli.media.files import require_file
+    from hellomeme_cli.settings import ModelOptions
     from hellomeme_cli.versions import get_version
 
-    variants = [(version.strip(), checkpoint) for version in versions.split(",") if version.strip()
-                for checkpoint in ([c.strip() for c in checkpoints.split(",") if c.strip()] if checkpoints else [None])]
-    for version, _ in variants:
+    def listed(value: str | None) -> list:
+        return [item.strip() for item in value.split(",") if item.strip()] if value else [None]
+
+    variants = [(version, checkpoint, None if recipe == "off" else recipe)
+                for version in listed(versions) if version for checkpoint in listed(checkpoints) for recipe in listed(recipes)]
+    for version, _, recipe in variants:
         get_version(version, "video")
+        ModelOptions(few_step=recipe)  # an unknown recipe is said now
     for path in (reference, drive):
         require_file(path)
     from hellomeme_cli.quality.compare import Variant, compare as run_compare

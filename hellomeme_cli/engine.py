@@ -254,9 +254,13 @@ class HelloMemePipeline(DiffusionPipeline):
             negative=encode(self.text_encoder, negative_prompt),
         )
 
-    def sampler(self) -> Sampler:
-        """The version's sampler on these networks and schedulers."""
-        return resolve(self.version.sampler).from_pipeline(self)
+    def sampler(self, scheduler: str | None = None) -> Sampler:
+        """The version's sampler on these networks and schedulers; `scheduler` (`--scheduler`) in
+        place of the version's own."""
+        sampler = resolve(self.version.sampler).from_pipeline(self)
+        if scheduler:
+            sampler.use_scheduler(scheduler)
+        return sampler
 
     def upscaler(self) -> Upscaler:
         """The official app's Real-ESRGAN x2 (`--upscale 2`) on this pipeline's device and dtype,
@@ -370,7 +374,7 @@ def load_pipeline(
     dtype = resolve_dtype(options.dtype, device)
     folders = cache.require(version.components(kind.name, mode))
     checkpoint = resolve_checkpoint(options.checkpoint, cache, progress) if options.checkpoint else None
-    loras = resolve_loras(options.loras, cache, progress)
+    loras = resolve_loras(options.all_loras, cache, progress)
     steps = ["SD1.5", "LoRAs" if loras else None, "checkpoint" if checkpoint else None, "HelloMeme modules"]
     steps = [step for step in steps if step]
     # Low-memory mode: every network waits on the CPU, the offloading hooks bring it over block by block.

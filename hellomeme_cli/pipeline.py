@@ -65,7 +65,7 @@ class LoadedModels(FaceEncoders, Protocol):
 
     def encode_prompt(self, prompt: str = "", negative_prompt: str = "", mode: str = "video") -> Any: ...
 
-    def sampler(self) -> Any: ...
+    def sampler(self, scheduler: str | None = None) -> Any: ...
 
     def upscaler(self) -> Any: ...
 
@@ -222,6 +222,7 @@ def generate(
     noise comes from `generator` (a CPU one), else from a new one seeded with `settings.seed`;
     `on_step` sees the latents after every denoising step (`samplers.common.StepCallback`)."""
     is_clip = isinstance(driving, DrivingInput)
+    sampler = models.sampler(settings.resolved("scheduler"))  # first: a scheduler name diffusers lacks is said before tracking
     # 1 and 2. The driving clip tracked (decoded once) or its template loaded, the output's timing and
     # the driving signals; or the picture's; the reference's own where the version or the motion controls take them.
     drive = prepare_driving(driving, reference.face, settings, models, progress) if is_clip else None
@@ -232,7 +233,6 @@ def generate(
     signals = _steered(signals, own, settings)
 
     # 3 and 4. Prompt, reference cache and the version's sampler.
-    sampler = models.sampler()
     sample = sampler.sample if is_clip else sampler.sample_image
     latents = sample(
         _sampler_inputs(reference.face, signals, settings, models, mode="video" if is_clip else "image", own=own if models.version.reference_control else None),

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, VERSIONS, get_version
+from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, FEW_STEP, SCHEDULERS, VERSIONS, FewStep, get_version
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 UPSCALE_CHOICES = (1, 2)  # --upscale: 1 is off, 2 the official app's Real-ESRGAN x2
@@ -116,6 +116,19 @@ def _seed(value: int | None) -> str | None:
     return None if value is None or 0 <= value < 2**32 else f"--seed must be in [0, 2^32) (got {value})"
 
 
+def _known_few_step(value: str | None) -> str | None:
+    if value is None or value in FEW_STEP:
+        return None
+    return f"unknown --few-step recipe {value!r} (use {', '.join(FEW_STEP)})"
+
+
+def _known_scheduler(value: str | None) -> str | None:
+    """A short name, or what can only be a diffusers class name (the class is looked up on loading)."""
+    if value is None or value in SCHEDULERS or (value.isidentifier() and value.endswith("Scheduler")):
+        return None
+    return f"unknown --scheduler {value!r} (use {', '.join(SCHEDULERS)} or a diffusers scheduler class name)"
+
+
 def _optional_path(value: Any) -> Path | None:
     return None if value in (None, "") else Path(value).expanduser()
 
@@ -171,6 +184,10 @@ class ModelOptions:
         (), "LoRA file or preset name (hellomeme weights presets), FILE or FILE:SCALE; repeat for several (CSV: separated by ;).", cli_type=list[str],
         flags=("--lora",), parse=_loras, shown="none",
     )
+    few_step: str | None = _setting(
+        None, f"Few-step recipe: a distillation LoRA with its scheduler, steps and guidance ({', '.join(FEW_STEP)}); unproven on HelloMeme (docs/performance.md).",
+        cli_type=str, check=_known_few_step, shown="off",
+    )
     device: str = _setting("auto", "auto, cpu, cuda, cuda:N or mps.", cli_type=str, per_clip=False, in_digest=False)
     dtype: str = _setting(
         "auto", "auto (float16 on GPUs, float32 on CPUs), float32, float16 or bfloat16.", cli_type=str,
@@ -202,6 +219,17 @@ class ModelOptions:
     def control_kind(self):
         return self.spec.control(self.control)
 
+    @property
+    def recipe(self) -> FewStep | None:
+        """The --few-step recipe, if one was asked for."""
+        return FEW_STEP[self.few_step] if self.few_step else None
+
+    @property
+    def all_loras(self) -> tuple[tuple[Path | str, float], ...]:
+        """The LoRAs to fuse: the user's, then the few-step recipe's (a preset name)."""
+        recipe = self.recipe
+        return self.loras + (((recipe.lora, recipe.lora_scale),) if recipe else ())
+
 
 @dataclasses.dataclass(frozen=True)
 class AnimateSettings:
@@ -211,6 +239,10 @@ class AnimateSettings:
     steps: int | None = _setting(None, "Denoising steps.", check=_at_least(1, "steps"), shown=_by_version("steps"))
     guidance: float | None = _setting(
         None, "Classifier-free guidance scale (1 turns it off).", check=_at_least(1, "guidance"), shown=_by_version("guidance")
+    )
+    scheduler: str | None = _setting(
+        None, f"Noise scheduler: {', '.join(SCHEDULERS)} or a diffusers scheduler class name.", check=_known_scheduler,
+        shown="the version's (official)",
     )
     seed: int | None = _setting(None, "Random seed (default: a new one, printed and stored in the output).", check=_seed, shown="random")
     fps: float | None = _setting(None, "Output frame rate (default: the driving clip's).", check=_within(0, 240, "fps", open_low=True), shown="the clip's")
@@ -260,9 +292,15 @@ class AnimateSettings:
             raise HellomemeError(f"--overlap must be in [0, window) = [0, {window}) (got {overlap})")
 
     def resolved(self, name: str) -> Any:
-        """The value of a setting, the version's default where it was left None."""
+        """The value of a setting; where it was left None, the --few-step recipe's, else the version's
+        default (None for the scheduler: the version's own)."""
         value = getattr(self, name, None)
-        return getattr(self.models.spec.defaults, name) if value is None else value
+        if value is not None:
+            return value
+        recipe = self.models.recipe
+        if recipe and name in recipe.defaults:
+            return recipe.defaults[name]
+        return getattr(self.models.spec.defaults, name, None)
 
     def with_seed(self) -> "AnimateSettings":
         """The same settings with a seed chosen now if none was given, so it can be reported."""

@@ -64,6 +64,55 @@ class Scheduler:
 
 
 @dataclasses.dataclass(frozen=True)
+class SchedulerChoice:
+    """A `--scheduler` name: a diffusers scheduler class (in `diffusers`) and what it changes in the
+    version's own noise schedule, whose betas and training steps it keeps."""
+
+    cls: str
+    overrides: Mapping[str, object] = dataclasses.field(default_factory=dict)
+
+
+# `--scheduler` short names; any other diffusers scheduler class name is taken as it is.
+SCHEDULERS: dict[str, SchedulerChoice] = {
+    "euler": SchedulerChoice("EulerDiscreteScheduler"),
+    "euler-a": SchedulerChoice("EulerAncestralDiscreteScheduler"),
+    "ddim": SchedulerChoice("DDIMScheduler"),
+    "ddim-trailing": SchedulerChoice("DDIMScheduler", {"timestep_spacing": "trailing"}),
+    "dpm++": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "dpm++-karras": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "dpm++-sde": SchedulerChoice("DPMSolverMultistepScheduler", {"algorithm_type": "sde-dpmsolver++"}),
+    "unipc": SchedulerChoice("UniPCMultistepScheduler"),
+    "lcm": SchedulerChoice("LCMScheduler"),
+    "tcd": SchedulerChoice("TCDScheduler"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class FewStep:
+    """A `--few-step` recipe: a released distillation LoRA for SD1.5 (a preset name, fetched like
+    the others) with the scheduler, steps and guidance its authors give. Unproven on HelloMeme's
+    adapters: `hellomeme compare` on real weights measures what it costs (docs/performance.md)."""
+
+    lora: str
+    scheduler: str
+    steps: int
+    guidance: float
+    lora_scale: float = 1.0
+
+    @property
+    def defaults(self) -> dict[str, object]:
+        """The generation settings it sets where the user gave none."""
+        return {"scheduler": self.scheduler, "steps": self.steps, "guidance": self.guidance}
+
+
+FEW_STEP: dict[str, FewStep] = {
+    "lcm": FewStep("LCM-LoRA-SD15", "lcm", steps=6, guidance=1.5),
+    "tcd": FewStep("TCD-SD15-LoRA", "tcd", steps=4, guidance=1.0),
+    "hyper-sd": FewStep("Hyper-SD15-8steps", "ddim-trailing", steps=8, guidance=1.0),
+}
+
+
+@dataclasses.dataclass(frozen=True)
 class Defaults:
     """The generation defaults of a version (official scripts' values), and the settings it
     does not let a user change, with the reason (`fixed`: setting name -> why)."""

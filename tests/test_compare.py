@@ -26,7 +26,7 @@ def test_compare_makes_each_variant_scores_it_and_shows_them_together(workdir):
     both = probe_video(folder / "side_by_side.mp4")
     assert both.frame_count == 3 and both.has_audio and both.height == 128 + 28 and both.width == 128 + 128 + 128  # the clip (square) and two columns
     saved = json.loads((folder / "metrics.json").read_text())
-    assert [row["variant"] for row in saved["variants"]] == ["v2", "v5"]
+    assert [row["variant"] for row in saved["variants"]] == ["v2", "v5"] and all(row["seconds"] > 0 for row in saved["variants"])
     seeds = {probe_video(folder / name).tags["hellomeme_seed"] for name in ("v2.mp4", "v5.mp4")}
     assert seeds == {str(saved["seed"])}  # one seed for every variant
     assert "| v2 |" in (folder / "metrics.md").read_text() and "**" in (folder / "metrics.md").read_text()
@@ -41,7 +41,18 @@ def test_the_best_of_each_column_is_the_lowest_error_the_highest_identity_and_th
     marked = best(rows)
     assert (marked["pose_error_deg"], marked["identity"], marked["flicker"], marked["seam_score"], marked["expression_error"]) == (1, 1, 1, 0, None)
     table = metrics_markdown(rows)
-    assert "| a | 3 | - | - | 0.6 | 1.4 | **0.9** | - |" in table and "| b | **1** | - | - | **0.8** | **0.95** | 1.5 | - |" in table
+    assert "| a | - | 3 | - | - | 0.6 | 1.4 | **0.9** | - |" in table and "| b | - | **1** | - | - | **0.8** | **0.95** | 1.5 | - |" in table
+
+
+def test_few_step_recipes_are_a_variant_axis_checked_before_anything_runs(workdir):
+    from hellomeme_cli.errors import HellomemeError
+    from hellomeme_cli.quality.compare import Variant
+
+    assert Variant("v2", "RealisticVisionV60B1", "tcd").label == "v2 RealisticVisionV60B1 few-step tcd"
+    reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
+    result = runner.invoke(app, ["compare", str(reference), str(clip), "--versions", "v2", "--recipes", "off,quick", "-o", "cmp"])
+    assert isinstance(result.exception, HellomemeError) and "unknown --few-step recipe 'quick'" in str(result.exception)
+    assert not (workdir / "cmp").exists()
 
 
 def test_batch_eval_puts_each_outputs_summary_on_its_row_of_the_json_and_csv_report(workdir):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKL, PNDMScheduler
+from diffusers import AutoencoderKL
 
 from conformance_case import (
     BFLOAT16_LATENTS_TOLERANCE, case_params, control_from_tensors, first_case, load_case, networks_to, relative_error,
@@ -179,16 +179,6 @@ def test_image_on_non_square_sizes_is_reproducible():
     assert torch.equal(first, sampler.sample_image(inputs, settings, torch.Generator().manual_seed(3)))
     unguided = sampler.sample_image(inputs, SamplerSettings(steps=2, guidance=1.0), torch.Generator().manual_seed(3))
     assert unguided.shape == first.shape and torch.isfinite(unguided).all() and not torch.allclose(unguided, first)
-
-
-def test_scheduler_without_a_generator_is_refused():
-    """PNDM's step takes no generator: official v5 then draws the SDE noise from torch's global state."""
-    sampler, _, _ = _one_sampler_case()
-    with pytest.raises(ValueError, match="takes no generator"):
-        HM5VideoSampler(
-            sampler.reference_net, sampler.denoiser, sampler.control_net, sampler.control_proj,
-            sampler.vae_encoder, control=sampler.control, scheduler=PNDMScheduler(),
-        )
 
 
 def test_v5c_without_the_reference_control_is_refused():

@@ -147,11 +147,12 @@ def test_an_image_pipeline_takes_pictures_and_templates_not_clips(tiny_cache, mo
 
 def test_each_windows_control_is_made_once_per_pass_and_again_every_step_in_low_memory(tiny_pipe, monkeypatch):
     """The control net's features of a window depend on its driving frames only: made once for every
-    step (same latents), unless --low-memory asks to keep less."""
+    step (same latents) while they fit the memory budget, unless --low-memory asks to keep less."""
     import torch
 
     from hellomeme_cli.engine import HelloMemePipeline
     from hellomeme_cli.media.video import read_frames
+    from hellomeme_cli.samplers import common
 
     frames = list(read_frames(require(MEDIA / "jue.mp4", "test clip"), 12))
     calls = []
@@ -166,9 +167,12 @@ def test_each_windows_control_is_made_once_per_pass_and_again_every_step_in_low_
         return made.frames, sum(calls)
 
     kept, kept_frames = run()
+    monkeypatch.setattr(common, "free_memory", lambda device: 0)  # no room: only the first window is kept
+    full, full_frames = run()
     monkeypatch.setattr(HelloMemePipeline, "low_memory", property(lambda self: True))
     again, again_frames = run()
-    assert torch.equal(kept, again)
+    assert torch.equal(kept, again) and torch.equal(kept, full)
     # Stage 1: each frame's control once (12 frames, and the one-frame unconditional); stage 2: the windows [0, 6),
     # [4, 10), [8, 14) (past the clip, the last frame's features repeat: 6 + 6 + 4 frames), once, or at each of the 4 steps.
     assert kept_frames == 12 + 1 + 16 and again_frames == 12 + 1 + 4 * 16, (kept_frames, again_frames)
+    assert full_frames == 12 + 1 + 6 + 4 * (6 + 4), full_frames

@@ -17,7 +17,7 @@ from hellomeme_cli.weights.checkpoints import load_sd15
 from hellomeme_cli.cli import app
 from hellomeme_cli.model_options import check_options, resolve_checkpoint, resolve_loras
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.weights.presets import CHECKPOINT_FILES, PRESETS, all_presets, checkpoint_preset, lora_preset
+from hellomeme_cli.weights.presets import CHECKPOINT_FILES, DISTILLATION_LORAS, PRESETS, all_presets, checkpoint_preset, lora_preset
 from hellomeme_cli.settings import ModelOptions, from_values
 from hellomeme_cli.media.video import read_frames
 from hellomeme_cli.weights.cache import WeightCache
@@ -44,13 +44,15 @@ def hub(tmp_path, monkeypatch):
 
 
 def test_the_table_holds_the_official_apps_14_checkpoints_and_9_loras():
-    kinds = [preset.kind for preset in all_presets()]
+    kinds = [preset.kind for preset in all_presets() if preset.name in PRESETS]
     assert kinds.count("base") + kinds.count("checkpoint") == 14 and kinds.count("lora") == 9
     assert PRESETS["RealisticVisionV60B1"] == ("checkpoint", REALISTIC, "")
     assert PRESETS["toonyou_beta6"] == ("checkpoint", "songkey/toonyou_beta6", "")
     assert PRESETS["MoreDetails"] == ("lora", "songkey/loras_sd_1_5", "more_details.safetensors")
     assert PRESETS["zyd232_InkStyle_v1_0"] == ("lora", "songkey/loras_sd_1_5", "zyd232_InkStyle_v1_0.safetensors")
-    assert all(preset.repo.startswith("songkey/") for preset in all_presets())
+    assert all(preset.repo.startswith("songkey/") for preset in all_presets() if preset.name in PRESETS)
+    # Then the few-step recipes' distillation LoRAs, from their authors' repos.
+    assert [preset.name for preset in all_presets()][len(PRESETS):] == list(DISTILLATION_LORAS)
 
 
 def test_names_match_in_any_case_and_a_local_file_of_that_name_wins(tmp_path, monkeypatch):
@@ -107,7 +109,8 @@ def test_presets_are_listed_with_their_sources():
     result = runner.invoke(app, ["weights", "presets"])
     assert result.exit_code == 0, result.output
     rows = {line.split()[0]: line.split()[1:3] for line in result.output.splitlines()[1:]}
-    assert len(rows) == 23
+    assert len(rows) == 26
+    assert rows["TCD-SD15-LoRA"] == ["lora", "h1t/TCD-SD15-LoRA/pytorch_lora_weights.safetensors"]
     assert rows["RealisticVisionV60B1"] == ["checkpoint", REALISTIC]
     assert rows["MoreDetails"] == ["lora", "songkey/loras_sd_1_5/more_details.safetensors"]
 

@@ -1,5 +1,5 @@
 """`hellomeme compare`: one reference and driving clip through several variants (versions,
-checkpoints), each scored, then shown together.
+checkpoints, few-step recipes), each timed and scored, then shown together.
 
 1. every variant checked before any model loads (the same seed for all)
 2. each variant made with its models loaded once, then let go: VARIANT.mp4 in the folder
@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
+import time
 from pathlib import Path
 
 import cv2
@@ -35,23 +36,28 @@ SHEET_FRAMES = 6
 # The columns of the table, and which way is better: lower errors; higher identity, PSNR, SSIM;
 # flicker and seam score nearest 1 (the driving clip's own change, no trace of the windows).
 COLUMNS = {
-    "pose_error_deg": "low", "movement_error": "low", "expression_error": "low", "identity": "high",
+    "seconds": "low", "pose_error_deg": "low", "movement_error": "low", "expression_error": "low", "identity": "high",
     "flicker": "one", "seam_score": "one", "faceless_frames": "low",
 }
 
 
 @dataclasses.dataclass(frozen=True)
 class Variant:
-    """One way to make the clip: a HelloMeme version, and a checkpoint (None: the version's base)."""
+    """One way to make the clip: a HelloMeme version, a checkpoint (None: the version's base) and a
+    few-step recipe (None: the version's own sampling)."""
 
     version: str
     checkpoint: str | None = None
+    few_step: str | None = None
 
     @property
     def label(self) -> str:
-        if not self.checkpoint:
-            return self.version
-        return f"{self.version} {Path(self.checkpoint).stem if Path(self.checkpoint).exists() else self.checkpoint.rsplit('/', 1)[-1]}"
+        parts = [self.version]
+        if self.checkpoint:
+            parts.append(Path(self.checkpoint).stem if Path(self.checkpoint).exists() else self.checkpoint.rsplit("/", 1)[-1])
+        if self.few_step:
+            parts.append(f"few-step {self.few_step}")
+        return " ".join(parts)
 
 
 @dataclasses.dataclass
@@ -64,9 +70,11 @@ class Comparison:
     contact_sheet: Path
     table: Path
 
+    seconds: list[float] = dataclasses.field(default_factory=list)  # each variant's making, models loaded
+
     def rows(self) -> list[dict]:
-        return [{"variant": variant.label, "output": str(output), **evaluation.summary}
-                for variant, output, evaluation in zip(self.variants, self.outputs, self.evaluations)]
+        return [{"variant": variant.label, "output": str(output), "seconds": seconds, **evaluation.summary}
+                for variant, output, seconds, evaluation in zip(self.variants, self.outputs, self.seconds, self.evaluations)]
 
 
 def compare(
@@ -92,16 +100,21 @@ def compare(
     # 1. Every variant checked before any model loads.
     runs = []
     for variant in variants:
-        models = dataclasses.replace(settings.models, version=variant.version, checkpoint=variant.checkpoint or settings.models.checkpoint)
+        models = dataclasses.replace(
+            settings.models, version=variant.version, checkpoint=variant.checkpoint or settings.models.checkpoint,
+            few_step=variant.few_step or settings.models.few_step,
+        )
         own = dataclasses.replace(settings, models=models)
         runs.append(prepare_run(Path(reference), Path(driving), folder / f"{_file_name(variant.label)}.mp4", own, mode="video", force=force, cache=cache))
 
     # 2 and 3. Each made (its models loaded, then let go) and scored.
-    outputs, evaluations = [], []
+    outputs, evaluations, seconds = [], [], []
     for run in runs:
         with libraries_quiet():
             models = load_pipeline(run.settings.models.version, run.settings.models, cache, progress)
+        started = time.perf_counter()
         result = run.execute(models, progress)
+        seconds.append(time.perf_counter() - started)
         del models
         gc.collect()
         outputs.append(result.output)
@@ -111,7 +124,7 @@ def compare(
     clips = [probe_video(output) for output in outputs]
     side_by_side = _side_by_side(probe_video(Path(driving)), clips, labels, folder / "side_by_side.mp4", force)
     sheet = _contact_sheet(probe_video(Path(driving)), clips, labels, folder / "contact_sheet.png", force)
-    comparison = Comparison(list(variants), outputs, evaluations, settings.seed, side_by_side, sheet, folder / "metrics.md")
+    comparison = Comparison(list(variants), outputs, evaluations, settings.seed, side_by_side, sheet, folder / "metrics.md", seconds)
     write_atomically(folder / "metrics.json", json.dumps({"seed": settings.seed, "variants": comparison.rows()}, indent=1) + "\n")
     write_atomically(comparison.table, metrics_markdown(comparison.rows()))
     return comparison
@@ -141,7 +154,7 @@ def metrics_markdown(rows: list[dict]) -> str:
             text = "-" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
             cells.append(f"**{text}**" if marked[column] == index else text)
         lines.append(f"| {row['variant']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n\nBold: the best of each column (errors lowest, identity highest, flicker and seam score nearest 1).\n"
+    return "\n".join(lines) + "\n\nBold: the best of each column (seconds and errors lowest, identity highest, flicker and seam score nearest 1).\n"
 
 
 def _file_name(label: str) -> str:

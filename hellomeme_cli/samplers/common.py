@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import os
 import operator
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import ClassVar, Protocol
 
+import diffusers
 import numpy as np
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
@@ -23,7 +25,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.models.unet import ControlFeatures, ReferenceCache
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
-from hellomeme_cli.versions import ControlKind, Version
+from hellomeme_cli.versions import SCHEDULERS, ControlKind, SchedulerChoice, Version
 
 
 class LoadedNetworks(Protocol):
@@ -146,6 +148,16 @@ def plan_windows(num_frames: int, window: int, overlap: int) -> WindowPlan:
     count = max(1, (num_frames - overlap) // stride + 1)
     starts = [i * stride for i in range(count) if i * stride < num_frames]
     return WindowPlan(num_frames, overlap + count * stride, tuple((s, s + window) for s in starts))
+
+
+def named_scheduler(name: str, schedule: SchedulerMixin) -> SchedulerMixin:
+    """`--scheduler NAME` (a short name of `SCHEDULERS` or a diffusers class name) on `schedule`'s
+    config, the diffusers way (`from_config`): the version's betas and training steps are kept."""
+    choice = SCHEDULERS.get(name) or SchedulerChoice(name)
+    cls = getattr(diffusers, choice.cls, None)
+    if not (isinstance(cls, type) and issubclass(cls, SchedulerMixin)):
+        raise HellomemeError(f"unknown --scheduler {name!r}: diffusers {diffusers.__version__} has no scheduler class {choice.cls}")
+    return cls.from_config(schedule.config, **choice.overrides)
 
 
 def fresh_schedule(scheduler: SchedulerMixin, steps: int, device: torch.device) -> SchedulerMixin:
@@ -337,18 +349,8 @@ def pipeline_attributes(*same: str, **renamed: str) -> dict[str, Callable[[Loade
     return {argument: operator.attrgetter(attribute) for argument, attribute in attributes.items()}
 
 
-def _moved(value, device: torch.device):
-    """`value` (tensors in dicts, lists and tuples, as control features and motion arguments are) on `device`."""
-    if isinstance(value, torch.Tensor):
-        return value.to(device, non_blocking=True)  # one stream orders the copies both ways
-    if isinstance(value, Mapping):
-        return {key: _moved(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_moved(item, device) for item in value)
-    return value
-
-
 def _bytes(value) -> int:
+    """Bytes of the tensors in `value` (control features and motion arguments: dicts, lists, tuples)."""
     if isinstance(value, torch.Tensor):
         return value.numel() * value.element_size()
     if isinstance(value, Mapping):
@@ -358,21 +360,34 @@ def _bytes(value) -> int:
     return 0
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes free where `device` keeps tensors (the GPU's, or the machine's RAM); None: unknown."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):  # no such sysconf name (macOS)
+        return None
+
+
 class WindowInputs:
-    """Every window's control features and motion arguments for one pass, made once (they depend on
-    the window's driving frames, not on the step). On a GPU they stay on it while they fit a quarter of
-    the memory free when the pass starts; the rest wait on the CPU and are copied in for each use."""
+    """Every window's control features and motion arguments for one pass, made once: they depend on
+    the window's driving frames, not on the step. Kept until they fill a quarter of the memory free
+    when the pass starts (`free_memory`); windows past that are made again at each step."""
 
     def __init__(self, conditions: Callable[[int, int], tuple[ControlFeatures, dict]], windows: Sequence[tuple[int, int]], device: torch.device):
-        budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else None
-        self._device, self._kept, used = device, {}, 0
+        free = free_memory(device)
+        budget = free // 4 if free is not None else None
+        self._conditions, self._kept, used = conditions, {}, 0
         for window in windows:
-            made = conditions(*window)
-            used += _bytes(made)
-            self._kept[window] = made if budget is None or used <= budget else _moved(made, torch.device("cpu"))
+            self._kept[window] = conditions(*window)
+            used += _bytes(self._kept[window])
+            if budget is not None and used > budget:  # at most one window past it
+                break
 
     def get(self, start: int, stop: int) -> tuple[ControlFeatures, dict]:
-        return _moved(self._kept[start, stop], self._device)
+        kept = self._kept.get((start, stop))
+        return kept if kept is not None else self._conditions(start, stop)
 
 
 class Sampler(LatentCodec):
@@ -384,8 +399,8 @@ class Sampler(LatentCodec):
 
     # Constructor argument -> how `from_pipeline` reads it off a loaded pipeline, besides the shared ones.
     pipeline_arguments: ClassVar[PipelineArguments] = {}
-    # Each window's control features and motion inputs depend on the window, not the step: made once and
-    # kept for every step (memory grows with the clip); False makes them again each step (`--low-memory`).
+    # Each window's control features and motion inputs depend on the window, not the step: made once per
+    # pass and kept (`WindowInputs`); False makes them again at each step (`--low-memory`: memory flat in clip length).
     keep_window_inputs: bool = True
 
     def __init__(
@@ -415,6 +430,10 @@ class Sampler(LatentCodec):
         sampler = cls(**{name: read(pipeline) for name, read in {**shared, **cls.pipeline_arguments}.items()})
         sampler.keep_window_inputs = not pipeline.low_memory
         return sampler
+
+    def use_scheduler(self, name: str) -> None:
+        """Sample with the scheduler `name` (`named_scheduler`) in place of the version's own."""
+        self.scheduler, self.image_scheduler = named_scheduler(name, self.scheduler), named_scheduler(name, self.image_scheduler)
 
     @torch.no_grad()
     def sample(

@@ -18,20 +18,19 @@ Image (v5, v5b, v5c; `Sampler.sample_image`): one frame, no motion modules, the 
 schedule; v5c's reference net also gets the reference image's own control
 (`SamplerInputs.reference_control`).
 
-Control features are computed per window when a window is denoised (never for the whole
-clip), from the `ControlSource`; only the frames of the clip's latents (4 x h x w each)
+Control features are made once per window and pass (common.WindowInputs), from the
+`ControlSource`, never for the whole clip at once; only the frames of the clip's latents (4 x h x w each)
 and the margin frames' pad states are held for the whole clip.
 
 Randomness comes from one CPU `torch.Generator`, drawn in float32 in the official order:
 reference latent, input noise, then one draw per scheduler step (deepest pass first). The
-generator is always handed to the scheduler's step: the official pipelines hand it over
+generator is handed to every scheduler step that takes one: the official pipelines hand it over
 only when their own, never stepped, `scheduler` component accepts one, else the SDE noise
 comes from torch's global random state.
 """
 
 from __future__ import annotations
 
-import inspect
 
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
@@ -114,15 +113,14 @@ class HM5VideoSampler(Sampler):
         adapter. `control.inputs` names the expression inputs (ARKit `drive_coeff`,
         `face_parts` or PD-FGC `pd_fpg`); their unconditional values are zeros (v5 ignores
         `control.unconditional`). `scheduler` (default `hm5_scheduler()`, the official one)
-        is copied fresh for every pass; its `step` must take a `generator`.
+        is copied fresh for every pass.
         `reference_control` (v5c): the reference net also gets the reference image's own control."""
         unknown = [name for name in control.inputs if name not in _CONTROL_KEYWORDS]
         if unknown:
             raise ValueError(f"HM5ControlNetBase takes no control input {', '.join(unknown)}")
-        scheduler = scheduler or hm5_scheduler()
-        if "generator" not in inspect.signature(scheduler.step).parameters:
-            raise ValueError(f"{type(scheduler).__name__}.step takes no generator: the seed would not reproduce a result")
-        super().__init__(reference_net, control_net, vae_encoder, vae_decoder, scheduler=scheduler, device=device or denoiser.unet.device)
+        super().__init__(
+            reference_net, control_net, vae_encoder, vae_decoder, scheduler=scheduler or hm5_scheduler(), device=device or denoiser.unet.device
+        )
         self.denoiser = denoiser
         self.control_proj = control_proj
         self.control = control

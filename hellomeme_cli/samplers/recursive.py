@@ -18,8 +18,8 @@ one frame (stride 11):
 Image (`Sampler.sample_image`): one frame with the 2D denoiser and DPM-Solver++ SDE, which
 draws noise each step.
 
-Control features are computed per window when a window needs them (never for the whole
-clip), like v1's. Randomness comes from one CPU `torch.Generator` in the official order:
+Control features are made per window once per pass (common.WindowInputs; never for the
+whole clip at once), like v1's. Randomness comes from one CPU `torch.Generator` in the official order:
 reference latent, base noise (F + window + 1 frames, only the first F used), then, for
 the image only, one draw inside every SDE step: we always pass the generator to the
 scheduler's `step` (the official image pipeline does only when its `scheduler`

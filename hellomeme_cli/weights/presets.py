@@ -1,5 +1,6 @@
 """The official app's checkpoints and LoRAs by name (its hellomeme/model_config.json):
-`--checkpoint RealisticVisionV60B1`, `--lora MoreDetails:0.8`, listed by `hellomeme weights presets`.
+`--checkpoint RealisticVisionV60B1`, `--lora MoreDetails:0.8`, listed by `hellomeme weights presets`;
+and the released SD1.5 distillation LoRAs the `--few-step` recipes (versions.FEW_STEP) fuse.
 
 A preset is a weight component made on the fly (the repo and the files of `PRESETS`), so it is
 fetched the way the lock's components are: into the Hugging Face cache on first use, checked
@@ -53,6 +54,12 @@ PRESETS: dict[str, tuple[str, str, str]] = {
     "ghibli_anime_v1": ("lora", LORA_REPO, "ghibli_anime_v1.safetensors"),
     "zyd232_InkStyle_v1_0": ("lora", LORA_REPO, "zyd232_InkStyle_v1_0.safetensors"),
 }
+# Few-step distillation LoRAs for SD1.5, from their authors' repos (not the official app's).
+DISTILLATION_LORAS: dict[str, tuple[str, str, str]] = {
+    "LCM-LoRA-SD15": ("lora", "latent-consistency/lcm-lora-sdv1-5", "pytorch_lora_weights.safetensors"),
+    "TCD-SD15-LoRA": ("lora", "h1t/TCD-SD15-LoRA", "pytorch_lora_weights.safetensors"),
+    "Hyper-SD15-8steps": ("lora", "ByteDance/Hyper-SD", "Hyper-SD15-8steps-lora.safetensors"),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,7 +75,7 @@ class Preset:
         option = "--lora" if self.kind == "lora" else "--checkpoint"
         return Component(
             name=f"{self.kind}-{self.name}",
-            description=f"the official app's {self.kind} preset {self.name}",
+            description=f"the few-step distillation LoRA {self.name}" if self.name in DISTILLATION_LORAS else f"the official app's {self.kind} preset {self.name}",
             files=tuple(LockedFile(path) for path in self.files),
             licence="",
             needed_for=(f"{option} {self.name}",),
@@ -78,10 +85,10 @@ class Preset:
 
 
 def all_presets() -> list[Preset]:
-    """Every preset, in the official app's order: checkpoints, then LoRAs."""
+    """Every preset, in the official app's order (checkpoints, then LoRAs), then the distillation LoRAs."""
     return [
         Preset(name, kind, repo, (file,) if file else CHECKPOINT_FILES if kind == "checkpoint" else ())
-        for name, (kind, repo, file) in PRESETS.items()
+        for name, (kind, repo, file) in {**PRESETS, **DISTILLATION_LORAS}.items()
     ]
 
 
