@@ -42,6 +42,9 @@ from hellomeme_cli.weights.cache import WeightCache
 from hellomeme_cli.weights.checkpoints import load_sd15, load_vae
 
 
+PROMPTS_KEPT = 16  # text embeddings kept by a pipeline (77 x 768 values each)
+
+
 @dataclasses.dataclass
 class HelloMemePipelineOutput(BaseOutput):
     """What a pipeline call returns. `frames` holds one video, as diffusers' video pipelines do:
@@ -132,6 +135,7 @@ class HelloMemePipeline(DiffusionPipeline):
         self.options = options or ModelOptions(version=self.version.name, control=self.control_kind.name)  # what was asked for: equal options reuse the pipeline
         self.cache = cache or WeightCache()  # where the weights came from
         self._onload_device: torch.device | None = None  # set by `enable_low_memory`
+        self._prompt_embeddings: dict[tuple[int, str], torch.Tensor] = {}  # `encode_prompt`'s, oldest first
         self._upscaler: Upscaler | None = None  # loaded by `upscaler` when a run first asks for it
 
     @property
@@ -242,10 +246,17 @@ class HelloMemePipeline(DiffusionPipeline):
         text = f"{prompt}, {own}" if prompt else own
 
         def encode(encoder: CLIPTextModel, value: str) -> torch.Tensor:
-            ids = self.tokenizer(
-                [value], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
-            ).input_ids
-            return encoder(ids.to(self.device))[0]
+            # Kept per (encoder, text): the reference and denoising encoders are one network unless a LoRA
+            # styles the latter, and a batch's clips share their prompts.
+            key = (id(encoder), value)
+            if key not in self._prompt_embeddings:
+                if len(self._prompt_embeddings) >= PROMPTS_KEPT:
+                    self._prompt_embeddings.pop(next(iter(self._prompt_embeddings)))
+                ids = self.tokenizer(
+                    [value], padding="max_length", max_length=self.tokenizer.model_max_length, truncation=True, return_tensors="pt"
+                ).input_ids
+                self._prompt_embeddings[key] = encoder(ids.to(self.device))[0]
+            return self._prompt_embeddings[key]
 
         return PromptEmbeddings(
             reference=encode(self.reference_text_encoder, text),

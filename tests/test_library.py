@@ -176,3 +176,18 @@ def test_each_windows_control_is_made_once_per_pass_and_again_every_step_in_low_
     # [4, 10), [8, 14) (past the clip, the last frame's features repeat: 6 + 6 + 4 frames), once, or at each of the 4 steps.
     assert kept_frames == 12 + 1 + 16 and again_frames == 12 + 1 + 4 * 16, (kept_frames, again_frames)
     assert full_frames == 12 + 1 + 6 + 4 * (6 + 4), full_frames
+
+
+def test_prompt_embeddings_are_made_once_per_encoder_and_text(tiny_pipe, monkeypatch):
+    """The reference and denoising text encoders are one network without a LoRA: each text is
+    encoded once, and a batch's next clip with the same prompt encodes nothing."""
+    tiny_pipe._prompt_embeddings.clear()
+    texts = []
+    forward = tiny_pipe.text_encoder.forward
+    monkeypatch.setattr(tiny_pipe.text_encoder, "forward", lambda ids, *a, **k: texts.append(ids) or forward(ids, *a, **k))
+    first = tiny_pipe.encode_prompt("a smile", "blurry")
+    assert tiny_pipe.reference_text_encoder is tiny_pipe.text_encoder and len(texts) == 2
+    again = tiny_pipe.encode_prompt("a smile", "blurry")
+    assert len(texts) == 2 and again.positive is first.positive and first.reference is first.positive
+    tiny_pipe.encode_prompt("a frown", "blurry")
+    assert len(texts) == 3  # only the new text
