@@ -338,3 +338,20 @@ def test_ffmpeg_failures_are_one_line_errors(tmp_path: Path, monkeypatch, last_w
         video.write_video(flat_frames(30, 64, 64), out_dir / "a.mp4", 15)
     assert expected in one_line_error_naming(out_dir / "a.mp4", excinfo)
     assert os.listdir(out_dir) == []
+
+
+def test_without_imageio_ffmpeg_the_systems_ffmpeg_is_used_or_one_line_says_what_to_install(tmp_path, monkeypatch):
+    import sys
+
+    from hellomeme_cli.errors import HellomemeError
+    from hellomeme_cli.media.video import ffmpeg_exe
+
+    monkeypatch.setitem(sys.modules, "imageio_ffmpeg", None)  # import fails, as on a machine without the package
+    system = tmp_path / "ffmpeg"
+    system.write_text("#!/bin/sh\n")
+    system.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert ffmpeg_exe() == str(system)
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing"))
+    with pytest.raises(HellomemeError, match="no ffmpeg: install imageio-ffmpeg"):
+        ffmpeg_exe()

@@ -16,6 +16,7 @@ import dataclasses
 import itertools
 import os
 import re
+import shutil
 import subprocess
 import tempfile
 import zlib
@@ -24,7 +25,6 @@ from fractions import Fraction
 from pathlib import Path
 
 import cv2
-import imageio_ffmpeg
 import numpy as np
 
 from hellomeme_cli.errors import HellomemeError
@@ -119,6 +119,15 @@ class _Header:
 
 
 def ffmpeg_exe() -> str:
+    """imageio-ffmpeg's binary (a dependency), else the system's: a machine given only the Python
+    packages (a borrowed GPU's, benchmarks/gpu_check.sh) can still read and write clips."""
+    try:
+        import imageio_ffmpeg
+    except ImportError:
+        found = shutil.which("ffmpeg")
+        if not found:
+            raise HellomemeError("no ffmpeg: install imageio-ffmpeg (pip install imageio-ffmpeg) or put ffmpeg on PATH") from None
+        return found
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
