@@ -443,8 +443,8 @@ def load_pipeline(
         vae_decoder=vae_decoder,
         image_encoder=encoder if kind.encoder == "face_parts" else None,
         fan_encoder=encoder if kind.encoder == "pdfgc" else None,
-        scheduler=_scheduler(version, "video", base_folder),
-        image_scheduler=_scheduler(version, "image", base_folder),
+        scheduler=_scheduler(version, "video"),
+        image_scheduler=_scheduler(version, "image"),
         face_model=folders["face_landmarker"] / MODEL_FILE,
         control_kind=kind,
         version=version,
@@ -460,19 +460,10 @@ def load_pipeline(
 _ENCODERS = {"face_parts": "transformers:CLIPVisionModelWithProjection", "pdfgc": "hellomeme_cli.models:FanEncoder"}
 
 
-def _scheduler(version: Version, mode: str, base_folder: Path) -> SchedulerMixin:
-    """The version's scheduler for `mode`: its class on its own config, or on the base model's
-    `scheduler/scheduler_config.json` (the SD1.5 download holds PNDM's config; the official v1
-    code runs Euler on it, as here)."""
+def _scheduler(version: Version, mode: str) -> SchedulerMixin:
+    """The version's scheduler for `mode`, on the official noise schedule (not the checkpoint's config)."""
     spec = version.schedulers[mode]
-    cls = resolve(spec.cls)
-    if spec.config is not None:
-        return cls.from_config(dict(spec.config))
-    folder = base_folder / "scheduler"
-    try:
-        return cls.from_config(cls.load_config(str(folder)))
-    except (OSError, ValueError) as err:
-        raise HellomemeError(f"cannot read the scheduler config in {folder}: {err}") from err
+    return resolve(spec.cls).from_config(dict(spec.config))
 
 
 def _load_component(cls, folder: Path, dtype: torch.dtype, name: str):

@@ -23,8 +23,8 @@ V1_PROMPT = (
 # The official v5b/v5c image prompt (model_config.json "prompt_new").
 PROMPT_NEW = "best quality, highly detailed, masterpiece, person, portrait, headshot, looking at the viewer, sharp focus."
 
-# The SD1.5 noise schedule the official v3-v5 pipelines build their schedulers with (they
-# ignore the checkpoint's scheduler config).
+# The SD1.5 noise schedule every official pipeline builds its schedulers with (they ignore the
+# checkpoint's scheduler config, whose timestep spacing can differ).
 SD15_SCHEDULE = {"num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
 DPM_SDE = {**SD15_SCHEDULE, "algorithm_type": "sde-dpmsolver++"}
 
@@ -56,11 +56,10 @@ class ControlKind:
 
 @dataclasses.dataclass(frozen=True)
 class Scheduler:
-    """A diffusers scheduler class ("module:Class") and its config; None: the base model's
-    `scheduler/scheduler_config.json`."""
+    """A diffusers scheduler class ("module:Class") and its config."""
 
     cls: str
-    config: Mapping[str, object] | None = None
+    config: Mapping[str, object]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -153,7 +152,7 @@ class Version:
     base_first_pass: bool = True
     reference_control: bool = False  # v5c: the reference net also gets the reference's own control
     schedulers: Mapping[str, Scheduler] = dataclasses.field(
-        default_factory=lambda: {mode: Scheduler("diffusers:EulerDiscreteScheduler") for mode in ("video", "image")}
+        default_factory=lambda: {mode: Scheduler("diffusers:EulerDiscreteScheduler", SD15_SCHEDULE) for mode in ("video", "image")}
     )
     defaults: Defaults = Defaults()
 

@@ -191,3 +191,17 @@ def test_prompt_embeddings_are_made_once_per_encoder_and_text(tiny_pipe, monkeyp
     assert len(texts) == 2 and again.positive is first.positive and first.reference is first.positive
     tiny_pipe.encode_prompt("a frown", "blurry")
     assert len(texts) == 3  # only the new text
+
+
+def test_the_v2_schedule_is_the_official_one_whatever_the_checkpoints_config(tiny_pipe, tiny_cache):
+    """The official pipelines build their Euler scheduler inline; the SD1.5 folder's PNDM config,
+    saved by a newer diffusers, says "leading" spacing and would move every timestep."""
+    import json
+
+    import torch
+
+    from hellomeme_cli.samplers.common import fresh_schedule
+
+    assert json.loads((tiny_cache / "sd15" / "scheduler" / "scheduler_config.json").read_text())["timestep_spacing"] == "leading"
+    # docs of conformance/v2: 3 steps -> 999, 499.5, 0.
+    assert fresh_schedule(tiny_pipe.scheduler, 3, torch.device("cpu")).timesteps.tolist() == [999.0, 499.5, 0.0]

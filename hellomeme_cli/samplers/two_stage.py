@@ -9,9 +9,9 @@
    overlapping windows whose noise predictions are averaged.
 4. Decode: the VAE turns the latents into frames, batch by batch, as an iterator.
 
-The noise schedule is diffusers' scheduler built from the downloaded SD1.5
-`scheduler/scheduler_config.json` (`EulerDiscreteScheduler` for v1, as official): a fresh
-copy per stage (or per stage-1 frame), so the pipeline's own scheduler keeps no state.
+The noise schedule is diffusers' `EulerDiscreteScheduler` on SD1.5's betas with its default
+(linspace) spacing, as the official pipelines build it whatever the checkpoint's config says:
+a fresh copy per stage (or per stage-1 frame), so the pipeline's own scheduler keeps no state.
 Which control inputs the control net takes, and its unconditional inputs, come from the
 version's `ControlKind`.
 
