@@ -226,6 +226,14 @@ def _peak_memory_gb(device: torch.device) -> float:
     return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
+def _current_rss_gb() -> float | None:
+    """This process's resident memory now (Linux): what the loaded networks hold, before the sampler runs."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
+
+
 def _timed(device: torch.device, call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -280,8 +288,10 @@ def run_ours(run: Run) -> tuple[torch.Tensor, dict]:
             pass
         return latents
 
+    loaded = _current_rss_gb()
     latents, seconds = _timed(device, sample)
-    return latents.float().cpu(), {"seconds": seconds, "peak_memory_gb": _peak_memory_gb(device), "calls_per_frame": counter.per_frame(num_frames)}
+    measured = {"seconds": seconds, "peak_memory_gb": _peak_memory_gb(device), "rss_loaded_gb": loaded, "calls_per_frame": counter.per_frame(num_frames)}
+    return latents.float().cpu(), measured
 
 
 class _NoSafetyChecker(torch.nn.Module):
@@ -395,10 +405,12 @@ def run_official(run: Run) -> tuple[torch.Tensor, dict]:
     def sample() -> torch.Tensor:
         return pipe(generator=torch.Generator().manual_seed(run.seed), **call)[1]
 
+    loaded = _current_rss_gb()
     latents, seconds = _timed(device, sample)
     latents = latents.float().cpu()
     latents = latents.unsqueeze(2) if latents.ndim == 4 else latents[:, :, :num_frames]
-    return latents, {"seconds": seconds, "peak_memory_gb": _peak_memory_gb(device), "calls_per_frame": counter.per_frame(num_frames)}
+    measured = {"seconds": seconds, "peak_memory_gb": _peak_memory_gb(device), "rss_loaded_gb": loaded, "calls_per_frame": counter.per_frame(num_frames)}
+    return latents, measured
 
 
 def official_roles(version: str, mode: str) -> dict[str, tuple[str, ...]]:
