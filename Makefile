@@ -6,7 +6,7 @@ BIN    := $(VENV)/bin
 # elsewhere pip takes PyPI's build for the platform (CUDA on Linux x86-64).
 TORCH  ?= torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-official clean
 
 install: $(VENV)/.installed
 
@@ -32,3 +32,8 @@ clean:
 # Speed and memory on this machine (tiny weights on the CPU; full size too when a CUDA GPU is present).
 bench: install
 	$(BIN)/python -m benchmarks.bench --json benchmarks/latest.json $(if $(shell $(BIN)/python -c "import torch; print(torch.cuda.is_available() or '')"),--full-size)
+
+# Ours against the official code (docs/performance.md, "Against the official code"): OFFICIAL is a checkout
+# of github.com/HelloVision/HelloMeme; same full-size random weights, inputs and seed on both sides.
+bench-official: install
+	$(BIN)/python -m benchmarks.vs_official --official $(OFFICIAL) --json benchmarks/official.json

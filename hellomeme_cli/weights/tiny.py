@@ -1,11 +1,13 @@
-"""Tiny random-weight versions of every downloadable network, written in exactly the
-layout of a real download, so the real loading code runs offline in tests and CI
-(`hellomeme weights make-tiny DIR`, then `HELLOMEME_HOME=DIR hellomeme ...`)."""
+"""Random-weight versions of every downloadable network, written in exactly the layout of a
+real download, so the real loading code runs offline: tiny ones for tests and CI
+(`hellomeme weights make-tiny DIR`, then `HELLOMEME_HOME=DIR hellomeme ...`), and, for the
+benchmarks, the released full-size shapes of the components a version needs (`make_full_size`:
+SD1.5, the ViT-H image encoder and the adapters' default configs, float16 on disk as released)."""
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -44,6 +46,11 @@ UP_CHANNELS = (BLOCK_OUT_CHANNELS[3], BLOCK_OUT_CHANNELS[3], BLOCK_OUT_CHANNELS[
 V5_CONTROL_MID_CHANNELS = BLOCK_OUT_CHANNELS[:3]  # HM5ControlNetBase's levels (SD1.5: 320, 640, 1280)
 TEXT_DIM = 32
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+
+
+SIZES = ("tiny", "full")
+# The SD1.5 text encoder's vocabulary (CLIP ViT-L/14); the full-size encoder keeps it, with the tiny tokenizer's ids.
+SD15_VOCAB_SIZE = 49408
 
 
 def _randomize(model: torch.nn.Module) -> torch.nn.Module:
@@ -137,13 +144,60 @@ def _image_encoder() -> CLIPVisionModelWithProjection:
     return CLIPVisionModelWithProjection(config)
 
 
-def write_sd15(folder: Path, variant: str | None = None, **unet_shape: int) -> Path:
+def full_unet() -> UNet2DConditionModel:
+    """The SD1.5 UNet's configuration (diffusers' defaults are SD1.5's, with 768-wide text)."""
+    return UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
+
+
+def full_vae() -> AutoencoderKL:
+    return AutoencoderKL(
+        block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
+    )
+
+
+def full_text_encoder(vocab_size: int) -> CLIPTextModel:
+    """SD1.5's CLIP ViT-L/14 text encoder, its 49408-token table kept; the special ids are the
+    tiny tokenizer's (`vocab_size` is its vocabulary), which the weights are written with."""
+    return CLIPTextModel(CLIPTextConfig(
+        vocab_size=SD15_VOCAB_SIZE, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
+        max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
+        bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
+    ))
+
+
+def full_image_encoder() -> CLIPVisionModelWithProjection:
+    """The IP-Adapter ViT-H/14 image encoder (`songkey/IP-Adapter` models/image_encoder)."""
+    return CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, image_size=224,
+        patch_size=14, projection_dim=1024, hidden_act="gelu",
+    ))
+
+
+def full_motion_adapter() -> MotionAdapter:
+    """An AnimateDiff v1.5-v2 shaped motion module with a mid block (the released hm*_animatediff
+    configs are not known from the official code; this is the tiny cache's layout at SD1.5 widths)."""
+    return MotionAdapter(
+        block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2, motion_num_attention_heads=8,
+        motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=True,
+    )
+
+
+def sd15_networks(size: str, vocab_size: int, **unet_shape: int) -> dict[str, torch.nn.Module]:
+    """The UNet, VAE and text encoder of an SD1.5 folder of `size`, in the order their random draws are made."""
+    if size == "full":
+        return {"unet": _randomize(full_unet()), "vae": full_vae(), "text_encoder": full_text_encoder(vocab_size)}
+    return {"unet": _randomize(tiny_unet(**unet_shape)), "vae": tiny_vae(), "text_encoder": _text_encoder(vocab_size)}
+
+
+def write_sd15(folder: Path, variant: str | None = None, size: str = "tiny", **unet_shape: int) -> Path:
     """A complete diffusers SD1.5 folder; variant None writes full weights under the plain
     file names the lock lists (diffusers' default files, which the official code loads),
-    "fp16" half weights under the repo's `.fp16.` names."""
-    dtype = torch.float16 if variant == "fp16" else torch.float32
+    "fp16" half weights under the repo's `.fp16.` names. Full size is written in float16
+    under the plain names (the networks alone are 2 GB so)."""
+    dtype = torch.float16 if variant == "fp16" or size == "full" else torch.float32
     vocab_size = write_tokenizer(folder / "tokenizer")
-    models = {"unet": _randomize(tiny_unet(**unet_shape)), "vae": tiny_vae(), "text_encoder": _text_encoder(vocab_size)}
+    models = sd15_networks(size, vocab_size, **unet_shape)
     for name, model in models.items():
         if dtype != torch.float32:  # a cast to float32 (a no-op) still warns about modules kept in float32
             model.to(dtype)
@@ -204,55 +258,94 @@ def write_face_recognizer(folder: Path) -> Path:
     return path
 
 
-def _saved(build: Callable[[], torch.nn.Module], prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = _randomize):
-    """A writer: the network `build` makes, `prepare`d (randomised, by default), saved in its released layout."""
-    return lambda folder: (prepare or (lambda model: model))(build()).save_pretrained(folder)
+def _saved(build: Callable[[], torch.nn.Module], prepare: Callable[[torch.nn.Module], torch.nn.Module] | None = _randomize, half: bool = False):
+    """A writer: the network `build` makes, `prepare`d (randomised, by default), saved in its released
+    layout (in float16 with `half`, as the released files are)."""
+
+    def write(folder: Path) -> None:
+        model = (prepare or (lambda model: model))(build())
+        (model.half() if half else model).save_pretrained(folder)
+
+    return write
 
 
-def _writers() -> dict[str, Callable[[Path], object]]:
-    """Every component's writer, in the order the random draws are made (a seed gives the same cache)."""
+def _builders(size: str = "tiny") -> dict[str, tuple[Callable[[], torch.nn.Module], Callable | None]]:
+    """Every HelloMeme network component's (build, prepare) at `size`, in the order the random draws
+    are made (a seed gives the same cache). Tiny: the test widths; full: the classes' defaults,
+    which are the released configs (conformance/*/manifest_full.json)."""
+    if size not in SIZES:
+        raise HellomemeError(f"weights size must be one of {', '.join(SIZES)}, got {size!r}")
+    tiny = size == "tiny"
+
+    def pick(small: Callable[[], torch.nn.Module], full: Callable[[], torch.nn.Module]) -> Callable[[], torch.nn.Module]:
+        return small if tiny else full
+
+    def v3_builders(prefix: str) -> dict:
+        """The reference and motion adapters and the AnimateDiff module of v3 (prefix hm3) or v4 (hm4)."""
+        return {
+            f"{prefix}_reference": (pick(lambda: HM3ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), HM3ReferenceAdapter), _randomize),
+            f"{prefix}_motion": (pick(lambda: HM3MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), HM3MotionAdapter), _randomize),
+            f"{prefix}_animatediff": (pick(_tiny_motion_adapter, full_motion_adapter), _randomize),
+        }
+
+    text = {"cross_attention_dim": TEXT_DIM} if tiny else {}
+    motion_adapter = pick(_tiny_motion_adapter, full_motion_adapter)
     return {
-        "sd15": write_sd15,
-        "hm_reference": _saved(lambda: HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS)),
-        "hm_control": _saved(lambda: HMControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS), _control),
-        "hm_control2": _saved(lambda: HMControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=CONTROL_CHANNELS), _control),
-        "hm_animatediff_frame12": _saved(_tiny_motion_adapter),
-        "hm2_reference": _saved(lambda: HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS, version="v2")),
-        "hm2_control": _saved(lambda: HMV2ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS), _control),
-        "hm2_control2": _saved(lambda: HMV2ControlNet2(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS), _control),
-        "hm2_animatediff_frame12": _saved(_tiny_motion_adapter),
-        "image_encoder": _saved(_image_encoder, None),
+        "hm_reference": (pick(lambda: HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS), HMReferenceAdapter), _randomize),
+        "hm_control": (pick(lambda: HMControlNet(block_out_channels=CONTROL_CHANNELS, **text), HMControlNet), _control),
+        "hm_control2": (pick(lambda: HMControlNet2(block_out_channels=CONTROL_CHANNELS, **text), HMControlNet2), _control),
+        "hm_animatediff_frame12": (motion_adapter, _randomize),
+        "hm2_reference": (
+            pick(lambda: HMReferenceAdapter(block_out_channels=BLOCK_OUT_CHANNELS, version="v2"), lambda: HMReferenceAdapter(version="v2")),
+            _randomize,
+        ),
+        "hm2_control": (pick(lambda: HMV2ControlNet(block_out_channels=V2_CONTROL_CHANNELS, **text), HMV2ControlNet), _control),
+        "hm2_control2": (pick(lambda: HMV2ControlNet2(block_out_channels=V2_CONTROL_CHANNELS, **text), HMV2ControlNet2), _control),
+        "hm2_animatediff_frame12": (motion_adapter, _randomize),
+        "image_encoder": (pick(_image_encoder, full_image_encoder), None),
         # The PD-FGC encoder's layout is fixed by its 224x224 input; it is small (8.5 M values).
-        "pd_fgc_motion": _saved(lambda: FanEncoder().half(), None),
-        **_v3_writers("hm3"),
-        "hm3_control_mix": _saved(
-            lambda: HMV3ControlNet(cross_attention_dim=TEXT_DIM, block_out_channels=V2_CONTROL_CHANNELS, unet_block_out_channels=BLOCK_OUT_CHANNELS),
+        "pd_fgc_motion": (lambda: FanEncoder().half(), None),
+        **v3_builders("hm3"),
+        "hm3_control_mix": (
+            pick(
+                lambda: HMV3ControlNet(block_out_channels=V2_CONTROL_CHANNELS, unet_block_out_channels=BLOCK_OUT_CHANNELS, **text),
+                HMV3ControlNet,
+            ),
             _control,
         ),
-        **_v3_writers("hm4"),
-        "hm_control_base": _saved(lambda: HMControlNetBase(cross_attention_dim=TEXT_DIM, unet_block_out_channels=BLOCK_OUT_CHANNELS), _control),
-        "hm4_control_proj": _saved(lambda: HM4SD15ControlProj(unet_block_out_channels=BLOCK_OUT_CHANNELS)),
-        "hm5_reference": _saved(lambda: HM5ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
-        "hm5b_reference": _saved(lambda: HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
-        "hm5c_reference": _saved(lambda: HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
-        "hm5_motion": _saved(lambda: HM5MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
-        "hm5_control_base": _saved(
-            lambda: HM5ControlNetBase(cross_attention_dim=TEXT_DIM, mid_channels=V5_CONTROL_MID_CHANNELS, out_channels=BLOCK_OUT_CHANNELS[0]), _control
+        **v3_builders("hm4"),
+        "hm_control_base": (pick(lambda: HMControlNetBase(unet_block_out_channels=BLOCK_OUT_CHANNELS, **text), HMControlNetBase), _control),
+        "hm4_control_proj": (pick(lambda: HM4SD15ControlProj(unet_block_out_channels=BLOCK_OUT_CHANNELS), HM4SD15ControlProj), _randomize),
+        "hm5_reference": (pick(lambda: HM5ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), HM5ReferenceAdapter), _randomize),
+        "hm5b_reference": (pick(lambda: HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), HM5bReferenceAdapter), _randomize),
+        "hm5c_reference": (pick(lambda: HM5bReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), HM5bReferenceAdapter), _randomize),
+        "hm5_motion": (pick(lambda: HM5MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS), HM5MotionAdapter), _randomize),
+        "hm5_control_base": (
+            pick(
+                lambda: HM5ControlNetBase(mid_channels=V5_CONTROL_MID_CHANNELS, out_channels=BLOCK_OUT_CHANNELS[0], **text),
+                HM5ControlNetBase,
+            ),
+            _control,
         ),
-        "hm5_control_proj": _saved(_v5_control_proj),
-        "hm5c_control_proj": _saved(_v5_control_proj),
-        "esrgan": write_esrgan,
-        "sface": write_face_recognizer,
+        "hm5_control_proj": (pick(_v5_control_proj, HM5SD15ControlProj), _randomize),
+        "hm5c_control_proj": (pick(_v5_control_proj, HM5SD15ControlProj), _randomize),
     }
 
 
-def _v3_writers(prefix: str) -> dict:
-    """The reference and motion adapters and the AnimateDiff module of v3 (prefix hm3) or v4 (hm4)."""
-    return {
-        f"{prefix}_reference": _saved(lambda: HM3ReferenceAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
-        f"{prefix}_motion": _saved(lambda: HM3MotionAdapter(BLOCK_OUT_CHANNELS, UP_CHANNELS)),
-        f"{prefix}_animatediff": _saved(_tiny_motion_adapter),
-    }
+def build_network(name: str, size: str = "tiny") -> torch.nn.Module:
+    """Component `name`'s network as its writer builds it at `size`, before randomising (on the
+    meta device under `torch.device("meta")`: shapes without memory)."""
+    return _builders(size)[name][0]()
+
+
+def _writers(size: str = "tiny") -> dict[str, Callable[[Path], object]]:
+    """Every component's writer at `size`, in the order the random draws are made (a seed gives the same cache)."""
+    half = size == "full"
+    networks = {name: _saved(build, prepare, half) for name, (build, prepare) in _builders(size).items()}
+    writers = {"sd15": lambda folder: write_sd15(folder, size=size), **networks}
+    if size == "tiny":
+        writers.update({"esrgan": write_esrgan, "sface": write_face_recognizer})
+    return writers
 
 
 def _v5_control_proj() -> HM5SD15ControlProj:
@@ -261,13 +354,29 @@ def _v5_control_proj() -> HM5SD15ControlProj:
 
 def make_tiny(home: Path, seed: int = 0, progress: ProgressCallback = no_progress) -> WeightCache:
     """Write every tiny component into the cache at `home` and record their hashes."""
+    return _write(home, _writers("tiny"), seed, progress, "make-tiny")
+
+
+def make_full_size(home: Path, components: Sequence[str], seed: int = 0, progress: ProgressCallback = no_progress) -> WeightCache:
+    """Write full-size random weights of `components` (e.g. `Version.components(...)`; the face
+    model, which is no network, is left out) into the cache at `home`, float16 on disk, and
+    record their hashes; `load_pipeline` loads them as it loads the released ones. About 2 GB
+    for SD1.5, 0.1 to 1.3 GB per adapter."""
+    writers = _writers("full")
+    unknown = [name for name in components if name not in writers and name != "face_landmarker"]
+    if unknown:
+        raise HellomemeError(f"no full-size writer for {', '.join(unknown)}")
+    return _write(home, {name: write for name, write in writers.items() if name in components}, seed, progress, "full-size weights")
+
+
+def _write(home: Path, writers: dict[str, Callable[[Path], object]], seed: int, progress: ProgressCallback, task: str) -> WeightCache:
+    """Each writer into its component's folder (draws in the writers' order, from `seed`), hashes recorded."""
     cache = WeightCache(home)
     torch.manual_seed(seed)
-    writers = _writers()
     for done, (name, write) in enumerate(writers.items()):
-        progress(ProgressEvent("make-tiny", done, len(writers), unit="component"))
+        progress(ProgressEvent(task, done, len(writers), unit="component"))
         with libraries_quiet():  # diffusers' save_pretrained draws shard bars of its own
             write(cache.path(name))
-        cache.mark_tiny(name)
-    progress(ProgressEvent("make-tiny", len(writers), len(writers), unit="component"))
+        cache.mark_tiny(name)  # "tiny" in the record: random weights written here, checked by their own hashes
+    progress(ProgressEvent(task, len(writers), len(writers), unit="component"))
     return cache

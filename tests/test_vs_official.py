@@ -1,0 +1,112 @@
+"""`benchmarks/vs_official.py` (make bench-official) without the official code (CI has no GitHub): the
+inputs it draws, our side of a run on tiny weights through the worker's code path (latents and the
+network calls per frame it counts), the comparison and the table from made-up numbers, and the
+stand-ins it imports the official package with."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from benchmarks import vs_official
+from benchmarks.vs_official import Run, Settings, compare, draw_inputs, format_table, parse_run
+from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.versions import get_version
+from hellomeme_cli.weights.tiny import TEXT_DIM
+
+
+def test_inputs_are_drawn_from_the_seed_with_each_versions_fields():
+    v1, v5c = get_version("v1"), get_version("v5c", "image")
+    first, again = draw_inputs(v1, "video", 128, 5, "pdfgc", seed=3), draw_inputs(v1, "video", 128, 5, "pdfgc", seed=3)
+    assert all(torch.equal(first[name], again[name]) for name in first)
+    assert not torch.equal(first["pd_fpg"], draw_inputs(v1, "video", 128, 5, "pdfgc", seed=4)["pd_fpg"])
+    assert {name: tuple(t.shape) for name, t in first.items()} == {
+        "ref_image": (1, 3, 128, 128), "condition": (1, 3, 5, 128, 128), "pd_fpg": (1, 5, 548),
+        "text_embeds": (1, 77, 768), "negative_text_embeds": (1, 77, 768), "neg_pd_fpg": (1, 1, 548),
+    }
+    assert first["condition"].min() >= -1 and first["condition"].max() <= 1
+    image = draw_inputs(v5c, "image", 128, 5, "blendshapes", seed=0)
+    assert image["condition"].shape[2] == 1 and "neg_pd_fpg" not in image  # v3+ take zeros, not a negative embedding
+    assert {"ref_condition", "ref_drive_coeff", "ref_face_parts", "drive_coeff", "face_parts"} <= set(image)
+
+
+def test_runs_are_named_by_version_and_mode():
+    assert parse_run("v2") == ("v2", "video")
+    assert parse_run("v5c") == ("v5c", "image")
+    assert parse_run("v5:image") == ("v5", "image")
+    with pytest.raises(HellomemeError):
+        parse_run("v5c:video")
+
+
+def test_cuda_defaults_to_the_apps_size():
+    assert Settings.for_device("cuda").size == 512
+    assert Settings.for_device("cpu").size == 128 and Settings.for_device("cpu", size=256).size == 256
+
+
+def test_our_side_on_tiny_weights_counts_every_network_call(tiny_cache, tmp_path):
+    """v1 video, 5 frames, 1 step, guidance: stage 1 one 2D call per frame, stage 2 one 12-frame window,
+    the reference net and VAE encoder once per clip, one decode batch of 5 frames; the control net once
+    per frame in stage 1, once for the unconditional input and once for the stage-2 window."""
+    version = get_version("v1")
+    inputs = tmp_path / "inputs.safetensors"
+    save_file(draw_inputs(version, "video", 128, 5, "pdfgc", seed=0, text_width=TEXT_DIM), str(inputs))
+    run = Run("ours", "v1", "video", str(tiny_cache), str(inputs), 128, 5, 1, 1.5, "cpu", "float32", "pdfgc", 0)
+    latents, measured = vs_official.run_ours(run)
+    assert latents.shape == (1, 4, 5, 16, 16) and torch.isfinite(latents).all()
+    assert measured["seconds"] > 0 and measured["peak_memory_gb"] > 0
+    calls = {role: numbers["calls"] for role, numbers in measured["calls_per_frame"].items()}
+    assert calls == pytest.approx({"unet_2d": 1.0, "unet_motion": 0.2, "reference_net": 0.2, "control_net": 1.4, "vae_encode": 0.2, "vae_decode": 0.2})
+    frames = measured["calls_per_frame"]
+    assert frames["unet_motion"]["frames"] == pytest.approx(2 * 12 / 5)  # one window of 12 (padded) frames, CFG-doubled
+    assert frames["vae_decode"]["frames"] == pytest.approx(1.0)
+    assert all(numbers["seconds"] > 0 for numbers in frames.values())
+    # The same seed gives the same latents: the comparison with the official ones rests on it.
+    again, _ = vs_official.run_ours(run)
+    assert torch.equal(latents, again)
+
+
+def _side(seconds: float, peak: float) -> dict:
+    return {"seconds": seconds, "peak_memory_gb": peak, "calls_per_frame": {"unet_2d": {"calls": 2.0, "frames": 4.0}}}
+
+
+def test_comparison_and_table_from_made_up_numbers():
+    official = torch.ones(1, 4, 3, 2, 2)
+    settings = Settings(size=128, steps=2)
+    row = compare((official * (1 + 1e-5), _side(10.0, 4.0)), (official, _side(30.0, 12.0)), "video", settings)
+    assert row["speedup"] == pytest.approx(3.0) and row["memory_ratio"] == pytest.approx(1 / 3)
+    assert row["latent_relative_error"] == pytest.approx(1e-5, rel=0.01) and row["within_tolerance"]
+    far = compare((official * 1.01, _side(10.0, 4.0)), (official, _side(30.0, 12.0)), "video", settings)
+    assert not far["within_tolerance"]
+    shapes = compare((torch.ones(1, 4, 2, 2, 2), _side(1, 1)), (official, _side(1, 1)), "video", settings)
+    assert math.isinf(shapes["latent_relative_error"]) and not shapes["within_tolerance"]
+
+    machine = {"cpu": "Test CPU", "cpu_cores": 2, "gpu": None, "torch": "2.13"}
+    result = {"machine": machine, "settings": dataclasses.asdict(settings), "runs": [{**row, "version": "v1", "mode": "video", "frames": 3}]}
+    table = format_table(result)
+    assert "| v1 video | 128 | 3 | 2 | 30.0 | 10.0 | 3.00x | 12.00 | 4.00 | 0.33 | 1.0e-05 | yes (< 2e-05) |" in table
+    assert "| v1 video | 2.00 / 2.00 |" in table
+
+
+def test_bfloat16_is_held_to_the_conformance_tests_looser_tolerance():
+    assert vs_official.tolerance("float32", "video", "cpu") == 2e-5
+    assert vs_official.tolerance("bfloat16", "image", "cpu") == 5e-2
+    assert vs_official.tolerance("auto", "video", "cuda") == 3e-2
+
+
+def test_basic_block_stand_in_is_a_resnet_basic_block():
+    downsample = torch.nn.Sequential(torch.nn.Conv2d(8, 16, 1, stride=2, bias=False), torch.nn.BatchNorm2d(16))
+    block = vs_official._BasicBlock(8, 16, stride=2, downsample=downsample).eval()
+    assert [name for name, _ in block.named_children()] == ["conv1", "bn1", "relu", "conv2", "bn2", "downsample"]
+    out = block(torch.randn(2, 8, 8, 8))
+    assert out.shape == (2, 16, 4, 4) and out.min() >= 0  # ReLU after the residual sum
+
+
+def test_a_folder_that_is_no_official_checkout_is_one_line(tmp_path):
+    with pytest.raises(HellomemeError, match="not an official HelloMeme checkout"):
+        vs_official.import_official(tmp_path)
+    with pytest.raises(HellomemeError, match="--official"):
+        vs_official.run_comparison(Settings(official=None))
