@@ -27,25 +27,24 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import diffusers
 import torch
 import transformers
-from diffusers import AutoencoderKL, EulerDiscreteScheduler, MotionAdapter, UNet2DConditionModel
+from safetensors.torch import save_file
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer, CLIPVisionConfig, CLIPVisionModelWithProjection
 
 from hellomeme_cli import __version__
 from hellomeme_cli.versions import get_version
-from hellomeme_cli.engine import HelloMemePipeline, apply_speed_options, load_pipeline
-from hellomeme_cli.model_options import resolve_device, resolve_dtype
+from hellomeme_cli.engine import load_pipeline
+from hellomeme_cli.model_options import resolve_device
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.models import HMControlNet, HMDenoisingNet, HMReferenceAdapter, HMReferenceNet, motion_unet
 from hellomeme_cli.pipeline import AnimateSettings, animate, load_reference
 from hellomeme_cli.settings import ModelOptions
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
-from hellomeme_cli.weights.tiny import make_tiny, write_tokenizer
+from hellomeme_cli.weights.tiny import make_tiny
 from hellomeme_cli.face.tracking import default_model_path, track_video
 from hellomeme_cli.media.files import write_atomically
 from hellomeme_cli.media.files import check_destination
@@ -240,97 +239,8 @@ def tracking_speed(clips: list[Path], face_model: Path) -> dict:
 # ------------------------------------------------------------------------------------------
 
 
-V1 = get_version("v1")  # the version these benchmarks measure (full_size_models builds its networks)
-
-
-def full_size_models(face_model: Path, device: torch.device, dtype: torch.dtype, options=None):
-    """A HelloMemePipeline with the real architectures at their released sizes and random weights:
-    SD1.5 UNet, text encoder and VAE, the default HelloMeme adapter and control net, an
-    AnimateDiff v1.5 (v2 module, with a motion mid block, as
-    the tiny cache's) shaped motion adapter, the ViT-H image encoder. Built on the device."""
-    with tempfile.TemporaryDirectory() as folder:
-        vocab_size = write_tokenizer(Path(folder))
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
-    with torch.device(device):
-        unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768)
-        text_encoder = CLIPTextModel(CLIPTextConfig(
-            vocab_size=vocab_size, hidden_size=768, intermediate_size=3072, num_attention_heads=12, num_hidden_layers=12,
-            max_position_embeddings=77, projection_dim=768, hidden_act="quick_gelu",
-            bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1,
-        ))
-        vae = AutoencoderKL(
-            block_out_channels=(128, 256, 512, 512), down_block_types=("DownEncoderBlock2D",) * 4,
-            up_block_types=("UpDecoderBlock2D",) * 4, layers_per_block=2, latent_channels=4, sample_size=512,
-        )
-        motion_adapter = MotionAdapter(
-            block_out_channels=(320, 640, 1280, 1280), motion_layers_per_block=2, motion_num_attention_heads=8,
-            motion_norm_num_groups=32, motion_max_seq_length=32, use_motion_mid_block=True,
-        )
-        image_encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
-            hidden_size=1280, intermediate_size=5120, num_attention_heads=16, num_hidden_layers=32, image_size=224,
-            patch_size=14, projection_dim=1024, hidden_act="gelu",
-        ))
-        adapter, control_net = HMReferenceAdapter(), HMControlNet()
-    networks = (unet, text_encoder, vae, motion_adapter, image_encoder, adapter, control_net)
-    for network in networks:
-        network.to(dtype=dtype).eval()
-    models = HelloMemePipeline(
-        tokenizer=tokenizer, reference_text_encoder=text_encoder, text_encoder=text_encoder,
-        reference_net=HMReferenceNet(unet), denoiser_2d=HMDenoisingNet(unet, adapter),
-        denoiser_motion=HMDenoisingNet(motion_unet(unet, motion_adapter).eval(), adapter), control_net=control_net,
-        vae_encoder=vae, vae_decoder=vae, image_encoder=image_encoder, fan_encoder=None, face_model=face_model,
-        scheduler=EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear"),
-        version=V1, control_kind=V1.control("blendshapes"),
-    )
-    apply_speed_options(models, options or ModelOptions())
-    return models
-
-
-class _NetworkTimer:
-    """Accumulated seconds (device-synchronised) and calls of a module's forward."""
-
-    def __init__(self, module: torch.nn.Module, device: torch.device):
-        self.seconds, self.calls, self._device = 0.0, 0, device
-        module.register_forward_pre_hook(self._start)
-        module.register_forward_hook(self._stop)
-
-    def _sync(self) -> float:
-        if self._device.type == "cuda":
-            torch.cuda.synchronize(self._device)
-        return time.perf_counter()
-
-    def _start(self, module, args) -> None:
-        self._started = self._sync()
-
-    def _stop(self, module, args, output) -> None:
-        self.seconds += self._sync() - self._started
-        self.calls += 1
-
-
-# Per-frame shapes of the control inputs (the blendshapes kind's ARKit coefficients and face parts, PD-FGC's embedding).
-_INPUT_SHAPES = {"drive_coeff": (51,), "face_parts": (3, 1024), "pd_fpg": (548,)}
-
-
-def unet_call_flops(models, size: int, window: int, guided: bool) -> dict[str, int]:
-    """FLOPs of one stage-1 denoiser call (one frame) and one stage-2 call (one window), with the
-    reference features and control in place, as the sampler makes them."""
-    batch = 2 if guided else 1
-    latent = size // 8
-    device, dtype = models.device, models.dtype
-    text = torch.zeros(batch, 77, models.denoiser_2d.unet.config.cross_attention_dim, device=device, dtype=dtype)
-    with torch.no_grad():
-        reference = models.reference_net(torch.zeros(batch, 4, latent, latent, device=device), text)
-
-        def control(frames: int):
-            condition = torch.zeros(batch, 3, frames, size, size, device=device)
-            inputs = [torch.zeros(batch, frames, *_INPUT_SHAPES[name], device=device) for name in models.control_kind.inputs]
-            return models.control_net(condition, *inputs)
-
-        def flops(denoiser, frames: int) -> int:
-            latents = torch.zeros(batch, 4, frames, latent, latent, device=device)
-            return count_flops(denoiser, latents, torch.tensor(500.0, device=device), text, reference, control(frames))
-
-        return {"stage1_call": flops(models.denoiser_2d, 1), "stage2_call": flops(models.denoiser_motion, window)}
+# Every version's runs: (version, mode); v5c makes pictures only.
+FULL_SIZE_RUNS = (("v1", "video"), ("v2", "video"), ("v3", "video"), ("v4", "video"), ("v5", "video"), ("v5b", "video"), ("v5c", "image"))
 
 
 def peak_tflops(gpu_name: str) -> float | None:
@@ -341,47 +251,85 @@ def peak_tflops(gpu_name: str) -> float | None:
     return None
 
 
+def _text_width(home: Path) -> int:
+    """The prompt embeddings' width the cache's SD1.5 text encoder makes (768 at full size)."""
+    return json.loads((home / "sd15" / "text_encoder" / "config.json").read_text())["hidden_size"]
+
+
+def full_size_weights(home: Path, components: Sequence[str]) -> float:
+    """Full-size random weights of `components` in the cache at `home`, written where missing (one
+    folder serves every version and every run; the sampler reads no face model, a placeholder
+    stands in) -> the seconds spent writing."""
+    from benchmarks import vs_official
+    from hellomeme_cli.weights.tiny import make_full_size
+
+    started = time.perf_counter()
+    missing = [name for name in dict.fromkeys(components) if not (home / name).is_dir() or not any((home / name).iterdir())]
+    if missing:
+        make_full_size(home, missing)
+    if not (home / "face_landmarker").is_dir():
+        vs_official._face_model_placeholder(home)
+    return time.perf_counter() - started
+
+
+def unet_utilisation(measured: dict, peak: float | None) -> dict:
+    """The UNets' achieved rate: FLOPs per frame of each UNet role (its first call, counted) x the
+    frames through it, over the seconds spent in it; and that rate over the GPU's peak."""
+    flops = measured.get("flops_per_frame") or {}
+    calls = measured["calls_per_frame"]
+    seconds = sum(calls[role]["seconds"] for role in flops)
+    work = sum(flops[role] * calls[role]["frames"] for role in flops)
+    achieved = work / seconds / 1e12 if seconds and work else None
+    return {"flops_per_frame": flops, "achieved_tflops": achieved, "utilisation": achieved / peak if achieved and peak else None}
+
+
 def measure_full_size(
-    reference: Path,
-    driving: Path,
-    output_folder: Path,
-    face_model: Path,
+    runs: Sequence[tuple[str, str]] = FULL_SIZE_RUNS,
     frame_counts: tuple[int, ...] = (24, 96),
     *,
     device: str = "cuda",
     dtype: str = "auto",
     steps: int = 25,
-    guidance: float = 2.0,
+    guidance: float = 1.5,
     size: int = 512,
-    options=None,
+    control: str = "pdfgc",
+    options: ModelOptions | None = None,
+    weights: Path | None = None,
 ) -> dict:
-    """SD1.5-sized random networks, default steps and guidance: stage seconds per frame, peak
-    GPU memory and UNet utilisation for each clip length (the clip is looped when too short)."""
-    compute = resolve_device(device)
-    models = full_size_models(face_model, compute, resolve_dtype(dtype, compute), options)
-    timers = {"stage1": _NetworkTimer(models.denoiser_2d, compute), "stage2": _NetworkTimer(models.denoiser_motion, compute)}
-    settings = AnimateSettings()
-    flops = unet_call_flops(models, size, settings.window, guidance > 1)
-    gpu = torch.cuda.get_device_name(compute) if compute.type == "cuda" else None
+    """Each version's sampler on full-size random weights in the released layout (written once for
+    every run, `full_size_weights`, into `weights` when given: kept for the next call, and missing ones
+    added), one fresh process per run,
+    random driving inputs (no tracking, no ffmpeg: what a borrowed GPU lacks does not matter): seconds
+    per output frame, peak memory, network calls per frame and the UNets' utilisation."""
+    from benchmarks import vs_official
+
+    options = options or ModelOptions()
+    speed = {name: getattr(options, name) for name in ("compile", "channels_last", "low_memory")}
+    gpu = torch.cuda.get_device_name(resolve_device(device)) if device.startswith("cuda") else None
     peak = peak_tflops(gpu) if gpu else None
-    runs = []
-    for frames in frame_counts:
-        for timer in timers.values():
-            timer.seconds, timer.calls = 0.0, 0
-        clip = loop_clip(driving, frames, output_folder / f"drive_{frames}.mp4")
-        run = ClipRun("", str(reference), str(clip), str(output_folder / f"full_{frames}.mp4"), size, steps, guidance, frames, device, dtype)
-        measured = measure_clip(run, models)
-        unet_seconds = sum(timer.seconds for timer in timers.values())
-        unet_flops = flops["stage1_call"] * timers["stage1"].calls + flops["stage2_call"] * timers["stage2"].calls
-        achieved = unet_flops / unet_seconds / 1e12 if unet_seconds else None
-        measured["unet"] = {
-            "calls": {stage: timer.calls for stage, timer in timers.items()},
-            "seconds": {stage: timer.seconds for stage, timer in timers.items()},
-            "achieved_tflops": achieved,
-            "utilisation": achieved / peak if achieved and peak else None,
-        }
-        runs.append(measured)
-    return {"device": gpu or str(compute), "dtype": str(models.dtype), "flops_per_call": flops, "peak_bf16_tflops": peak, "runs": runs}
+    with tempfile.TemporaryDirectory(prefix="hellomeme-full-size-") as folder:
+        home = weights or Path(folder) / "weights"
+        needed = [name for version, mode in runs for name in vs_official.weight_components(get_version(version, mode), [mode], control)]
+        written = full_size_weights(home, needed)
+        rows = []
+        for version, mode in runs:
+            for frames in frame_counts if mode == "video" else (1,):
+                inputs = Path(folder) / f"inputs-{version}-{mode}-{frames}.safetensors"
+                save_file(vs_official.draw_inputs(get_version(version, mode), mode, size, frames, control, 0, _text_width(home)), str(inputs))
+                run = vs_official.Run(
+                    "ours", version, mode, str(home), str(inputs), size, frames, steps, guidance, device, dtype, control, 0,
+                    options=speed, flops=not options.compile,  # the FLOP counter's replay would recompile
+                )
+                _, measured = vs_official.run_side(run)
+                rows.append({
+                    "version": version, "mode": mode, "frames": frames, "seconds": measured["seconds"],
+                    "seconds_per_frame": measured["seconds"] / frames, "peak_memory_gb": measured["peak_memory_gb"],
+                    "calls_per_frame": measured["calls_per_frame"], "unet": unet_utilisation(measured, peak),
+                })
+    return {
+        "device": gpu or device, "dtype": dtype, "size": size, "steps": steps, "guidance": guidance, "options": speed,
+        "weights_seconds": written, "peak_bf16_tflops": peak, "runs": rows,
+    }
 
 
 @dataclasses.dataclass(frozen=True)
@@ -398,19 +346,43 @@ class BenchSettings:
     memory_frames: tuple[int, ...] = (100, 1000)
     memory_steps: int = 1  # memory does not depend on the step count; time does
     full_size: bool = False
+    full_size_runs: tuple[tuple[str, str], ...] = FULL_SIZE_RUNS
     full_size_frames: tuple[int, ...] = (24, 96)
-    full_size_options: ModelOptions | None = None  # speed flags (compile, channels_last, ...) for the GPU run
+    full_size_steps: int = 25
+    full_size_dtype: str = "auto"  # float16 on a GPU
+    full_size_options: ModelOptions | None = None  # speed flags (compile, channels_last, low_memory) for the GPU run
+    full_size_weights: Path | None = None  # a folder to keep the full-size random weights in (else a temporary one)
+    full_size_only: bool = False  # only the full-size runs (a borrowed GPU: no tracking, no ffmpeg needed)
 
 
 def run_benchmarks(settings: BenchSettings, progress: ProgressCallback = no_progress) -> dict:
     """Every measurement in `settings`, as one JSON-ready dict (machine and versions included)."""
-    steps = ["tracking", "clip", *(f"memory {n}" for n in settings.memory_frames), *(["full size"] if settings.full_size else [])]
+    cpu = [] if settings.full_size_only else ["tracking", "clip", *(f"memory {n}" for n in settings.memory_frames)]
+    steps = [*cpu, *(["full size"] if settings.full_size else [])]
 
     def done(step: str) -> None:
         progress(ProgressEvent("benchmarks", steps.index(step) + 1, len(steps), unit="runs"))
 
     result: dict = {"machine": machine(), "settings": _jsonable(dataclasses.asdict(settings))}
-    result["tracking"] = tracking_speed([settings.driving], settings.face_model)
+    if cpu:
+        result.update(measure_cpu(settings, done))
+    if not settings.full_size:
+        result["gpu_full_size"] = {"skipped": "not asked for (--full-size)"}
+    elif not torch.cuda.is_available():
+        result["gpu_full_size"] = {"skipped": "no CUDA GPU on this machine"}
+    else:
+        result["gpu_full_size"] = measure_full_size(
+            settings.full_size_runs, settings.full_size_frames, steps=settings.full_size_steps, dtype=settings.full_size_dtype,
+            options=settings.full_size_options, weights=settings.full_size_weights,
+        )
+    if settings.full_size:
+        done("full size")
+    return result
+
+
+def measure_cpu(settings: BenchSettings, done: Callable[[str], None]) -> dict:
+    """Face tracking, the tiny-weight clip run and the memory runs on the CPU."""
+    result: dict = {"tracking": tracking_speed([settings.driving], settings.face_model)}
     done("tracking")
     with tempfile.TemporaryDirectory(prefix="hellomeme-bench-") as folder:
         folder = Path(folder)
@@ -427,17 +399,6 @@ def run_benchmarks(settings: BenchSettings, progress: ProgressCallback = no_prog
             clip = loop_clip(settings.driving, frames, folder / f"drive_{frames}.mp4")
             result["memory"].append(run(clip, f"memory_{frames}.mp4", settings.memory_steps, None))
             done(f"memory {frames}")
-        if not settings.full_size:
-            result["gpu_full_size"] = {"skipped": "not asked for (--full-size)"}
-        elif not torch.cuda.is_available():
-            result["gpu_full_size"] = {"skipped": "no CUDA GPU on this machine"}
-        else:
-            result["gpu_full_size"] = measure_full_size(
-                settings.reference, settings.driving, folder, settings.face_model, settings.full_size_frames,
-                options=settings.full_size_options,
-            )
-        if settings.full_size:
-            done("full size")
     return result
 
 
@@ -448,25 +409,34 @@ def write_json(result: dict, path: Path) -> None:
 def format_table(result: dict) -> str:
     """The headline numbers as a few aligned lines of text."""
     lines = [f"{result['machine']['cpu']} ({result['machine']['cpu_cores']} cores), torch {result['machine']['torch']}"]
-    lines.append(f"face tracking: {result['tracking']['overall_fps']:.1f} frames/s")
-    clip = result["cpu_tiny"]
-    lines.append(f"CPU, tiny weights, {clip['settings']['size']} px, {clip['settings']['steps']} steps, {clip['frames']} frames: s/frame")
-    lines.append("  " + "  ".join(f"{stage} {clip['seconds_per_frame'][stage]:.3f}" for stage in STAGES))
-    lines.append(f"  peak RSS {clip['peak_rss_mb']:.0f} MB (after loading {clip['rss_after_loading_mb']:.0f} MB)")
-    for run in result["memory"]:
-        lines.append(f"memory, {run['frames']} frames: peak RSS {run['peak_rss_mb']:.0f} MB (after loading {run['rss_after_loading_mb']:.0f} MB)")
+    if "tracking" in result:
+        lines.append(f"face tracking: {result['tracking']['overall_fps']:.1f} frames/s")
+        clip = result["cpu_tiny"]
+        lines.append(f"CPU, tiny weights, {clip['settings']['size']} px, {clip['settings']['steps']} steps, {clip['frames']} frames: s/frame")
+        lines.append("  " + "  ".join(f"{stage} {clip['seconds_per_frame'][stage]:.3f}" for stage in STAGES))
+        lines.append(f"  peak RSS {clip['peak_rss_mb']:.0f} MB (after loading {clip['rss_after_loading_mb']:.0f} MB)")
+        for run in result["memory"]:
+            lines.append(f"memory, {run['frames']} frames: peak RSS {run['peak_rss_mb']:.0f} MB (after loading {run['rss_after_loading_mb']:.0f} MB)")
     gpu = result["gpu_full_size"]
     if "skipped" in gpu:
         lines.append(f"GPU full size: skipped ({gpu['skipped']})")
-    for run in gpu.get("runs", []):
-        per_frame = "  ".join(f"{stage} {run['seconds_per_frame'][stage]:.3f}" for stage in STAGES)
-        utilisation = run["unet"]["utilisation"]
-        lines.append(
-            f"GPU full size ({gpu['device']}, {gpu['dtype']}), {run['frames']} frames: s/frame {per_frame}; "
-            f"peak {run['peak_gpu_memory_mb']:.0f} MB; UNet {run['unet']['achieved_tflops']:.1f} TFLOP/s"
-            + (f" = {utilisation:.1%} of peak" if utilisation else "")
-        )
+    lines.extend(full_size_lines(gpu))
     return "\n".join(lines)
+
+
+def full_size_lines(gpu: dict) -> list[str]:
+    """One line per full-size run: seconds per output frame, peak memory, the UNets' rate."""
+    lines = []
+    if gpu.get("runs"):
+        lines.append(f"full size on {gpu['device']} ({gpu['dtype']}, {gpu['size']} px, {gpu['steps']} steps, options {gpu['options']}):")
+    for run in gpu.get("runs", []):
+        unet = run["unet"]
+        rate = f"; UNet {unet['achieved_tflops']:.1f} TFLOP/s" if unet["achieved_tflops"] else ""
+        lines.append(
+            f"  {run['version']} {run['mode']}, {run['frames']} frames: {run['seconds_per_frame']:.3f} s/frame; peak {run['peak_memory_gb']:.2f} GB"
+            + rate + (f" = {unet['utilisation']:.1%} of peak" if unet["utilisation"] else "")
+        )
+    return lines
 
 
 def _jsonable(value):
@@ -495,7 +465,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
         "face tracking fps, full size on a GPU.",
     )
     parser.add_argument("--json", type=Path, help="also write every number to this JSON file")
-    parser.add_argument("--full-size", action="store_true", help="add the full-size run: SD1.5-sized random networks at 512x512 (CUDA GPU only)")
+    parser.add_argument("--full-size", action="store_true", help="add the full-size runs: every version's networks at their released sizes, random weights, 512x512 (CUDA GPU only)")
+    parser.add_argument("--versions", nargs="+", help="full-size runs: v1 ... v5b (video), v5c or VERSION:image (default: every version)")
+    parser.add_argument("--full-size-steps", type=int, default=25, help="denoising steps of the full-size runs (default: %(default)s)")
+    parser.add_argument("--full-size-dtype", default="auto", help="dtype of the full-size runs (default: auto = float16 on a GPU)")
+    parser.add_argument("--full-size-only", action="store_true", help="only the full-size runs (no tracking, clip or memory runs on the CPU)")
+    parser.add_argument("--full-size-weights", type=Path, help="keep the full-size random weights in this folder for the next run (default: a temporary one)")
     parser.add_argument("--frames", type=int, action="append", help="looped clip lengths for the memory runs; repeat (default: 100 and 1000)")
     parser.add_argument("--full-size-frames", type=int, action="append", help="clip lengths of the full-size run; repeat (default: 24 and 96)")
     parser.add_argument("--reference", type=Path, default=SHARED_MEDIA / "majicmix1.jpg", help="portrait (default: %(default)s)")
@@ -506,23 +481,33 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--max-frames", type=int, help="use only the first N frames of the clip in the CPU clip run")
     parser.add_argument("--compile", action="store_true", help="full-size run: torch.compile the UNet and VAE blocks")
     parser.add_argument("--channels-last", action="store_true", help="full-size run: channels-last memory format")
-    parser.add_argument("--low-memory", action="store_true", help="full-size run: sequential CPU offload")
+    parser.add_argument("--low-memory", action="store_true", help="full-size run: block-level offloading, no kept control features")
     parser.add_argument("--worker", nargs=2, metavar=("RUN_JSON", "RESULT_JSON"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
+
+
+def _parse_run(text: str) -> tuple[str, str]:
+    """`v2` (video where the version makes video) or `v5:image` -> (version, mode)."""
+    from benchmarks.vs_official import parse_run
+
+    return parse_run(text)
 
 
 def settings_from(arguments: argparse.Namespace) -> BenchSettings:
     """The settings the options ask for, the inputs checked first."""
     for path, option in ((arguments.reference, "--reference"), (arguments.drive, "--drive")):
-        if not path.is_file():
+        if not path.is_file() and not arguments.full_size_only:  # the full-size runs draw their inputs
             raise HellomemeError(f"{path}: not found (give it with {option})")
     if arguments.json:
         check_destination(arguments.json, True, [arguments.reference, arguments.drive])
     return BenchSettings(
-        reference=arguments.reference, driving=arguments.drive, face_model=arguments.face_model or default_model_path(),
+        reference=arguments.reference, driving=arguments.drive,
+        face_model=arguments.face_model or (Path() if arguments.full_size_only else default_model_path()),
         size=arguments.size, steps=arguments.steps, clip_frames=arguments.max_frames,
-        memory_frames=tuple(arguments.frames or (100, 1000)), full_size=arguments.full_size,
-        full_size_frames=tuple(arguments.full_size_frames or (24, 96)),
+        memory_frames=tuple(arguments.frames or (100, 1000)), full_size=arguments.full_size or arguments.full_size_only,
+        full_size_frames=tuple(arguments.full_size_frames or (24, 96)), full_size_steps=arguments.full_size_steps,
+        full_size_dtype=arguments.full_size_dtype, full_size_only=arguments.full_size_only, full_size_weights=arguments.full_size_weights,
+        full_size_runs=tuple(_parse_run(name) for name in arguments.versions) if arguments.versions else FULL_SIZE_RUNS,
         full_size_options=ModelOptions(
             device="cuda", compile=arguments.compile, channels_last=arguments.channels_last, low_memory=arguments.low_memory
         ),

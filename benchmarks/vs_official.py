@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from benchmarks import bench
 from benchmarks.bench import ROOT, machine, quiet_libraries, write_json
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.versions import DPM_SDE, SD15_SCHEDULE, Version, any_version, get_version
@@ -86,6 +87,7 @@ class Settings:
     dtype: str = "float32"
     control: str = "pdfgc"  # the official app's default control (HMControlNet2 / PD-FGC)
     seed: int = 0
+    weights: Path | None = None  # keep the full-size weights here for every version and the next run (else one temporary folder each)
 
     @classmethod
     def for_device(cls, device: str, **given) -> Settings:
@@ -112,6 +114,8 @@ class Run:
     control: str
     seed: int
     official: str | None = None
+    options: dict = dataclasses.field(default_factory=dict)  # our speed options (compile, channels_last, low_memory)
+    flops: bool = False  # ours: also the FLOPs of each UNet role's first call, replayed after the timed run
 
 
 def parse_run(text: str) -> tuple[str, str]:
@@ -165,12 +169,14 @@ class CallCounter:
     """Calls, frames (batch x frame axis of the first tensor argument: CFG halves count) and seconds
     (wall clock, CUDA synchronised) of each role's networks: where a side's time goes."""
 
-    def __init__(self, device: torch.device = torch.device("cpu")):
+    def __init__(self, device: torch.device = torch.device("cpu"), keep_first: Sequence[str] = ()):
         self.calls = dict.fromkeys(ROLES, 0)
         self.frames = dict.fromkeys(ROLES, 0)
         self.seconds = dict.fromkeys(ROLES, 0.0)
         self._device = device
         self._hooked: set[int] = set()
+        self._keep_first = set(keep_first)
+        self.first_calls: dict[str, tuple[torch.nn.Module, tuple, dict, int]] = {}  # role -> (module, args, kwargs, frames)
 
     def _now(self) -> float:
         if self._device.type == "cuda":
@@ -193,11 +199,18 @@ class CallCounter:
             self.seconds[counted] += self._now() - started.pop()
             first = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
             self.calls[counted] += 1
-            if first is not None:
-                self.frames[counted] += first.shape[0] * (first.shape[2] if first.ndim == 5 else 1)
+            frames = first.shape[0] * (first.shape[2] if first.ndim == 5 else 1) if first is not None else 0
+            self.frames[counted] += frames
+            if counted in self._keep_first and counted not in self.first_calls:
+                self.first_calls[counted] = (_module, args, kwargs, frames)
 
         module.register_forward_pre_hook(start, with_kwargs=True)
         module.register_forward_hook(hook, with_kwargs=True)
+
+    def flops_per_frame(self) -> dict[str, float]:
+        """FLOPs per frame through each kept role, from its first call run again under the FLOP counter
+        (`bench.count_flops`): with the frames through the role and its seconds, the achieved rate."""
+        return {role: bench.count_flops(module, *args, **kwargs) / frames for role, (module, args, kwargs, frames) in self.first_calls.items() if frames}
 
     def per_frame(self, output_frames: int) -> dict[str, dict[str, float]]:
         """Per output frame, each role that ran: calls, frames through it, seconds in it."""
@@ -254,10 +267,10 @@ def run_ours(run: Run) -> tuple[torch.Tensor, dict]:
     from hellomeme_cli.weights.cache import WeightCache
 
     version = get_version(run.version, run.mode)
-    options = ModelOptions(version=run.version, control=run.control, device=run.device, dtype=run.dtype)
+    options = ModelOptions(version=run.version, control=run.control, device=run.device, dtype=run.dtype, **run.options)
     pipe = load_pipeline(run.version, options, WeightCache(Path(run.home)), mode=run.mode)
     device = pipe.device
-    counter = CallCounter(device)
+    counter = CallCounter(device, keep_first=("unet_2d", "unet_motion") if run.flops else ())
     motion_role = "unet_motion" if pipe.denoiser_2d is pipe.denoiser_motion else None
     for role, names in OUR_ROLES.items():
         for name in names:
@@ -291,6 +304,9 @@ def run_ours(run: Run) -> tuple[torch.Tensor, dict]:
     loaded = _current_rss_gb()
     latents, seconds = _timed(device, sample)
     measured = {"seconds": seconds, "peak_memory_gb": _peak_memory_gb(device), "rss_loaded_gb": loaded, "calls_per_frame": counter.per_frame(num_frames)}
+    if run.flops:
+        with torch.no_grad():
+            measured["flops_per_frame"] = counter.flops_per_frame()
     return latents.float().cpu(), measured
 
 
@@ -486,8 +502,6 @@ def compare(ours: tuple[torch.Tensor, dict], official: tuple[torch.Tensor, dict]
 def run_comparison(settings: Settings, progress: Callable[[str], None] = lambda line: None) -> dict:
     """Every run of `settings`, one process at a time: weights written once per version, inputs drawn,
     ours then the official -> a JSON-ready dict (machine, settings, one result per run)."""
-    from hellomeme_cli.weights.tiny import make_full_size
-
     if settings.official is None:
         raise HellomemeError("give the official checkout with --official PATH")
     import_official(settings.official)  # fails here, with one line, rather than in every worker
@@ -498,11 +512,9 @@ def run_comparison(settings: Settings, progress: Callable[[str], None] = lambda 
     for name, modes in by_version.items():
         version = get_version(name, modes[0])
         with tempfile.TemporaryDirectory(prefix=f"hellomeme-full-{name}-") as folder:
-            progress(f"{name}: writing full-size random weights")
-            started = time.perf_counter()
-            make_full_size(Path(folder) / "weights", weight_components(version, modes, settings.control), seed=settings.seed)
-            _face_model_placeholder(Path(folder) / "weights")
-            written = time.perf_counter() - started
+            progress(f"{name}: full-size random weights")
+            home = settings.weights or Path(folder) / "weights"
+            written = bench.full_size_weights(home, weight_components(version, modes, settings.control))
             for mode in modes:
                 inputs = Path(folder) / f"inputs-{mode}.safetensors"
                 save_file(draw_inputs(version, mode, settings.size, settings.frames, settings.control, settings.seed), str(inputs))
@@ -510,7 +522,7 @@ def run_comparison(settings: Settings, progress: Callable[[str], None] = lambda 
                 for side in ("ours", "official"):
                     progress(f"{name} {mode}: {side}")
                     sides[side] = run_side(Run(
-                        side, name, mode, str(Path(folder) / "weights"), str(inputs), settings.size, settings.frames, settings.steps,
+                        side, name, mode, str(home), str(inputs), settings.size, settings.frames, settings.steps,
                         settings.guidance, settings.device, settings.dtype, settings.control, settings.seed,
                         str(settings.official.resolve()),
                     ))
@@ -580,6 +592,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on the CPU, float16 on CUDA)")
     parser.add_argument("--control", choices=("pdfgc", "blendshapes"), help="the expression control (default: pdfgc, the app's)")
     parser.add_argument("--seed", type=int, help="seed of the inputs and the sampler (default: 0)")
+    parser.add_argument("--weights", type=Path, help="keep the full-size random weights in this folder, for every version and the next run")
     parser.add_argument("--worker", nargs=2, metavar=("RUN_JSON", "OUT_DIR"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -594,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     given = dict(
         official=arguments.official, size=arguments.size, frames=arguments.frames, steps=arguments.steps, guidance=arguments.guidance,
-        dtype=arguments.dtype, control=arguments.control, seed=arguments.seed,
+        dtype=arguments.dtype, control=arguments.control, seed=arguments.seed, weights=arguments.weights,
         runs=tuple(arguments.versions) if arguments.versions else None,
     )
     try:

@@ -10,12 +10,16 @@ import pytest
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
-from benchmarks import bench
+from safetensors.torch import save_file
+
+from benchmarks import bench, vs_official
 from benchmarks.bench import STAGES, StageClock, main
+from benchmarks.vs_official import Run, draw_inputs
 from conformance_case import control_from_tensors
 from conftest import MEDIA, require
 from hellomeme_cli.engine import compile_blocks, load_pipeline
 from hellomeme_cli.settings import ModelOptions
+from hellomeme_cli.versions import get_version
 from hellomeme_cli.progress import ProgressEvent
 from hellomeme_cli.samplers.common import SamplerInputs, SamplerSettings
 from hellomeme_cli.weights.tiny import TEXT_DIM
@@ -55,7 +59,7 @@ def test_stage_clock_gives_the_time_before_stage_1_to_the_reference_and_the_tail
     assert all(seconds[stage] > 0 for stage in ("tracking", "signals", "reference", "stage1", "decode", "encode"))
 
 
-def _layer_by_layer_flops(module: torch.nn.Module, *args) -> int:
+def _layer_by_layer_flops(module: torch.nn.Module, *args, **kwargs) -> int:
     """FLOPs of one call counted from the shapes each layer sees: 2 per multiply-add of every
     convolution, linear layer and attention product (bias, norms and activations left out)."""
     total = 0
@@ -83,7 +87,7 @@ def _layer_by_layer_flops(module: torch.nn.Module, *args) -> int:
     torch.nn.functional.scaled_dot_product_attention = attention
     try:
         with torch.no_grad():
-            module(*args)
+            module(*args, **kwargs)
     finally:
         torch.nn.functional.scaled_dot_product_attention = sdpa
         for hook in hooks:
@@ -91,16 +95,38 @@ def _layer_by_layer_flops(module: torch.nn.Module, *args) -> int:
     return total
 
 
-def test_counted_unet_flops_match_a_layer_by_layer_count(tiny_cache, monkeypatch):
-    """The FLOPs behind the utilisation figure: one stage-1 and one stage-2 denoiser call, with
-    guidance, reference features and control, as `unet_call_flops` makes them."""
-    models = load_pipeline("v1", ModelOptions(device="cpu", control="blendshapes"), WeightCache(tiny_cache))
-    counted = bench.unet_call_flops(models, size=SIZE, window=3, guided=True)
+def _tiny_run(tiny_cache, tmp_path, version: str = "v1") -> Run:
+    inputs = tmp_path / "inputs.safetensors"
+    save_file(draw_inputs(get_version(version), "video", SIZE, 3, "pdfgc", seed=0, text_width=TEXT_DIM), str(inputs))
+    return Run("ours", version, "video", str(tiny_cache), str(inputs), SIZE, 3, 1, 1.5, "cpu", "float32", "pdfgc", 0, flops=True)
+
+
+def test_counted_unet_flops_match_a_layer_by_layer_count(tiny_cache, tmp_path, monkeypatch):
+    """The FLOPs behind the utilisation figure: each UNet role's first call (a stage-1 frame, a stage-2
+    window, with guidance, reference features and control) counted again after the run."""
+    run = _tiny_run(tiny_cache, tmp_path)
+    counted = vs_official.run_ours(run)[1]["flops_per_frame"]
     monkeypatch.setattr(bench, "count_flops", _layer_by_layer_flops)
-    expected = bench.unet_call_flops(models, size=SIZE, window=3, guided=True)
-    assert expected["stage2_call"] > 2 * expected["stage1_call"] > 0  # three frames, and the motion modules
-    for call in ("stage1_call", "stage2_call"):
-        assert abs(counted[call] - expected[call]) <= 0.02 * expected[call], (call, counted[call], expected[call])
+    expected = vs_official.run_ours(run)[1]["flops_per_frame"]
+    assert set(counted) == {"unet_2d", "unet_motion"} and expected["unet_motion"] > expected["unet_2d"] > 0  # the motion modules
+    for role in counted:
+        assert abs(counted[role] - expected[role]) <= 0.02 * expected[role], (role, counted[role], expected[role])
+
+
+def test_full_size_runs_report_every_versions_speed_memory_and_rate(tiny_cache, tmp_path):
+    """The full-size path (CUDA in `make bench`) on the tiny weights and the CPU: one fresh process per
+    run, with the speed options handed to it, every number there."""
+    result = bench.measure_full_size(
+        (("v2", "video"), ("v5c", "image")), (3,), device="cpu", dtype="float32", steps=1, size=SIZE,
+        options=ModelOptions(low_memory=True), weights=tiny_cache,
+    )
+    assert [(run["version"], run["mode"], run["frames"]) for run in result["runs"]] == [("v2", "video", 3), ("v5c", "image", 1)]
+    assert result["options"] == {"compile": False, "channels_last": False, "low_memory": True}
+    for run in result["runs"]:
+        assert run["seconds_per_frame"] > 0 and run["peak_memory_gb"] > 0 and run["unet"]["achieved_tflops"] > 0
+        assert run["calls_per_frame"]["unet_motion" if run["mode"] == "video" else "unet_2d"]["calls"] > 0
+    lines = bench.full_size_lines(result)
+    assert len(lines) == 3 and "v5c image, 1 frames" in lines[2]
 
 
 def test_every_attention_uses_pytorch_sdpa(tiny_cache):
