@@ -1,8 +1,8 @@
 """How far the video samplers in half precision end from float32 (issue 22, item 4), and which
 networks' precision it comes from, on the conformance cases' tiny random weights.
 
-    PYTHONPATH=. .venv/bin/python scripts/half_precision_error.py table --versions v5,v5b --frames 24 --guidance 2.5,3.0
-    PYTHONPATH=. .venv/bin/python scripts/half_precision_error.py parts --versions v5 --guidance 3.0 \
+    PYTHONPATH=. .venv/bin/python benchmarks/half_precision.py table --versions v5,v5b --frames 24 --guidance 2.5,3.0
+    PYTHONPATH=. .venv/bin/python benchmarks/half_precision.py parts --versions v5 --guidance 3.0 \
         --parts control,motion,reference_attention,groupnorm,layernorm,attention,resnets,transformers
 
 `table`: relative error ||half - float32|| / ||float32|| of the final latents, networks in bfloat16
@@ -33,7 +33,7 @@ import torch
 from diffusers.models.attention_processor import Attention
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the conformance cases' loader
 from conformance_case import control_from_tensors, load_case, networks_to, relative_error, sampler_case  # noqa: E402
 from conftest import CONFORMANCE_DIR  # noqa: E402
 
