@@ -522,15 +522,20 @@ def main(argv: list[str] | None = None) -> int:
         run_json, result_json = arguments.worker
         Path(result_json).write_text(json.dumps(measure_clip(ClipRun(**json.loads(run_json)))))
         return 0
+    return run_and_report(lambda: run_benchmarks(settings_from(arguments), progress=_print_progress), format_table, arguments.json)
+
+
+def run_and_report(measure: Callable[[], dict], table: Callable[[dict], str], json_path: Path | None) -> int:
+    """A benchmark's end: its table on stdout and, with --json, the file; a bad input or a failed run is one line."""
     try:
-        result = run_benchmarks(settings_from(arguments), progress=_print_progress)
+        result = measure()
     except HellomemeError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    print(format_table(result))
-    if arguments.json:
-        write_json(result, arguments.json)
-        print(f"wrote {arguments.json}")
+    print(table(result))
+    if json_path:
+        write_json(result, json_path)
+        print(f"wrote {json_path}")
     return 0
 
 

@@ -39,7 +39,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from benchmarks import bench
-from benchmarks.bench import ROOT, machine, quiet_libraries, write_json
+from benchmarks.bench import ROOT, machine, quiet_libraries
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.versions import DPM_SDE, SD15_SCHEDULE, Version, any_version, get_version
 
@@ -610,17 +610,8 @@ def main(argv: list[str] | None = None) -> int:
         dtype=arguments.dtype, control=arguments.control, seed=arguments.seed, weights=arguments.weights,
         runs=tuple(arguments.versions) if arguments.versions else None,
     )
-    try:
-        settings = Settings.for_device(arguments.device, **given)
-        result = run_comparison(settings, progress=lambda line: print(line, file=sys.stderr, flush=True))
-    except HellomemeError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    print(format_table(result))
-    if arguments.json:
-        write_json(result, arguments.json)
-        print(f"wrote {arguments.json}")
-    return 0
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    return bench.run_and_report(lambda: run_comparison(Settings.for_device(arguments.device, **given), progress), format_table, arguments.json)
 
 
 if __name__ == "__main__":
