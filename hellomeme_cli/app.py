@@ -90,7 +90,7 @@ def _choices(setting: Setting, mode: str, cache: WeightCache) -> list | None:
         return [preset.name for preset in all_presets() if preset.kind == "lora"] + _cached_weights(cache.home / "loras")
     fixed = {
         "dtype": DTYPES, "pose": POSES, "motion": MOTIONS, "upscale": UPSCALE_CHOICES, "device": ("auto", "cpu", "cuda", "mps"),
-        "scheduler": tuple(SCHEDULERS), "few_step": tuple(FEW_STEP),
+        "scheduler": ("", *SCHEDULERS), "few_step": ("", *FEW_STEP),  # "": the version's own (an API caller may leave it)
     }
     return list(fixed[setting.name]) if setting.name in fixed else None
 
@@ -110,7 +110,8 @@ def _component(setting: Setting, mode: str, cache: WeightCache) -> gr.components
     if setting.name == "checkpoint":
         return gr.Dropdown(choices, value=choices[0], allow_custom_value=True, **{**common, "info": info + " Or a file, folder or repo id."})
     if choices is not None:
-        return gr.Dropdown(choices, value=setting.default, allow_custom_value=setting.name in ("device", "scheduler"), **common)
+        value = "" if setting.default is None else setting.default
+        return gr.Dropdown(choices, value=value, allow_custom_value=setting.name in ("device", "scheduler"), **common)
     if setting.cli_type is bool:
         return gr.Checkbox(value=setting.default, **common)
     if setting.cli_type in (int | None, float | None):  # empty means the default (a number field would send 0)
