@@ -117,16 +117,16 @@ def test_full_size_runs_report_every_versions_speed_memory_and_rate(tiny_cache, 
     """The full-size path (CUDA in `make bench`) on the tiny weights and the CPU: one fresh process per
     run, with the speed options handed to it, every number there."""
     result = bench.measure_full_size(
-        (("v2", "video"), ("v5c", "image")), (3,), device="cpu", dtype="float32", steps=1, size=SIZE,
-        options=ModelOptions(low_memory=True), weights=tiny_cache,
+        (("v2", "video"),), (3,), device="cpu", dtype="float32", steps=1, size=SIZE, options=ModelOptions(low_memory=True), weights=tiny_cache,
     )
-    assert [(run["version"], run["mode"], run["frames"]) for run in result["runs"]] == [("v2", "video", 3), ("v5c", "image", 1)]
+    assert [(run["version"], run["mode"], run["frames"]) for run in result["runs"]] == [("v2", "video", 3)]
     assert result["options"] == {"compile": False, "channels_last": False, "low_memory": True}
-    for run in result["runs"]:
-        assert run["seconds_per_frame"] > 0 and run["peak_memory_gb"] > 0 and run["unet"]["achieved_tflops"] > 0
-        assert run["calls_per_frame"]["unet_motion" if run["mode"] == "video" else "unet_2d"]["calls"] > 0
+    (run,) = result["runs"]
+    assert run["seconds_per_frame"] > 0 and run["peak_memory_gb"] > 0 and run["unet"]["achieved_tflops"] > 0
+    assert run["calls_per_frame"]["unet_motion"]["calls"] > 0 and run["calls_per_frame"]["unet_2d"]["calls"] == 1  # stage 1: one per frame
     lines = bench.full_size_lines(result)
-    assert len(lines) == 3 and "v5c image, 1 frames" in lines[2]
+    assert len(lines) == 2 and "v2 video, 3 frames" in lines[1]
+    assert bench.FULL_SIZE_RUNS[-1] == ("v5c", "image") and len(bench.FULL_SIZE_RUNS) == 7  # every version by default
 
 
 def test_every_attention_uses_pytorch_sdpa(tiny_cache):
