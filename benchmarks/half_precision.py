@@ -34,7 +34,7 @@ from diffusers.models.attention_processor import Attention
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the conformance cases' loader
-from conformance_case import control_from_tensors, load_case, networks_to, relative_error, sampler_case  # noqa: E402
+from conformance_case import load_case, networks_to, random_sampler_inputs, relative_error, sampler_case  # noqa: E402
 from conftest import CONFORMANCE_DIR  # noqa: E402
 
 from hellomeme_cli.samplers.common import SamplerInputs, SamplerSettings, draw_noise, fresh_schedule  # noqa: E402
@@ -64,18 +64,9 @@ def build(version: str):
 
 
 def random_inputs(io: dict, names, frames: int, seed: int = 7) -> SamplerInputs:
-    g = torch.Generator().manual_seed(seed)
+    """Random inputs at the case's size, with its unconditional PD-FGC input where it has one."""
     h, w = io["in.ref_image"].shape[-2:]
-    text = io["in.text_embeds"].shape
-    expression = {n: torch.randn(1, frames, *io[f"in.{n}"].shape[2:], generator=g) for n in names}
-    return SamplerInputs(
-        ref_image=torch.rand(1, 3, h, w, generator=g) * 2 - 1,
-        text_embeds=torch.randn(text, generator=g),
-        negative_text_embeds=torch.randn(text, generator=g),
-        control=control_from_tensors(torch.rand(1, 3, frames, h, w, generator=g) * 2 - 1, **expression),
-        num_frames=frames,
-        neg_pd_fpg=io.get("in.neg_pd_fpg"),
-    )
+    return random_sampler_inputs(io, names, h, w, frames, seed, neg_pd_fpg=io.get("in.neg_pd_fpg"))
 
 
 def _cast(value, dtype):

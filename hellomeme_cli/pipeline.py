@@ -234,9 +234,10 @@ def generate(
 
     # 3 and 4. Prompt, reference cache and the version's sampler.
     sample = sampler.sample if is_clip else sampler.sample_image
+    sampler_settings = _sampler_settings(settings)
     latents = sample(
         _sampler_inputs(reference.face, signals, settings, models, mode="video" if is_clip else "image", own=own if models.version.reference_control else None),
-        _sampler_settings(settings),
+        sampler_settings,
         generator or torch.Generator().manual_seed(settings.seed),
         progress,
         on_step=on_step,
@@ -249,7 +250,7 @@ def generate(
     if settings.paste_back:
         paste = PasteBack.from_reference(reference.picture, reference.face, travel=head_travel(signals), frame_scale=settings.upscale)
         frames = paste(frames)
-    windows = sampler.windows(len(signals), _sampler_settings(settings)) if is_clip else ()
+    windows = sampler.windows(len(signals), sampler_settings) if is_clip else ()
     return Generated(latents, frames, len(signals), drive, windows)
 
 

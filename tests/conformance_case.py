@@ -7,7 +7,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import diffusers
@@ -166,6 +166,24 @@ def control_from_tensors(
         )
 
     return frames
+
+
+def random_sampler_inputs(
+    io: Mapping[str, torch.Tensor], inputs: Sequence[str], height: int, width: int, frames: int, seed: int = 7, neg_pd_fpg: torch.Tensor | None = None
+) -> SamplerInputs:
+    """Random sampler inputs of the given size and length, the prompt embeddings and the control
+    inputs (`inputs`: the control kind's) shaped as a case's `io`, from one generator seeded `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    text_shape = io["in.text_embeds"].shape
+    expression = {name: torch.randn(1, frames, *io[f"in.{name}"].shape[2:], generator=g) for name in inputs}
+    return SamplerInputs(
+        ref_image=torch.rand(1, 3, height, width, generator=g) * 2 - 1,
+        text_embeds=torch.randn(text_shape, generator=g),
+        negative_text_embeds=torch.randn(text_shape, generator=g),
+        control=control_from_tensors(torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1, **expression),
+        num_frames=frames,
+        neg_pd_fpg=neg_pd_fpg,
+    )
 
 
 def case_scheduler(description: str):

@@ -17,8 +17,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from conformance_case import (
-    BFLOAT16_LATENTS_TOLERANCE, case_params, control_from_tensors, first_case, load_case, networks_to, relative_error,
-    weight_folder,
+    BFLOAT16_LATENTS_TOLERANCE, case_params, control_from_tensors, first_case, load_case, networks_to, random_sampler_inputs,
+    relative_error, weight_folder,
 )
 from hellomeme_cli.models import HM5DenoisingNet, HM5ReferenceNet
 from hellomeme_cli.models.unet import load_folder
@@ -136,20 +136,8 @@ def _one_sampler_case() -> tuple[HM5VideoSampler, dict, dict]:
 
 
 def _random_inputs(case: dict, io: dict, height: int, width: int, frames: int) -> SamplerInputs:
-    """Random inputs of the given size and length; the prompt embeddings and the control inputs
-    shaped as the case's (its text width, its control kind)."""
-    g = torch.Generator().manual_seed(7)
-    text_shape = io["in.text_embeds"].shape
-    expression = {
-        name: torch.randn(1, frames, *io[f"in.{name}"].shape[2:], generator=g) for name in CONTROL_KINDS[case["control"]].inputs
-    }
-    return SamplerInputs(
-        ref_image=torch.rand(1, 3, height, width, generator=g) * 2 - 1,
-        text_embeds=torch.randn(text_shape, generator=g),
-        negative_text_embeds=torch.randn(text_shape, generator=g),
-        control=control_from_tensors(torch.rand(1, 3, frames, height, width, generator=g) * 2 - 1, **expression),
-        num_frames=frames,
-    )
+    """Random inputs of the given size and length, shaped as the case's (its text width, its control kind)."""
+    return random_sampler_inputs(io, CONTROL_KINDS[case["control"]].inputs, height, width, frames)
 
 
 @torch.no_grad()

@@ -31,7 +31,6 @@ comes from torch's global random state.
 
 from __future__ import annotations
 
-
 import torch
 from diffusers import AutoencoderKL, DPMSolverMultistepScheduler
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
