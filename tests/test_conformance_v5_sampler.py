@@ -17,8 +17,8 @@ import torch
 from diffusers import AutoencoderKL
 
 from conformance_case import (
-    BFLOAT16_LATENTS_TOLERANCE, case_params, control_from_tensors, first_case, load_case, networks_to, random_sampler_inputs,
-    relative_error, weight_folder,
+    BFLOAT16_GUIDED_TOLERANCE, BFLOAT16_LATENTS_TOLERANCE, case_params, control_from_tensors, first_case, load_case, networks_to,
+    random_sampler_inputs, relative_error, weight_folder,
 )
 from hellomeme_cli.models import HM5DenoisingNet, HM5ReferenceNet
 from hellomeme_cli.models.unet import load_folder
@@ -177,19 +177,22 @@ def test_v5c_without_the_reference_control_is_refused():
 
 
 @pytest.mark.parametrize("folder", case_params(lambda kind, version: kind == "sampler" and version in FAMILY.versions, "v5/v5b sampler cases"))
-def test_float16_stays_near_float32_on_longer_clips_at_higher_guidance(folder):
-    """24 frames (three windows: margin frames and a second level), guidance 2.5: float16 networks
-    (latents, averages, guidance and scheduler float32) end within the suite's 3e-2 of float32, which
-    reproduces the official float32 to 1e-5 (docs/performance.md "Half precision": measured 4e-3 to
-    5e-3; bfloat16, 3e-2 to 3.6e-2, is bfloat16's own rounding spread over the whole UNet)."""
+def test_half_precision_near_float32_on_longer_clips_at_higher_guidance(folder):
+    """24 frames (three windows: margin frames and a second level), guidance 2.5, the networks in half
+    precision (latents, averages, guidance and scheduler float32) against float32, which reproduces the
+    official float32 to 1e-5. float16 (what `--dtype auto` picks on GPUs) ends within the suite's 3e-2
+    (measured 4.1e-3, 4.2e-3). bfloat16 ends 3e-2 to 3.6e-2 away: its own rounding spread over the whole
+    UNet, which no part kept in float32 removes (docs/performance.md "Half precision"), so it is held to
+    the documented 5e-2."""
     case, io = load_case(folder)
     inputs = _random_inputs(case, io, height=128, width=128, frames=24)
     settings = SamplerSettings(steps=2, guidance=2.5)
     latents = {}
-    for dtype in (torch.float32, torch.float16):
-        sampler = _case_sampler(folder, case)  # a fresh one each: a round trip through float16 would round the weights
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        sampler = _case_sampler(folder, case)  # a fresh one each: a round trip through half precision would round the weights
         networks_to(sampler, dtype)
         latents[dtype] = sampler.sample(inputs, settings, torch.Generator().manual_seed(case["seed"]))
-    error = relative_error(latents[torch.float16], latents[torch.float32])
-    print(f"{case['version']}/{folder.name} float16 at 24 frames, guidance 2.5: {error:.3e}")
-    assert torch.isfinite(latents[torch.float16]).all() and error < BFLOAT16_LATENTS_TOLERANCE["sampler"]
+    float16, bfloat16 = (relative_error(latents[dtype], latents[torch.float32]) for dtype in (torch.float16, torch.bfloat16))
+    print(f"{case['version']}/{folder.name} at 24 frames, guidance 2.5: float16 {float16:.3e}, bfloat16 {bfloat16:.3e}")
+    assert torch.isfinite(latents[torch.float16]).all() and float16 < BFLOAT16_LATENTS_TOLERANCE["sampler"]
+    assert torch.isfinite(latents[torch.bfloat16]).all() and bfloat16 < BFLOAT16_GUIDED_TOLERANCE

@@ -110,3 +110,24 @@ def test_a_folder_that_is_no_official_checkout_is_one_line(tmp_path):
         vs_official.import_official(tmp_path)
     with pytest.raises(HellomemeError, match="--official"):
         vs_official.run_comparison(Settings(official=None))
+
+
+def test_repeats_alternate_the_sides_and_the_fastest_run_counts(monkeypatch, tmp_path):
+    """Single CPU runs vary by up to 50%: with `repeats` each side runs that often, which side goes first
+    alternates, and the fastest of each side's runs is the one compared (every run's seconds kept)."""
+    order, seconds = [], {"ours": iter([9.0, 6.0, 7.0]), "official": iter([12.0, 15.0, 11.0])}
+
+    def run_side(run: Run):
+        order.append(run.side)
+        return torch.ones(1, 4, 3, 2, 2), _side(next(seconds[run.side]), 1.0)
+
+    monkeypatch.setattr(vs_official, "import_official", lambda checkout: None)
+    monkeypatch.setattr(vs_official.bench, "full_size_weights", lambda home, components: 0.0)
+    monkeypatch.setattr(vs_official, "run_side", run_side)
+    settings = Settings(official=tmp_path, runs=(("v1", "video"),), frames=3, repeats=3, weights=tmp_path / "weights")
+    result = vs_official.run_comparison(settings)
+    assert order == ["ours", "official", "official", "ours", "ours", "official"]
+    (row,) = result["runs"]
+    assert row["ours"]["seconds"] == 6.0 and row["official"]["seconds"] == 11.0 and row["speedup"] == pytest.approx(11 / 6)
+    assert row["ours"]["seconds_runs"] == [9.0, 6.0, 7.0]
+    assert "the fastest of 3 runs per side" in format_table(result)
