@@ -187,16 +187,23 @@ def measure_clip(run: ClipRun, models=None) -> dict:
     return measured
 
 
+def run_worker(module: str, arguments: Sequence[str], failure: str, cwd: Path | None = None) -> None:
+    """`python -m module --worker ARGUMENTS` in a fresh interpreter (its peak RSS is that run's alone),
+    the checkout first on the path so the worker measures the same code as this process; a failed run
+    is one line: `failure`, then the worker's last line of stderr (or its exit status)."""
+    command = [sys.executable, "-m", module, "--worker", *arguments]
+    path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, cwd=cwd)
+    if done.returncode != 0:
+        tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
+        raise HellomemeError(f"{failure}: {tail}")
+
+
 def measure_in_subprocess(run: ClipRun) -> dict:
     """`measure_clip` in a fresh interpreter, so its peak RSS is this run's alone."""
     with tempfile.TemporaryDirectory() as folder:
         result = Path(folder) / "result.json"
-        command = [sys.executable, "-m", "benchmarks.bench", "--worker", json.dumps(dataclasses.asdict(run)), str(result)]
-        # The checkout first on the path, so the worker measures the same code as this process.
-        path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path})
-        if done.returncode != 0:
-            raise HellomemeError(f"benchmark run failed: {done.stderr.strip().splitlines()[-1] if done.stderr.strip() else done.returncode}")
+        run_worker("benchmarks.bench", [json.dumps(dataclasses.asdict(run)), str(result)], "benchmark run failed")
         return json.loads(result.read_text())
 
 

@@ -26,8 +26,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
@@ -233,19 +231,15 @@ def _vae_roles(counter: CallCounter, encoder_vae, decoder_vae) -> None:
 
 
 def _peak_memory_gb(device: torch.device) -> float:
-    """Peak GPU memory allocated (CUDA) or this process's peak RSS (Linux reports KiB), in GB."""
+    """Peak GPU memory allocated (CUDA) or this process's peak RSS, in GB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 1e9
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
+    return bench.peak_rss_mb() * 2**20 / 1e9
 
 
-def _current_rss_gb() -> float | None:
-    """This process's resident memory now (Linux): what the loaded networks hold, before the sampler runs."""
-    try:
-        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
-    except (OSError, ValueError, IndexError):
-        return None
+def _current_rss_gb() -> float:
+    """This process's resident memory now: what the loaded networks hold, before the sampler runs."""
+    return bench.current_rss_mb() * 2**20 / 1e9
 
 
 def _timed(device: torch.device, call: Callable[[], torch.Tensor]) -> tuple[torch.Tensor, float]:
@@ -461,12 +455,7 @@ def worker(run: Run, out: Path) -> None:
 def run_side(run: Run) -> tuple[torch.Tensor, dict]:
     """`worker` in a fresh interpreter (its peak RSS is this run's alone), the checkout first on the path."""
     with tempfile.TemporaryDirectory(prefix=f"vs-official-{run.side}-") as folder:
-        command = [sys.executable, "-m", "benchmarks.vs_official", "--worker", json.dumps(dataclasses.asdict(run)), folder]
-        path = os.pathsep.join(filter(None, (str(ROOT), os.environ.get("PYTHONPATH"))))
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": path}, cwd=ROOT)
-        if done.returncode != 0:
-            tail = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else f"exit status {done.returncode}"
-            raise HellomemeError(f"{run.side} {run.version} {run.mode} failed: {tail}")
+        bench.run_worker("benchmarks.vs_official", [json.dumps(dataclasses.asdict(run)), folder], f"{run.side} {run.version} {run.mode} failed", cwd=ROOT)
         return load_file(str(Path(folder) / "latents.safetensors"))["latents"], json.loads((Path(folder) / "result.json").read_text())
 
 
