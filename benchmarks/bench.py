@@ -9,6 +9,8 @@
 - GPU (CUDA only), SD1.5-shaped random networks at 512x512: seconds per frame per stage, peak GPU
   memory, and the UNets' matrix-unit utilisation (counted FLOPs / time / the GPU's peak).
 - Face tracking frames per second.
+- The CPU's float32 and bfloat16 side by side: one guided call of the full-size SD1.5 UNet (random
+  weights) in each, at a few sizes, and whether the CPU computes bfloat16 natively (`hellomeme info`).
 
 Timings are wall clock, best of one run. Lives beside the package, not in it: it measures the
 checkout it sits in (`ROOT`), with the project's test media as default inputs.
@@ -44,7 +46,7 @@ from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.pipeline import AnimateSettings, animate, load_reference
 from hellomeme_cli.settings import ModelOptions
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
-from hellomeme_cli.weights.tiny import make_tiny
+from hellomeme_cli.weights.tiny import full_unet, make_tiny
 from hellomeme_cli.face.tracking import default_model_path, track_video
 from hellomeme_cli.media.files import write_atomically
 from hellomeme_cli.media.files import check_destination
@@ -360,11 +362,12 @@ class BenchSettings:
     full_size_options: ModelOptions | None = None  # speed flags (compile, channels_last, low_memory) for the GPU run
     full_size_weights: Path | None = None  # a folder to keep the full-size random weights in (else a temporary one)
     full_size_only: bool = False  # only the full-size runs (a borrowed GPU: no tracking, no ffmpeg needed)
+    dtype_sizes: tuple[int, ...] = (128, 512)  # the CPU's float32 against bfloat16 at these sizes (none: not measured)
 
 
 def run_benchmarks(settings: BenchSettings, progress: ProgressCallback = no_progress) -> dict:
     """Every measurement in `settings`, as one JSON-ready dict (machine and versions included)."""
-    cpu = [] if settings.full_size_only else ["tracking", "clip", *(f"memory {n}" for n in settings.memory_frames)]
+    cpu = [] if settings.full_size_only else ["tracking", "clip", *(f"memory {n}" for n in settings.memory_frames), *(["dtypes"] if settings.dtype_sizes else [])]
     steps = [*cpu, *(["full size"] if settings.full_size else [])]
 
     def done(step: str) -> None:
@@ -406,7 +409,34 @@ def measure_cpu(settings: BenchSettings, done: Callable[[str], None]) -> dict:
             clip = loop_clip(settings.driving, frames, folder / f"drive_{frames}.mp4")
             result["memory"].append(run(clip, f"memory_{frames}.mp4", settings.memory_steps, None))
             done(f"memory {frames}")
+    if settings.dtype_sizes:
+        result["cpu_dtypes"] = cpu_dtypes(full_unet(), settings.dtype_sizes)
+        done("dtypes")
     return result
+
+
+def cpu_dtypes(unet: torch.nn.Module, sizes: Sequence[int], dtypes: Sequence[str] = ("float32", "bfloat16"), repeats: int = 2) -> dict:
+    """Seconds of one guided call of `unet` (batch 2, the unconditional and conditional halves, as the
+    samplers call it) on the CPU at each size, in each dtype: the fastest of `repeats` after a first
+    call that sets up the kernels. What `--dtype bfloat16` gains or loses on this CPU."""
+    from hellomeme_cli.model_options import native_bfloat16, resolve_dtype
+
+    seconds: dict[str, dict[str, float]] = {}
+    generator = torch.Generator().manual_seed(0)
+    for dtype in dtypes:
+        unet.to(resolve_dtype(dtype, torch.device("cpu")))
+        for size in sizes:
+            latents = torch.randn(2, unet.config.in_channels, size // 8, size // 8, generator=generator).to(unet.dtype)
+            text = torch.randn(2, 77, unet.config.cross_attention_dim, generator=generator).to(unet.dtype)
+            with torch.no_grad():
+                unet(latents, 999, encoder_hidden_states=text)
+                timings = []
+                for _ in range(repeats):
+                    started = time.perf_counter()
+                    unet(latents, 999, encoder_hidden_states=text)
+                    timings.append(time.perf_counter() - started)
+            seconds.setdefault(str(size), {})[dtype] = min(timings)
+    return {"native_bfloat16": native_bfloat16(), "threads": torch.get_num_threads(), "seconds": seconds}
 
 
 def write_json(result: dict, path: Path) -> None:
@@ -424,11 +454,25 @@ def format_table(result: dict) -> str:
         lines.append(f"  peak RSS {clip['peak_rss_mb']:.0f} MB (after loading {clip['rss_after_loading_mb']:.0f} MB)")
         for run in result["memory"]:
             lines.append(f"memory, {run['frames']} frames: peak RSS {run['peak_rss_mb']:.0f} MB (after loading {run['rss_after_loading_mb']:.0f} MB)")
+    if "cpu_dtypes" in result:
+        lines.extend(cpu_dtype_lines(result["cpu_dtypes"]))
     gpu = result["gpu_full_size"]
     if "skipped" in gpu:
         lines.append(f"GPU full size: skipped ({gpu['skipped']})")
     lines.extend(full_size_lines(gpu))
     return "\n".join(lines)
+
+
+def cpu_dtype_lines(measured: dict) -> list[str]:
+    """float32 and bfloat16 side by side, per size, with bfloat16's speed-up."""
+    native = measured["native_bfloat16"]
+    said = "unknown" if native is None else native or "no"
+    lines = [f"CPU, SD1.5 UNet (full size), one guided call, {measured['threads']} threads; native bfloat16: {said}"]
+    for size, by_dtype in measured["seconds"].items():
+        cells = ", ".join(f"{dtype} {value:.2f} s" for dtype, value in by_dtype.items())
+        ratio = by_dtype["float32"] / by_dtype["bfloat16"] if {"float32", "bfloat16"} <= set(by_dtype) else None
+        lines.append(f"  {size} px: {cells}" + (f" (bfloat16 {ratio:.2f}x the float32 speed)" if ratio else ""))
+    return lines
 
 
 def full_size_lines(gpu: dict) -> list[str]:
@@ -489,6 +533,7 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compile", action="store_true", help="full-size run: torch.compile the UNet and VAE blocks")
     parser.add_argument("--channels-last", action="store_true", help="full-size run: channels-last memory format")
     parser.add_argument("--low-memory", action="store_true", help="full-size run: block-level offloading, no kept control features")
+    parser.add_argument("--dtype-sizes", nargs="*", type=int, default=[128, 512], help="sizes of the CPU's float32-against-bfloat16 UNet calls; none to skip (default: 128 512)")
     parser.add_argument("--worker", nargs=2, metavar=("RUN_JSON", "RESULT_JSON"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -514,6 +559,7 @@ def settings_from(arguments: argparse.Namespace) -> BenchSettings:
         memory_frames=tuple(arguments.frames or (100, 1000)), full_size=arguments.full_size or arguments.full_size_only,
         full_size_frames=tuple(arguments.full_size_frames or (24, 96)), full_size_steps=arguments.full_size_steps,
         full_size_dtype=arguments.full_size_dtype, full_size_only=arguments.full_size_only, full_size_weights=arguments.full_size_weights,
+        dtype_sizes=tuple(arguments.dtype_sizes),
         full_size_runs=tuple(_parse_run(name) for name in arguments.versions) if arguments.versions else FULL_SIZE_RUNS,
         full_size_options=ModelOptions(
             device="cuda", compile=arguments.compile, channels_last=arguments.channels_last, low_memory=arguments.low_memory

@@ -39,13 +39,14 @@ from safetensors.torch import load_file, save_file
 from benchmarks import bench
 from benchmarks.bench import ROOT, machine, quiet_libraries
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.settings import half_precision_bound
 from hellomeme_cli.versions import DPM_SDE, SD15_SCHEDULE, Version, any_version, get_version
 
 # The runs: (version, mode). The official app's defaults are v2 (video) and v5 (image); v5c is image only.
 DEFAULT_RUNS = (("v1", "video"), ("v2", "video"), ("v3", "video"), ("v4", "video"), ("v5", "video"), ("v5", "image"), ("v5c", "image"))
-# The conformance tests' float32 tolerance on the sampler latents (tests/test_conformance*.py), and
-# bfloat16's (conformance_case.BFLOAT16_LATENTS_TOLERANCE); float16 is held to bfloat16's.
-LATENT_TOLERANCE = {"float32": 2e-5, "bfloat16": {"video": 3e-2, "image": 5e-2}, "float16": {"video": 3e-2, "image": 5e-2}}
+# The conformance tests' float32 tolerance on the sampler latents (tests/test_conformance*.py); where
+# either side runs in half precision, the documented bound (settings.half_precision_bound).
+FLOAT32_TOLERANCE = 2e-5
 TEXT_WIDTH = 768  # SD1.5's prompt embeddings
 PD_FGC_WIDTH = 548
 # What the official `insert_hm_modules` loads beyond what our run of the same control needs: v1 and v2
@@ -83,10 +84,12 @@ class Settings:
     guidance: float = 1.5
     device: str = "cpu"
     dtype: str = "float32"
+    our_dtype: str | None = None  # ours in another dtype than the official (a CPU user's choice: bfloat16 against its float32)
     control: str = "pdfgc"  # the official app's default control (HMControlNet2 / PD-FGC)
     seed: int = 0
     weights: Path | None = None  # keep the full-size weights here for every version and the next run (else one temporary folder each)
     repeats: int = 1  # runs of each side, alternating which goes first; the fastest counts (single runs on a shared CPU vary by up to 50%)
+    profile: bool = False  # also profile one call of each network on both sides (torch.profiler, by operator)
 
     @classmethod
     def for_device(cls, device: str, **given) -> Settings:
@@ -115,6 +118,7 @@ class Run:
     official: str | None = None
     options: dict = dataclasses.field(default_factory=dict)  # our speed options (compile, channels_last, low_memory)
     flops: bool = False  # ours: also the FLOPs of each UNet role's first call, replayed after the timed run
+    profile: bool = False  # also each role's first call replayed under torch.profiler (`profile_call`)
 
 
 def parse_run(text: str) -> tuple[str, str]:
@@ -206,10 +210,15 @@ class CallCounter:
         module.register_forward_pre_hook(start, with_kwargs=True)
         module.register_forward_hook(hook, with_kwargs=True)
 
-    def flops_per_frame(self) -> dict[str, float]:
+    def profiles(self) -> dict[str, dict]:
+        """Each kept role's first call replayed under the profiler (`profile_call`)."""
+        return {role: profile_call(module, args, kwargs, self._device) for role, (module, args, kwargs, _) in self.first_calls.items()}
+
+    def flops_per_frame(self, roles: Sequence[str] = ("unet_2d", "unet_motion")) -> dict[str, float]:
         """FLOPs per frame through each kept role, from its first call run again under the FLOP counter
         (`bench.count_flops`): with the frames through the role and its seconds, the achieved rate."""
-        return {role: bench.count_flops(module, *args, **kwargs) / frames for role, (module, args, kwargs, frames) in self.first_calls.items() if frames}
+        kept = {role: call for role, call in self.first_calls.items() if role in roles}
+        return {role: bench.count_flops(module, *args, **kwargs) / frames for role, (module, args, kwargs, frames) in kept.items() if frames}
 
     def per_frame(self, output_frames: int) -> dict[str, dict[str, float]]:
         """Per output frame, each role that ran: calls, frames through it, seconds in it."""
@@ -217,6 +226,37 @@ class CallCounter:
             role: {"calls": self.calls[role] / output_frames, "frames": self.frames[role] / output_frames, "seconds": self.seconds[role] / output_frames}
             for role in ROLES if self.calls[role]
         }
+
+
+# Operators that only move or reshape data: what a side adds around the same kernels shows here.
+COPY_OPERATORS = (
+    "aten::copy_", "aten::contiguous", "aten::clone", "aten::cat", "aten::_to_copy", "aten::repeat_interleave", "aten::repeat",
+    "aten::index_select", "aten::stack", "aten::expand_as",
+)
+
+
+def profile_call(module: torch.nn.Module, args: tuple, kwargs: dict, device: torch.device) -> dict:
+    """`module(*args, **kwargs)` once more untimed (kernels set up, weights touched), once timed, and
+    once under torch.profiler: its seconds and, per operator, [calls, self CPU seconds, self device
+    seconds], with the input shapes of each operator's costliest call."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if device.type == "cuda" else [])]
+    with torch.no_grad():
+        module(*args, **kwargs)
+        _, seconds = _timed(device, lambda: module(*args, **kwargs))
+        with profile(activities=activities, record_shapes=True) as profiled:
+            module(*args, **kwargs)
+    operators: dict[str, list] = {}
+    for event in profiled.key_averages(group_by_input_shape=True):
+        entry = operators.setdefault(event.key, [0, 0.0, 0.0, ""])
+        cost = event.self_cpu_time_total / 1e6
+        if cost > entry[1] / max(entry[0], 1) * event.count:  # the shapes of the costliest group
+            entry[3] = str(event.input_shapes)[:200]
+        entry[0] += event.count
+        entry[1] += cost
+        entry[2] += getattr(event, "self_device_time_total", 0.0) / 1e6
+    return {"seconds": seconds, "operators": operators}
 
 
 def _vae_roles(counter: CallCounter, encoder_vae, decoder_vae) -> None:
@@ -265,7 +305,7 @@ def run_ours(run: Run) -> tuple[torch.Tensor, dict]:
     options = ModelOptions(version=run.version, control=run.control, device=run.device, dtype=run.dtype, **run.options)
     pipe = load_pipeline(run.version, options, WeightCache(Path(run.home)), mode=run.mode)
     device = pipe.device
-    counter = CallCounter(device, keep_first=("unet_2d", "unet_motion") if run.flops else ())
+    counter = CallCounter(device, keep_first=ROLES if run.profile else ("unet_2d", "unet_motion") if run.flops else ())
     motion_role = "unet_motion" if pipe.denoiser_2d is pipe.denoiser_motion else None
     for role, names in OUR_ROLES.items():
         for name in names:
@@ -302,6 +342,8 @@ def run_ours(run: Run) -> tuple[torch.Tensor, dict]:
     if run.flops:
         with torch.no_grad():
             measured["flops_per_frame"] = counter.flops_per_frame()
+    if run.profile:
+        measured["profile"] = counter.profiles()
     return latents.float().cpu(), measured
 
 
@@ -396,7 +438,7 @@ def run_official(run: Run) -> tuple[torch.Tensor, dict]:
     object.__setattr__(pipe, "safety_checker", _NoSafetyChecker())
     pipe.caryomitosis(version=run.version)
     pipe.insert_hm_modules(version=run.version, dtype=dtype)
-    counter = CallCounter(device)
+    counter = CallCounter(device, keep_first=ROLES if run.profile else ())
     for role, names in official_roles(run.version, run.mode).items():
         for name in names:
             counter.watch(role, getattr(pipe, name, None), "unet_motion" if role == "unet_2d" else None)
@@ -421,6 +463,8 @@ def run_official(run: Run) -> tuple[torch.Tensor, dict]:
     latents = latents.float().cpu()
     latents = latents.unsqueeze(2) if latents.ndim == 4 else latents[:, :, :num_frames]
     measured = {"seconds": seconds, "peak_memory_gb": _peak_memory_gb(device), "rss_loaded_gb": loaded, "calls_per_frame": counter.per_frame(num_frames)}
+    if run.profile:
+        measured["profile"] = counter.profiles()
     return latents, measured
 
 
@@ -463,7 +507,8 @@ def fastest(runs: list[tuple[torch.Tensor, dict]]) -> tuple[torch.Tensor, dict]:
     """One side's repeats as one: the fastest run's numbers, every run's seconds beside them (`seconds_runs`)
     and the latents of the first (a seed gives the same latents every run)."""
     _, numbers = min(runs, key=lambda run: run[1]["seconds"])
-    return runs[0][0], {**numbers, "seconds_runs": [run[1]["seconds"] for run in runs]}
+    profiled = next((run[1]["profile"] for run in runs if "profile" in run[1]), None)
+    return runs[0][0], {**numbers, "seconds_runs": [run[1]["seconds"] for run in runs], **({"profile": profiled} if profiled else {})}
 
 
 def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
@@ -471,16 +516,17 @@ def relative_error(ours: torch.Tensor, official: torch.Tensor) -> float:
     return ((ours.double() - official).norm() / official.norm()).item()
 
 
-def tolerance(dtype: str, mode: str, device: str) -> float:
-    name = "float32" if dtype == "auto" and not device.startswith("cuda") else ("float16" if dtype == "auto" else dtype)
-    value = LATENT_TOLERANCE[name]
-    return value if isinstance(value, float) else value[mode]
+def tolerance(dtypes: Sequence[str], mode: str, device: str, guidance: float) -> float:
+    """How far the latents may be apart with the sides in `dtypes`: float32's where both compute in it
+    (`auto` is float32 on a CPU), else the documented half-precision bound at `guidance`."""
+    half = any(dtype in ("float16", "bfloat16") or (dtype == "auto" and device.startswith("cuda")) for dtype in dtypes)
+    return half_precision_bound(mode, guidance) if half else FLOAT32_TOLERANCE
 
 
 def compare(ours: tuple[torch.Tensor, dict], official: tuple[torch.Tensor, dict], mode: str, settings: Settings) -> dict:
     """One version's row: both sides' numbers, the ratios, the latents' relative error and whether it is within tolerance."""
     (our_latents, our_numbers), (official_latents, official_numbers) = ours, official
-    allowed = tolerance(settings.dtype, mode, settings.device)
+    allowed = tolerance((settings.dtype, settings.our_dtype or settings.dtype), mode, settings.device, settings.guidance)
     same_shape = our_latents.shape == official_latents.shape
     error = relative_error(our_latents, official_latents) if same_shape else float("inf")
     return {
@@ -520,10 +566,11 @@ def run_comparison(settings: Settings, progress: Callable[[str], None] = lambda 
                     # Alternate which side goes first: a neighbour's load or a warm page cache favours neither.
                     for side in ("ours", "official") if repeat % 2 == 0 else ("official", "ours"):
                         progress(f"{name} {mode}: {side}" + (f" ({repeat + 1}/{settings.repeats})" if settings.repeats > 1 else ""))
+                        dtype = settings.our_dtype or settings.dtype if side == "ours" else settings.dtype
                         runs[side].append(run_side(Run(
                             side, name, mode, str(home), str(inputs), settings.size, settings.frames, settings.steps,
-                            settings.guidance, settings.device, settings.dtype, settings.control, settings.seed,
-                            str(settings.official.resolve()),
+                            settings.guidance, settings.device, dtype, settings.control, settings.seed,
+                            str(settings.official.resolve()), profile=settings.profile and repeat == 0,
                         )))
                 row = compare(fastest(runs["ours"]), fastest(runs["official"]), mode, settings)
                 row.update(version=name, mode=mode, frames=settings.frames if mode == "video" else 1, weights_seconds=written)
@@ -553,7 +600,9 @@ def format_table(result: dict) -> str:
     unit = "GB GPU" if str(settings["device"]).startswith("cuda") else "GB RSS"
     lines = [
         f"{result['machine']['cpu']} ({result['machine']['cpu_cores']} cores), GPU {result['machine']['gpu']}, torch {result['machine']['torch']}; "
-        f"{settings['size']} px, {settings['steps']} steps, guidance {settings['guidance']}, {settings['dtype']}, control {settings['control']}"
+        f"{settings['size']} px, {settings['steps']} steps, guidance {settings['guidance']}, "
+        + (f"ours {settings['our_dtype']} against the official {settings['dtype']}" if settings.get("our_dtype") else settings["dtype"])
+        + f", control {settings['control']}"
         + (f"; seconds: the fastest of {settings['repeats']} runs per side" if settings.get("repeats", 1) > 1 else ""),
         "",
         f"| version | size | frames | steps | official s | ours s | speed-up | official peak {unit} | ours peak {unit} | memory ratio | latent rel. error | within tolerance |",
@@ -572,7 +621,49 @@ def format_table(result: dict) -> str:
             ours, official = (row[side]["calls_per_frame"].get(role, {}).get("calls", 0.0) for side in ("ours", "official"))
             cells.append(f"{ours:.2f} / {official:.2f}" if ours or official else "-")
         lines.append(f"| {row['version']} {row['mode']} | " + " | ".join(cells) + " |")
+    lines += ["", "Seconds per output frame in each network (ours / official, their ratio):", ""]
+    lines += ["| version | " + " | ".join(ROLES) + " |", "|---|" + "---|" * len(ROLES)]
+    for row in result["runs"]:
+        cells = []
+        for role in ROLES:
+            ours, official = (row[side]["calls_per_frame"].get(role, {}).get("seconds", 0.0) for side in ("ours", "official"))
+            cells.append(f"{ours:.2f} / {official:.2f} ({ours / official:.2f}x)" if ours and official else f"{ours:.2f} / {official:.2f}" if ours or official else "-")
+        lines.append(f"| {row['version']} {row['mode']} | " + " | ".join(cells) + " |")
+    for row in result["runs"]:
+        if "profile" in row["ours"] and "profile" in row["official"]:
+            lines += ["", *profile_lines(row)]
     return "\n".join(lines)
+
+
+def profile_lines(row: dict, shown: int = 6) -> list[str]:
+    """One call of each network, profiled on both sides: its seconds, the time in operators that only
+    move data (`COPY_OPERATORS`), and the operators where ours spends the most more than the official."""
+    ours, official = row["ours"]["profile"], row["official"]["profile"]
+    lines = [
+        f"One call of each network, profiled ({row['version']} {row['mode']}): ours / official",
+        "",
+        "| network | seconds per call | copies: calls, ms | where ours spends more (calls, ms ours / official) |",
+        "|---|---|---|---|",
+    ]
+    for role in ROLES:
+        if role not in ours or role not in official:
+            continue
+        mine, theirs = ours[role]["operators"], official[role]["operators"]
+
+        def copies(operators: dict) -> tuple[int, float]:
+            return sum(operators.get(name, [0])[0] for name in COPY_OPERATORS), sum(operators.get(name, [0, 0.0])[1] for name in COPY_OPERATORS)
+
+        (my_copies, my_time), (their_copies, their_time) = copies(mine), copies(theirs)
+        more = sorted(mine, key=lambda name: mine[name][1] - theirs.get(name, [0, 0.0])[1], reverse=True)[:shown]
+        extra = "; ".join(
+            f"{name.removeprefix('aten::')} {mine[name][0]}, {mine[name][1] * 1e3:.1f} / {theirs.get(name, [0])[0]}, {theirs.get(name, [0, 0.0])[1] * 1e3:.1f}"
+            for name in more if mine[name][1] > theirs.get(name, [0, 0.0])[1]
+        )
+        lines.append(
+            f"| {role} | {ours[role]['seconds']:.3f} / {official[role]['seconds']:.3f} ({ours[role]['seconds'] / official[role]['seconds']:.2f}x) | "
+            f"{my_copies}, {my_time * 1e3:.1f} / {their_copies}, {their_time * 1e3:.1f} | {extra or '-'} |"
+        )
+    return lines
 
 
 def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
@@ -590,10 +681,12 @@ def parse_arguments(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--guidance", type=float, help="guidance scale (default: 1.5, the app's)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda (default: %(default)s)")
     parser.add_argument("--dtype", help="float32, bfloat16, float16 or auto (default: float32 on the CPU, float16 on CUDA)")
+    parser.add_argument("--our-dtype", help="run our side in this dtype, the official in --dtype (e.g. bfloat16 against float32 on a CPU that computes bfloat16 natively)")
     parser.add_argument("--control", choices=("pdfgc", "blendshapes"), help="the expression control (default: pdfgc, the app's)")
     parser.add_argument("--seed", type=int, help="seed of the inputs and the sampler (default: 0)")
     parser.add_argument("--weights", type=Path, help="keep the full-size random weights in this folder, for every version and the next run")
     parser.add_argument("--repeats", type=int, help="runs of each side, alternating which goes first; the fastest counts (default: 1)")
+    parser.add_argument("--profile", action="store_true", help="also profile one call of each network on both sides (torch.profiler, by operator) and print where ours spends more")
     parser.add_argument("--worker", nargs=2, metavar=("RUN_JSON", "OUT_DIR"), help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 
@@ -608,7 +701,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     given = dict(
         official=arguments.official, size=arguments.size, frames=arguments.frames, steps=arguments.steps, guidance=arguments.guidance,
-        dtype=arguments.dtype, control=arguments.control, seed=arguments.seed, weights=arguments.weights, repeats=arguments.repeats,
+        dtype=arguments.dtype, our_dtype=arguments.our_dtype, control=arguments.control, seed=arguments.seed, weights=arguments.weights, repeats=arguments.repeats,
+        profile=arguments.profile or None,
         runs=tuple(arguments.versions) if arguments.versions else None,
     )
     progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731

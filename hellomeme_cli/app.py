@@ -8,13 +8,15 @@ and one generation runs at a time: the others wait in Gradio's queue.
 
 from __future__ import annotations
 
+import contextlib
 import html
 import inspect
 import logging
+import shutil
 import tempfile
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import gradio as gr
 
 from hellomeme_cli import api
 from hellomeme_cli.errors import HellomemeError, first_line
+from hellomeme_cli.media.files import check_writable
 from hellomeme_cli.weights.presets import all_presets
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
 from hellomeme_cli.settings import DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell
@@ -140,10 +143,41 @@ def _value(setting: Setting, value: Any) -> Any:
     return value
 
 
-def _reporter(progress: gr.Progress) -> ProgressCallback:
-    """The library's progress events shown in the page, one bar per stage."""
+class RunCancelled(Exception):
+    """A run stopped by its page's Cancel button (raised at its next progress event)."""
+
+
+class _Cancels:
+    """The Cancel buttons' requests, by browser session. Gradio's own cancelling lets a function that
+    is already running finish (and write its file), so a run looks here at every progress event
+    (each frame, each denoising step) and stops: its partial file is removed as on any failure."""
+
+    def __init__(self) -> None:
+        self._asked: set[str] = set()
+        self._lock = threading.Lock()
+
+    def ask(self, session: str) -> None:
+        with self._lock:
+            self._asked.add(session)
+
+    def start(self, session: str) -> None:
+        """A new run of `session`: a Cancel pressed before it does not stop it."""
+        with self._lock:
+            self._asked.discard(session)
+
+    def check(self, session: str) -> None:
+        with self._lock:
+            if session in self._asked:
+                self._asked.discard(session)
+                raise RunCancelled("cancelled: nothing was written")
+
+
+def _reporter(progress: gr.Progress, stop: Callable[[], None] = lambda: None) -> ProgressCallback:
+    """The library's progress events shown in the page, one bar per stage; `stop` raises when the
+    run is to end there."""
 
     def report(event: ProgressEvent) -> None:
+        stop()
         progress((event.completed, event.total), desc=event.task, unit=event.unit)
 
     return report
@@ -155,6 +189,8 @@ def _one_line_errors(run: Callable[..., Any]) -> Callable[..., Any]:
     def guarded(*args: Any) -> Any:
         try:
             return run(*args)
+        except RunCancelled as cancelled:
+            raise gr.Error(str(cancelled), duration=None, print_exception=False) from None
         except HellomemeError as error:
             message = first_line(error)
             for upload in (arg for arg in args if isinstance(arg, str) and Path(arg).is_file()):
@@ -170,15 +206,18 @@ def _one_line_errors(run: Callable[..., Any]) -> Callable[..., Any]:
 
 
 def _named(run: Callable[..., Any], names: Iterable[str]) -> Callable[..., Any]:
-    """`run(*values, progress)` with a signature naming each input: Gradio finds the progress
-    parameter by its default, and the API (gradio_client) names its parameters after the settings."""
+    """`run(*values, request, progress)` with a signature naming each input: Gradio finds the progress
+    parameter by its default and the request (its browser session) by its annotation, and the API
+    (gradio_client) names its parameters after the settings."""
 
     def handler(*args: Any) -> Any:
         return run(*args)
 
     kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
     parameters = [inspect.Parameter(name, kind) for name in names]
-    handler.__signature__ = inspect.Signature([*parameters, inspect.Parameter("progress", kind, default=gr.Progress())])
+    extra = [inspect.Parameter("request", kind, annotation=gr.Request), inspect.Parameter("progress", kind, default=gr.Progress())]
+    handler.__signature__ = inspect.Signature([*parameters, *extra])
+    handler.__annotations__ = {"request": gr.Request}
     handler.__name__ = run.__name__
     return handler
 
@@ -219,29 +258,52 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
     (default: a new temporary folder), one subfolder per run."""
     cache = cache or WeightCache()
     output_root = Path(output_dir or tempfile.mkdtemp(prefix="hellomeme-app-"))
+    check_writable(output_root)  # when the app starts, not when the first result is written
     output_root.mkdir(parents=True, exist_ok=True)
     models = ModelCache(cache)
+    cancels = _Cancels()
 
     def run_folder() -> Path:
         return Path(tempfile.mkdtemp(prefix="run-", dir=output_root))
+
+    @contextlib.contextmanager
+    def cancellable(request: gr.Request) -> Iterator[tuple[Callable[[], None], Path]]:
+        """A run that its page's Cancel button stops, and its own new folder; stopped, it leaves
+        that folder no more."""
+        session = request.session_hash or ""
+        cancels.start(session)
+        folder = run_folder()
+        try:
+            yield lambda: cancels.check(session), folder
+        except RunCancelled:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def ask_to_cancel(request: gr.Request) -> None:
+        cancels.ask(request.session_hash or "")
 
     @_one_line_errors
     def generation(tab: _Tab, driving_kind: str, reference_path, driving_path, *rest) -> tuple[Path, int, dict[str, Any]]:
         """One run of a tab: the inputs checked as the command line checks them (a picture without a
         face is said before any model loads), the models for its settings, the output and its seed."""
-        *values, progress = rest
+        *values, request, progress = rest
         if not reference_path or not driving_path:
             raise HellomemeError(f"upload a reference portrait and {driving_kind}")
         model_values, generation_values = tab.split(values)
-        report = _reporter(progress)
-        suffix = ".mp4" if tab.mode == "video" else ".png"
-        output = run_folder() / f"{Path(reference_path).stem}_{Path(driving_path).stem}{suffix}"
-        options = from_values(model_values).models
-        prepared = api.prepare(tab.mode, reference_path, driving_path, output, options, cache=cache, **generation_values)
-        pipe = models.get(tab.mode, model_values, report)
-        done = prepared.execute(pipe, report)
+        with cancellable(request) as (stop, folder):
+            report = _reporter(progress, stop)
+            suffix = ".mp4" if tab.mode == "video" else ".png"
+            output = folder / f"{Path(reference_path).stem}_{Path(driving_path).stem}{suffix}"
+            options = from_values(model_values).models
+            prepared = api.prepare(tab.mode, reference_path, driving_path, output, options, cache=cache, **generation_values)
+            pipe = models.get(tab.mode, model_values, report)
+            done = prepared.execute(pipe, report)
         seed = done if tab.mode == "image" else done.seed
         return output, seed, _shown_settings(model_values, generation_values, seed)
+
+    def cancel_on(button: gr.Button, run: Any) -> None:
+        """The Cancel button beside a Generate button: the running event stops at its next frame or step."""
+        button.click(ask_to_cancel, None, None, cancels=[run], queue=False, api_name=button.elem_id.replace("-", "_"))
 
     with gr.Blocks(title="hellomeme", analytics_enabled=False) as demo:  # no usage reports to Gradio
         gr.Markdown("# hellomeme\nGive a portrait the head motion and expressions of a driving video (HelloMeme).")
@@ -252,6 +314,7 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                     driving = gr.Video(label="driving clip", sources=["upload"], include_audio=True, elem_id="video-driving")
                     with gr.Row():
                         generate = gr.Button("Generate", variant="primary", elem_id="video-generate")
+                        video_cancel = gr.Button("Cancel", variant="stop", elem_id="video-cancel")
                         check = gr.Button("Check the driving clip", elem_id="video-check")
                     video_tab = _Tab("video", cache)
                 with gr.Column():
@@ -266,14 +329,15 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                 output, seed, shown_settings = generation(video_tab, "a driving clip", reference_path, driving_path, *rest)
                 return str(output), str(output), seed, shown_settings
 
-            generate.click(
+            animating = generate.click(
                 _named(animate, ["reference", "driving", *video_tab.inputs]), [reference, driving, *video_tab.inputs.values()],
                 [result, download, used_seed, shown], api_name="animate", concurrency_id="generation", show_progress_on=result,
             )
+            cancel_on(video_cancel, animating)
             reuse.click(lambda seed: seed, used_seed, video_tab.inputs["seed"], api_name=False)
 
             @_one_line_errors
-            def check_clip(driving_path, face_index, max_frames, smoothing, progress):
+            def check_clip(driving_path, face_index, max_frames, smoothing, request, progress):
                 if not driving_path:
                     raise HellomemeError("upload a driving clip")
                 return str(_write_track_preview(Path(driving_path), run_folder(), cache, int(face_index or 0), max_frames, smoothing, _reporter(progress)))
@@ -289,7 +353,9 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                 with gr.Column():
                     image_reference = gr.Image(type="filepath", label="reference portrait", elem_id="image-reference")
                     image_driving = gr.Image(type="filepath", label="driving picture (head pose and expression)", elem_id="image-driving")
-                    image_generate = gr.Button("Generate", variant="primary", elem_id="image-generate")
+                    with gr.Row():
+                        image_generate = gr.Button("Generate", variant="primary", elem_id="image-generate")
+                        image_cancel = gr.Button("Cancel", variant="stop", elem_id="image-cancel")
                     image_tab = _Tab("image", cache)
                 with gr.Column():
                     image_result = gr.Image(label="result", type="filepath", interactive=False, elem_id="image-result")
@@ -301,10 +367,11 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                 output, seed, shown_settings = generation(image_tab, "a driving picture", reference_path, driving_path, *rest)
                 return str(output), seed, shown_settings
 
-            image_generate.click(
+            rendering = image_generate.click(
                 _named(render, ["reference", "driving", *image_tab.inputs]), [image_reference, image_driving, *image_tab.inputs.values()],
                 [image_result, image_seed, image_shown], api_name="render_image", concurrency_id="generation", show_progress_on=image_result,
             )
+            cancel_on(image_cancel, rendering)
             image_reuse.click(lambda seed: seed, image_seed, image_tab.inputs["seed"], api_name=False)
 
         with gr.Tab("Compare"):
@@ -317,7 +384,9 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                         _choices(next(s for s in all_settings() if s.name == "checkpoint"), "video", cache), value=[], multiselect=True,
                         allow_custom_value=True, label="checkpoints (none: each version's base)", elem_id="compare-checkpoints",
                     )
-                    compare_run = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                    with gr.Row():
+                        compare_run = gr.Button("Compare", variant="primary", elem_id="compare-run")
+                        compare_cancel = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
                     compare_tab = _Tab("video", cache, groups=("generation",))
                 with gr.Column():
                     compare_video = gr.Video(label="side by side", interactive=False, elem_id="compare-video")
@@ -327,21 +396,23 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
             @_one_line_errors
             def run_compare(reference_path, driving_path, versions, checkpoints, *rest):
                 """The library's `compare` on the uploads, with the tab's generation settings."""
-                *values, progress = rest
+                *values, request, progress = rest
                 if not reference_path or not driving_path or not versions:
                     raise HellomemeError("upload a reference portrait and a driving clip, and pick at least one version")
                 from hellomeme_cli.quality.compare import Variant, compare, metrics_markdown
 
                 _, generation_values = compare_tab.split(values)
                 variants = [Variant(version, checkpoint) for version in versions for checkpoint in (checkpoints or [None])]
-                done = compare(Path(reference_path), Path(driving_path), variants, from_values(generation_values), run_folder(), cache=cache, progress=_reporter(progress))
+                with cancellable(request) as (stop, folder):
+                    done = compare(Path(reference_path), Path(driving_path), variants, from_values(generation_values), folder, cache=cache, progress=_reporter(progress, stop))
                 return str(done.side_by_side), str(done.contact_sheet), f"seed {done.seed}\n\n" + metrics_markdown(done.rows())
 
-            compare_run.click(
+            comparing = compare_run.click(
                 _named(run_compare, ["reference", "driving", "versions", "checkpoints", *compare_tab.inputs]),
                 [compare_reference, compare_driving, compare_versions, compare_checkpoints, *compare_tab.inputs.values()],
                 [compare_video, compare_sheet, compare_table], api_name="compare", concurrency_id="generation", show_progress_on=compare_video,
             )
+            cancel_on(compare_cancel, comparing)
 
     demo.models = models  # the loaded pipelines, for a caller (tests) to inspect
     demo.output_root = output_root

@@ -7,12 +7,14 @@ import functools
 import inspect
 import os
 import platform
+import signal
 import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -30,20 +32,54 @@ from rich.table import Table
 from hellomeme_cli.version import __version__
 from hellomeme_cli.errors import HellomemeError, first_line as _first_line
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
+from hellomeme_cli.settings import INPUT_OUTPUT, MODEL, MOTION
 from hellomeme_cli.versions import DEFAULT_VERSIONS, users, version_names
 
 if TYPE_CHECKING:
     from hellomeme_cli.batch.jobs import BatchReport
     from hellomeme_cli.pipeline import AnimateSettings
 
+class _HelpCommand(TyperCommand):
+    """A command whose help reads well in 80 columns: usage as `hellomeme animate [OPTIONS] REFERENCE
+    DRIVE` (typer writes `{reference} {drive}`) and `--help` without a `<bool>` after it."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        pieces = [self.options_metavar] if self.options_metavar else []
+        for parameter in self.get_params(ctx):
+            if parameter.param_type_name == "argument":
+                name = parameter.display_name_raw.upper() + ("..." if parameter.nargs != 1 else "")
+                pieces.append(name if parameter.required else f"[{name}]")
+        return pieces
+
+    def get_help_option(self, ctx):
+        option = _without_type(super().get_help_option(ctx))
+        if option is not None and any(getattr(parameter, "rich_help_panel", None) for parameter in self.params):
+            option.rich_help_panel = "Help"  # after the panels, not alone in a first "Options" panel
+        return option
+
+
+class _HelpGroup(TyperGroup):
+    """The command groups' help, likewise without `<bool>` after `--help`."""
+
+    def get_help_option(self, ctx):
+        return _without_type(super().get_help_option(ctx))
+
+
+def _without_type(option):
+    if option is not None:
+        option.metavar = FLAG
+    return option
+
+
 app = typer.Typer(
     name="hellomeme",
+    cls=_HelpGroup,
     help="Make meme videos: give a portrait the head motion and expressions of a driving video (HelloMeme v1, v2, v3, v4, v5, v5b or v5c, chosen with --version).",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-weights_app = typer.Typer(help="List, download, verify and import model weights.", no_args_is_help=True)
+weights_app = typer.Typer(help="List, download, verify and import model weights.", no_args_is_help=True, cls=_HelpGroup)
 app.add_typer(weights_app, name="weights")
 console = Console(stderr=True, soft_wrap=True)
 # Written to a pipe or file, tables take the width they need: an identifier is never cut or folded.
@@ -90,16 +126,16 @@ def _print_version(value: bool) -> None:
 @app.callback()
 def _root(
     version: Annotated[
-        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.")
+        bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit.", metavar=FLAG)
     ] = False,
     debug: Annotated[
-        bool, typer.Option("--debug", help="Show the full traceback of an error (also HELLOMEME_DEBUG=1; may follow any command).")
+        bool, typer.Option("--debug", help="Show the full traceback of an error (also HELLOMEME_DEBUG=1; may follow any command).", metavar=FLAG)
     ] = False,
 ) -> None:
     """Make meme videos: give a portrait the head motion and expressions of a driving video (HelloMeme)."""
 
 
-@app.command()
+@app.command(cls=_HelpCommand)
 def info() -> None:
     """Show the versions and compute devices hellomeme would use."""
     import diffusers
@@ -113,17 +149,31 @@ def info() -> None:
     if torch.backends.mps.is_available():
         devices.append("mps")
     print(f"devices     {', '.join(devices + ['cpu'])}")
+    print(f"bfloat16    {_bfloat16_on_this_cpu()}")
     print(f"HelloMeme   video: {', '.join(version_names('video'))} (default {DEFAULT_VERSIONS['video']}); "
           f"image: {', '.join(version_names('image'))} (default {DEFAULT_VERSIONS['image']})")
 
 
+def _bfloat16_on_this_cpu() -> str:
+    """Whether `--dtype bfloat16` is the fast choice on this CPU (docs/performance.md, "bfloat16 on the CPU")."""
+    from hellomeme_cli.model_options import BFLOAT16_FEATURES, native_bfloat16
+
+    feature = native_bfloat16()
+    if feature is None:
+        return "on the CPU: unknown (no /proc/cpuinfo to tell)"
+    if feature:
+        return f"native on this CPU ({feature}): --dtype bfloat16 is faster than float32 here"
+    return f"not native on this CPU (no {', '.join(BFLOAT16_FEATURES)}): --dtype bfloat16 is slower than float32 here"
+
+
 FLAG = ""  # the metavar of an on/off switch: typer would show `<bool>` after it
+RAY, SCORING = "Ray", "Scoring"  # the --help panels of batch's cluster options and eval's scoring options
 
 
 def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[[Callable[..., None]], Callable[..., None]]:
     """Give a command every declared setting (settings.py) as an option: typer sees one flat list of
     options, the command gets the settings they make as its `settings` argument."""
-    from hellomeme_cli.settings import all_settings, from_values
+    from hellomeme_cli.settings import PANELS, all_settings, from_values
 
     declared = [setting for setting in all_settings() if setting.name not in skip]
 
@@ -136,12 +186,27 @@ def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[
         kind = setting.cli_type if default is not None else setting.cli_type | None
         shown = default if setting.name == "version" else setting.shown_default
         # typer wraps a string default in brackets of its own ("[default: (on)]"), so the help says it instead.
-        option = typer.Option(*setting.flags, help=f"{setting.help} \\[default: {shown}]", show_default=False, metavar=FLAG if kind is bool else None)
+        option = typer.Option(
+            *setting.flags, help=f"{setting.help} \\[default: {shown}]", show_default=False, metavar=setting.metavar or FLAG, rich_help_panel=setting.panel
+        )
         return inspect.Parameter(setting.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=Annotated[kind, option])
+
+    def in_panel_order(parameters: list[inspect.Parameter]) -> list[inspect.Parameter]:
+        """Arguments first, then the options panel by panel in the order of the data flow (typer lists
+        the panels as their first options come): every option keyword-only, so any order is a signature."""
+        def panel(parameter: inspect.Parameter) -> int:
+            info = next((item for item in getattr(parameter.annotation, "__metadata__", ()) if isinstance(item, typer.models.ParameterInfo)), None)
+            if isinstance(info, typer.models.ArgumentInfo):
+                return -1
+            named = getattr(info, "rich_help_panel", None)
+            return PANELS.index(named) if named in PANELS else len(PANELS)
+
+        ordered = sorted(parameters, key=panel)
+        return [p if panel(p) < 0 else p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in ordered]
 
     def wrap(command: Callable[..., None]) -> Callable[..., None]:
         own = inspect.signature(command, eval_str=True, locals=_LAZY_NAMES).parameters
-        parameters = [p for name, p in own.items() if name != "settings"] + [parameter(setting) for setting in declared]
+        parameters = in_panel_order([p for name, p in own.items() if name != "settings"] + [parameter(setting) for setting in declared])
 
         @functools.wraps(command, assigned=("__module__", "__name__", "__qualname__", "__doc__"))
         def run(**values: Any) -> None:
@@ -159,25 +224,33 @@ def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[
 _LAZY_NAMES = {"AnimateSettings": object}
 LOCAL_RAY = "local"  # `--ray local`, or `--ray` alone: a Ray runtime started on this machine
 # The arguments animate, image and demo share.
-Portrait = Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).")]
-Force = Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG)]
-DrivingClip = Annotated[Path, typer.Argument(help="The driving video whose head motion and expressions it takes, or its `hellomeme track` .npz (silent output).")]
-DrivingPicture = Annotated[Path, typer.Argument(help="A picture whose head pose and expression it takes, or a `hellomeme track` .npz (its first frame with a face).")]
-VideoOutput = Annotated[Path | None, typer.Option("--output", "-o", help="The mp4 to write (default: REF_DRIVE_VERSION.mp4 in the current folder).")]
-PictureOutput = Annotated[Path | None, typer.Option("--output", "-o", help="The picture to write (default: REF_DRIVE_VERSION.png in the current folder).")]
+Portrait = Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).", metavar="REFERENCE", show_default=False)]
+Force = Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG, rich_help_panel=INPUT_OUTPUT)]
+DrivingClip = Annotated[Path, typer.Argument(
+    help="The driving video whose head motion and expressions it takes, or its `hellomeme track` .npz (silent output).", metavar="DRIVE", show_default=False
+)]
+DrivingPicture = Annotated[Path, typer.Argument(
+    help="A picture whose head pose and expression it takes, or a `hellomeme track` .npz (its first frame with a face).", metavar="DRIVE_IMAGE", show_default=False
+)]
+VideoOutput = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="The mp4 to write (default: REF_DRIVE_VERSION.mp4 in the current folder).", metavar="FILE", rich_help_panel=INPUT_OUTPUT
+)]
+PictureOutput = Annotated[Path | None, typer.Option(
+    "--output", "-o", help="The picture to write (default: REF_DRIVE_VERSION.png in the current folder).", metavar="FILE", rich_help_panel=INPUT_OUTPUT
+)]
 
 
-@app.command()
+@app.command(cls=_HelpCommand)
 @_with_generation_options("video")
 def animate(reference: Portrait, drive: DrivingClip, output: VideoOutput = None, force: Force = False, *, settings: AnimateSettings) -> None:
     """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
     _animate(reference, drive, output, force, settings)
 
 
-@app.command()
+@app.command(cls=_HelpCommand)
 @_with_generation_options("video")
 def demo(
-    output: Annotated[Path, typer.Option("--output", "-o", help="The mp4 to write.")] = Path("hellomeme-demo.mp4"),
+    output: Annotated[Path, typer.Option("--output", "-o", help="The mp4 to write.", metavar="FILE", rich_help_panel=INPUT_OUTPUT)] = Path("hellomeme-demo.mp4"),
     force: Force = False,
     *,
     settings: AnimateSettings,
@@ -205,7 +278,7 @@ def _animate(reference: Path, drive: Path, output: Path | None, force: bool, set
 CLIP_ONLY = ("fps", "max_frames", "window", "overlap", "smoothing", "smooth_pose", "smooth_expression")
 
 
-@app.command()
+@app.command(cls=_HelpCommand)
 @_with_generation_options("image", skip=CLIP_ONLY)
 def image(reference: Portrait, drive_image: DrivingPicture, output: PictureOutput = None, force: Force = False, *, settings: AnimateSettings) -> None:
     """One picture: the portrait with the head pose and expression of another picture."""
@@ -245,38 +318,41 @@ def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settin
     return prepared, cache
 
 
-@app.command()
+@app.command(cls=_HelpCommand)
 @_with_generation_options("video")
 def batch(
     input_dir: Annotated[
-        Path | None, typer.Argument(help="Folder of driving clips: each video directly in it (other files are reported as failed).")
+        Path | None, typer.Argument(help="Folder of driving clips: each video directly in it (other files are reported as failed).", metavar="INPUT_DIR", show_default=False)
     ] = None,
-    ref: Annotated[Path | None, typer.Option("--ref", help="The portrait to animate with every clip (or every --pairs row without one).")] = None,
+    ref: Annotated[Path | None, typer.Option("--ref", help="The portrait to animate with every clip (or every --pairs row without one).", metavar="FILE", rich_help_panel=INPUT_OUTPUT)] = None,
     pairs: Annotated[
-        Path | None, typer.Option(help="CSV with columns reference,driving[,output,seed,steps,...] instead of a folder (docs/batch.md).")
+        Path | None, typer.Option(help="CSV with columns reference,driving[,output,seed,steps,...] instead of a folder (docs/batch.md).", metavar="CSV", rich_help_panel=INPUT_OUTPUT)
     ] = None,
     output_dir: Annotated[
-        Path | None, typer.Option("--output-dir", "-o", help="Where outputs and the report go (default: a hellomeme folder in INPUT_DIR, or beside the CSV).")
+        Path | None, typer.Option("--output-dir", "-o", help="Where outputs and the report go (default: a hellomeme folder in INPUT_DIR, or beside the CSV).", metavar="DIR", rich_help_panel=INPUT_OUTPUT)
     ] = None,
-    report: Annotated[Path | None, typer.Option(help="The JSON report to write (default: OUTPUT_DIR/batch-report.json).")] = None,
+    report: Annotated[Path | None, typer.Option(help="The JSON report to write (default: OUTPUT_DIR/batch-report.json).", metavar="FILE", rich_help_panel=INPUT_OUTPUT)] = None,
     ray: Annotated[
         str | None,
         typer.Option(
-            "--ray", metavar="[ADDRESS]",
+            "--ray", metavar="[ADDRESS]", rich_help_panel=RAY,
             help="Run on Ray: alone (or `local`), a Ray runtime of its own on this machine, one worker per GPU; HOST:PORT, auto or ray://HOST:PORT, a cluster, with its token (docs/batch.md).",
         ),
     ] = None,
-    workers: Annotated[int | None, typer.Option(help="With --ray: this many workers (default: one per GPU, one without a GPU).")] = None,
-    force: Annotated[bool, typer.Option(help="Remake every clip, replacing finished outputs too.", metavar=FLAG)] = False,
+    workers: Annotated[int | None, typer.Option(help="With --ray: this many workers (default: one per GPU, one without a GPU).", metavar="N", rich_help_panel=RAY)] = None,
+    force: Annotated[bool, typer.Option(help="Remake every clip, replacing finished outputs too.", metavar=FLAG, rich_help_panel=INPUT_OUTPUT)] = False,
     evaluate_outputs: Annotated[
-        bool, typer.Option("--eval", help="Then score every finished output (hellomeme eval): its summary on its row of the JSON and CSV report.", metavar=FLAG)
+        bool, typer.Option("--eval", help="Then score every finished output (hellomeme eval): its summary on its row of the JSON and CSV report.", metavar=FLAG, rich_help_panel=INPUT_OUTPUT)
     ] = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """Animate many clips with models loaded once; re-running skips finished clips. Exit code 1 if any clip failed."""
+    from hellomeme_cli.preflight import check_batch_folders
+
+    check_batch_folders(input_dir, pairs, output_dir, report)
     from hellomeme_cli.batch.jobs import ClusterOptions, plan_folder, plan_pairs
-    from hellomeme_cli.batch.run import run_batch, sigterm_interrupts
+    from hellomeme_cli.batch.run import run_batch
 
     if workers is not None and ray is None:
         raise HellomemeError("--workers needs --ray (without it the batch runs in this process, on --device)")
@@ -289,13 +365,13 @@ def batch(
         plan = plan_folder(input_dir, ref, settings, output_dir=output_dir, report=report)
     else:
         raise HellomemeError("give a folder of clips and --ref REF, or --pairs FILE.csv")
-    with _progress_bars() as bars, sigterm_interrupts():
+    with _progress_bars() as bars:
         result = run_batch(plan, force=force, cache=_cache(), progress=bars, cluster=cluster, evaluate=evaluate_outputs)
     out.print(_batch_table(result))
     out.print(f"report {result.path}", highlight=False)
     if not result.finished:
         console.print("[yellow]interrupted[/yellow]: run the same command again to finish", highlight=False)
-        raise typer.Exit(130)
+        raise typer.Exit(interrupted_status())
     if result.failed:
         raise typer.Exit(1)
 
@@ -325,34 +401,35 @@ def _batch_table(result: BatchReport) -> Table:
     return table
 
 
-@app.command()
+@app.command(cls=_HelpCommand)
 def track(
-    drive: Annotated[Path, typer.Argument(help="The driving video.")],
+    drive: Annotated[Path, typer.Argument(help="The driving video.", metavar="DRIVE", show_default=False)],
     output: Annotated[
-        Path | None, typer.Option("--output", "-o", help="Where to save the track (.npz; default: DRIVE-NAME.track.npz here).")
+        Path | None, typer.Option("--output", "-o", help="Where to save the track (.npz; default: DRIVE-NAME.track.npz here).", metavar="FILE", rich_help_panel=INPUT_OUTPUT)
     ] = None,
     preview: Annotated[
-        Path | None, typer.Option(help="Also write a preview video: crop, landmarks, pose square, expression bars.")
+        Path | None, typer.Option(help="Also write a preview video: crop, landmarks, pose square, expression bars.", metavar="FILE", rich_help_panel=INPUT_OUTPUT)
     ] = None,
-    face_index: Annotated[int, typer.Option(help="Which face to follow: 0 the largest in the first frame with a face, 1 the next...")] = 0,
-    smooth: Annotated[bool, typer.Option(help="Smooth landmarks and pose over time (One Euro filter, no lag).", metavar=FLAG)] = True,
-    smooth_cutoff: Annotated[float, typer.Option(help="Smoothing: lower removes more jitter from slow motion.")] = 1.0,
-    smooth_beta: Annotated[float, typer.Option(help="Smoothing: higher follows fast motion more closely.")] = 10.0,
-    max_frames: Annotated[int | None, typer.Option(help="Track only the first N frames.")] = None,
-    force: Annotated[bool, typer.Option(help="Replace existing output files.", metavar=FLAG)] = False,
+    face_index: Annotated[int, typer.Option(help="Which face to follow: 0 the largest in the first frame with a face, 1 the next...", metavar="N", rich_help_panel=MOTION)] = 0,
+    smooth: Annotated[bool, typer.Option(help="Smooth landmarks and pose over time (One Euro filter, no lag).", metavar=FLAG, rich_help_panel=MOTION)] = True,
+    smooth_cutoff: Annotated[float, typer.Option(help="Smoothing: lower removes more jitter from slow motion.", metavar="X", rich_help_panel=MOTION)] = 1.0,
+    smooth_beta: Annotated[float, typer.Option(help="Smoothing: higher follows fast motion more closely.", metavar="X", rich_help_panel=MOTION)] = 10.0,
+    max_frames: Annotated[int | None, typer.Option(help="Track only the first N frames.", metavar="N", rich_help_panel=INPUT_OUTPUT)] = None,
+    force: Annotated[bool, typer.Option(help="Replace existing output files.", metavar=FLAG, rich_help_panel=INPUT_OUTPUT)] = False,
 ) -> None:
     """Track the face through a clip: save its motion template (landmarks, expression scores, head pose, face patches, timing) to drive animate, image and batch without the clip."""
-    from hellomeme_cli.face.driving import save_template, track_clip
-    from hellomeme_cli.face.preview import write_preview
-    from hellomeme_cli.face.tracking import Smoothing, default_model_path
     from hellomeme_cli.media.files import check_destination
-    from hellomeme_cli.media.video import read_frames
 
     output = output or Path.cwd() / f"{drive.stem}.track.npz"
     for path in filter(None, (output, preview)):
         check_destination(path, force, [drive])
     if max_frames is not None and max_frames < 1:
         raise HellomemeError(f"--max-frames must be at least 1 (got {max_frames})")
+    from hellomeme_cli.face.driving import save_template, track_clip
+    from hellomeme_cli.face.preview import write_preview
+    from hellomeme_cli.face.tracking import Smoothing, default_model_path
+    from hellomeme_cli.media.video import read_frames
+
     smoothing = Smoothing(min_cutoff=smooth_cutoff, beta=smooth_beta) if smooth else None
     model = default_model_path()
     with _progress_bars() as report, track_clip(
@@ -379,18 +456,18 @@ def _evaluation_table(summary: dict, title: str) -> Table:
     return table
 
 
-@app.command("eval")
+@app.command("eval", cls=_HelpCommand)
 def evaluate(
-    output: Annotated[Path, typer.Argument(help="The clip to score: one hellomeme made, or any clip of a face.")],
-    drive: Annotated[Path, typer.Option("--drive", help="Its driving clip.")],
-    ref: Annotated[Path, typer.Option("--ref", help="Its reference portrait.")],
+    output: Annotated[Path, typer.Argument(help="The clip to score: one hellomeme made, or any clip of a face.", metavar="CLIP", show_default=False)],
+    drive: Annotated[Path, typer.Option("--drive", help="Its driving clip.", metavar="FILE", rich_help_panel=INPUT_OUTPUT)],
+    ref: Annotated[Path, typer.Option("--ref", help="Its reference portrait.", metavar="FILE", rich_help_panel=INPUT_OUTPUT)],
     self_reenactment: Annotated[
-        bool, typer.Option("--self", help="Self-reenactment (the reference is the driving clip's first frame): PSNR and SSIM too.", metavar=FLAG)
+        bool, typer.Option("--self", help="Self-reenactment (the reference is the driving clip's first frame): PSNR and SSIM too.", metavar=FLAG, rich_help_panel=SCORING)
     ] = False,
-    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the summary and the per-frame values as JSON.")] = None,
-    plot_path: Annotated[Path | None, typer.Option("--plot", help="Also draw the per-frame curves and a strip of frames (PNG).")] = None,
-    window: Annotated[int | None, typer.Option(help="The sampler's window, for a clip whose metadata does not say it.")] = None,
-    overlap: Annotated[int, typer.Option(help="With --window: frames neighbouring windows share.")] = 0,
+    json_path: Annotated[Path | None, typer.Option("--json", help="Also write the summary and the per-frame values as JSON.", metavar="FILE", rich_help_panel=INPUT_OUTPUT)] = None,
+    plot_path: Annotated[Path | None, typer.Option("--plot", help="Also draw the per-frame curves and a strip of frames (PNG).", metavar="FILE", rich_help_panel=INPUT_OUTPUT)] = None,
+    window: Annotated[int | None, typer.Option(help="The sampler's window, for a clip whose metadata does not say it.", metavar="N", rich_help_panel=SCORING)] = None,
+    overlap: Annotated[int, typer.Option(help="With --window: frames neighbouring windows share.", metavar="N", rich_help_panel=SCORING)] = 0,
     force: Force = False,
 ) -> None:
     """Score a made clip: pose and expression against the driving clip, identity against the reference, flicker, window seams, audio (docs/eval.md)."""
@@ -427,25 +504,25 @@ def evaluate(
         out.print(f"wrote {plot_path}", highlight=False)
 
 
-@app.command()
+@app.command(cls=_HelpCommand)
 @_with_generation_options("video", skip=("version", "checkpoint"))
 def compare(
     reference: Portrait,
     drive: DrivingClip,
-    versions: Annotated[str, typer.Option("--versions", help="The HelloMeme versions to compare, comma-separated (e.g. v2,v5).")],
+    versions: Annotated[str, typer.Option("--versions", help="The HelloMeme versions to compare, comma-separated (e.g. v2,v5).", metavar="LIST", rich_help_panel=MODEL)],
     checkpoints: Annotated[
-        str | None, typer.Option("--checkpoint", help="Checkpoints to compare, comma-separated (files, presets or repo ids); each with each version.")
+        str | None, typer.Option("--checkpoint", help="Checkpoints to compare, comma-separated (files, presets or repo ids); each with each version.", metavar="LIST", rich_help_panel=MODEL)
     ] = None,
     recipes: Annotated[
-        str | None, typer.Option("--recipes", help="Few-step recipes to compare, comma-separated; off: the version's own sampling (e.g. off,lcm,tcd,hyper-sd).")
+        str | None, typer.Option("--recipes", help="Few-step recipes to compare, comma-separated; off: the version's own sampling (e.g. off,lcm,tcd,hyper-sd).", metavar="LIST", rich_help_panel=MODEL)
     ] = None,
-    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="The folder to write the videos, the contact sheet and the table into.")] = Path("compare"),
+    output_dir: Annotated[Path, typer.Option("--output-dir", "-o", help="The folder to write the videos, the contact sheet and the table into.", metavar="DIR", rich_help_panel=INPUT_OUTPUT)] = Path("compare"),
     force: Force = False,
     *,
     settings: AnimateSettings,
 ) -> None:
     """Make the clip with each variant (version x checkpoint x recipe), time and score each (eval), write them side by side, a contact sheet and a table with the best marked."""
-    from hellomeme_cli.media.files import require_file
+    from hellomeme_cli.media.files import check_writable, require_file
     from hellomeme_cli.settings import ModelOptions
     from hellomeme_cli.versions import get_version
 
@@ -459,6 +536,7 @@ def compare(
         ModelOptions(few_step=recipe)  # an unknown recipe is said now
     for path in (reference, drive):
         require_file(path)
+    check_writable(output_dir)
     from hellomeme_cli.quality.compare import Variant, compare as run_compare
 
     with _progress_bars() as report:
@@ -476,10 +554,10 @@ def compare(
     out.print(f"wrote {comparison.side_by_side}, {comparison.contact_sheet}, {comparison.table} and metrics.json in {output_dir}", highlight=False)
 
 
-@app.command("app")
+@app.command("app", cls=_HelpCommand)
 def web_app(
-    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).")] = "127.0.0.1",
-    port: Annotated[int | None, typer.Option(help="Port (default: Gradio's, 7860 or the next free one).")] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on (0.0.0.0: every network interface).", metavar="ADDRESS")] = "127.0.0.1",
+    port: Annotated[int | None, typer.Option(help="Port (default: Gradio's, 7860 or the next free one).", metavar="N")] = None,
     share: Annotated[bool, typer.Option("--share", help="Also serve it through a public gradio.live link.", metavar=FLAG)] = False,
 ) -> None:
     """Serve the web page (Gradio): video and image tabs with every setting, the clip check, results with their seed (docs/app.md)."""
@@ -498,7 +576,7 @@ def _cache():
     return WeightCache()
 
 
-@weights_app.command("list")
+@weights_app.command("list", cls=_HelpCommand)
 def weights_list() -> None:
     """Show every component, its source, and where each of its files is (HELLOMEME_HOME, the Hugging Face cache) or that it is missing."""
     cache = _cache()
@@ -536,13 +614,13 @@ def _with_version(names: list[str] | None, version: str | None) -> list[str] | N
 
 
 VersionComponents = Annotated[
-    str | None, typer.Option("--version", help="Also what this HelloMeme version needs, every control and mode (docs/versions.md).")
+    str | None, typer.Option("--version", help="Also what this HelloMeme version needs, every control and mode (docs/versions.md).", metavar="VERSION")
 ]
-FetchNames = Annotated[list[str] | None, typer.Argument(help="Components or preset names (`weights presets`) to fetch (default: every component).")]
-VerifyNames = Annotated[list[str] | None, typer.Argument(help="Components to check; a missing file is an error (default: every file that is here).")]
+FetchNames = Annotated[list[str] | None, typer.Argument(help="Components or preset names (`weights presets`) to fetch (default: every component).", metavar="NAMES", show_default=False)]
+VerifyNames = Annotated[list[str] | None, typer.Argument(help="Components to check; a missing file is an error (default: every file that is here).", metavar="NAMES", show_default=False)]
 
 
-@weights_app.command("fetch")
+@weights_app.command("fetch", cls=_HelpCommand)
 def weights_fetch(names: FetchNames = None, version: VersionComponents = None) -> None:
     """Download missing components into the Hugging Face cache (sha256-checked before use)."""
     from hellomeme_cli.weights.presets import fetch_preset, find_preset
@@ -561,7 +639,7 @@ def weights_fetch(names: FetchNames = None, version: VersionComponents = None) -
     out.print(f"weights ready in {cache.home} and the Hugging Face cache {cache.hub_cache}", highlight=False)
 
 
-@weights_app.command("presets")
+@weights_app.command("presets", cls=_HelpCommand)
 def weights_presets() -> None:
     """Show the official app's checkpoints and LoRAs by name (`--checkpoint NAME`, `--lora NAME[:SCALE]`), fetched on first use."""
     from hellomeme_cli.weights.presets import all_presets, is_fetched
@@ -576,7 +654,7 @@ def weights_presets() -> None:
         typer.echo(row)
 
 
-@weights_app.command("verify")
+@weights_app.command("verify", cls=_HelpCommand)
 def weights_verify(names: VerifyNames = None, version: VersionComponents = None) -> None:
     """Re-hash every file, wherever it is, and name every missing or corrupt one; without names or --version, say which components are not fetched."""
     cache = _cache()
@@ -592,9 +670,9 @@ def weights_verify(names: VerifyNames = None, version: VersionComponents = None)
         out.print(f"not fetched (`hellomeme weights fetch NAME` when a run needs one): {', '.join(not_fetched)}", highlight=False)
 
 
-@weights_app.command("import")
+@weights_app.command("import", cls=_HelpCommand)
 def weights_import(
-    source: Annotated[Path, typer.Argument(help="A file or a folder of files obtained elsewhere.")],
+    source: Annotated[Path, typer.Argument(help="A file or a folder of files obtained elsewhere.", metavar="SOURCE", show_default=False)],
 ) -> None:
     """Add weight files obtained elsewhere (air-gapped machines), checked against the lock."""
     imported = _cache().import_path(source)
@@ -602,7 +680,7 @@ def weights_import(
         out.print(f"imported {state.component}/{state.path}", highlight=False)
 
 
-@weights_app.command("lock")
+@weights_app.command("lock", cls=_HelpCommand)
 def weights_lock() -> None:
     """Resolve revisions to commit ids and record every file's sha256 (needs the network)."""
     from hellomeme_cli.weights.cache import LOCK_PATH, read_lock, resolve_lock, write_lock
@@ -613,10 +691,10 @@ def weights_lock() -> None:
     out.print(f"wrote {LOCK_PATH.resolve()}")
 
 
-@weights_app.command("make-tiny")
+@weights_app.command("make-tiny", cls=_HelpCommand)
 def weights_make_tiny(
-    folder: Annotated[Path, typer.Argument(help="Cache folder to write, used later as HELLOMEME_HOME.")],
-    seed: Annotated[int, typer.Option(help="Seed for the random weights.")] = 0,
+    folder: Annotated[Path, typer.Argument(help="Cache folder to write, used later as HELLOMEME_HOME.", metavar="FOLDER", show_default=False)],
+    seed: Annotated[int, typer.Option(help="Seed for the random weights.", metavar="N")] = 0,
 ) -> None:
     """Write tiny random-weight versions of every network in the layout of a real download."""
     from hellomeme_cli.weights.tiny import make_tiny
@@ -636,37 +714,102 @@ def _ray_address_filled(arguments: list[str]) -> list[str]:
     return filled
 
 
+# The signals that stop a run, as they are named in the line that says so.
+STOP_SIGNALS = {signal.SIGINT: "Ctrl-C", signal.SIGTERM: "SIGTERM"}
+# Commands that write their output only at the end: stopped, they have written nothing.
+WRITE_AT_THE_END = ("animate", "image", "demo")
+_stopped_by: list[int] = []  # the signals that came during this run, first first
+
+
+def _stop(number: int, frame: object) -> None:
+    """SIGINT and SIGTERM both unwind the run as Ctrl-C does (KeyboardInterrupt: partial files removed,
+    child processes ended, a batch's report written); which one came sets the exit status."""
+    _stopped_by.append(number)
+    raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _stopping_on_signals() -> Iterator[None]:
+    """Within: SIGINT and SIGTERM stop the run through `_stop` (a signal the caller ignores, as `nohup`
+    ignores SIGINT, stays ignored)."""
+    previous = {number: signal.getsignal(number) for number in STOP_SIGNALS}
+    for number, handler in previous.items():
+        if handler is not signal.SIG_IGN:
+            signal.signal(number, _stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+def interrupted_status() -> int:
+    """The exit status of a run a signal stopped: 128 + its number (130 Ctrl-C, 143 SIGTERM)."""
+    return 128 + (_stopped_by[0] if _stopped_by else signal.SIGINT)
+
+
+def _from_interrupt(error: BaseException) -> bool:
+    """Whether `error` comes of a KeyboardInterrupt (typer turns one into exit 130 and says nothing)."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, KeyboardInterrupt):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+def _say_interrupted(command: str | None) -> None:
+    """One line: what stopped the run and what is left of it."""
+    what = STOP_SIGNALS.get(_stopped_by[0] if _stopped_by else signal.SIGINT)
+    left = "nothing was written" if command in WRITE_AT_THE_END else "stopped before the end, no partial file left"
+    console.print(f"[yellow]interrupted[/yellow] ({what}): {left}", highlight=False)
+
+
 def main() -> None:
     """Errors end as one red line and exit code 1; `--debug` anywhere on the line (or HELLOMEME_DEBUG=1)
-    shows the traceback too. An unexpected error (a bug) says so and how to see its traceback."""
+    shows the traceback too. An unexpected error (a bug) says so and how to see its traceback. Ctrl-C
+    and SIGTERM end as one line saying so, exit code 130 and 143."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("HELLOMEME_DEBUG", "") not in ("", "0")
     arguments = _ray_address_filled([argument for argument in sys.argv[1:] if argument != "--debug"])
+    command = next((argument for argument in arguments if not argument.startswith("-")), None)
+    if debug:  # the library's own notes (weights it left unused, ...) on stderr
+        import logging
+
+        logging.basicConfig(format="%(name)s: %(message)s")
+        logging.getLogger("hellomeme_cli").setLevel(logging.DEBUG)
     try:
-        app(args=arguments)
-    except HellomemeError as error:
-        if debug:
-            console.print_exception()
-        console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
-        raise SystemExit(1) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/yellow]", highlight=False)
-        raise SystemExit(130) from None
+        with _stopping_on_signals():
+            app(args=arguments)
     except SystemExit as exit_:
+        if _from_interrupt(exit_) or (_stopped_by and exit_.code not in (0, None, interrupted_status())):
+            _say_interrupted(command)
+            raise SystemExit(interrupted_status()) from None
         # Typer ends a run whose reader left early (`hellomeme weights list | head`) with exit 1, its
         # streams wrapped to stay quiet; what the reader read was written, so nothing failed. The wrapper
         # is matched by name: typer 0.29 raises it from a private copy of click, not click's own.
         if exit_.code == 1 and type(sys.stdout).__name__ == "PacifyFlushWrapper":
             raise SystemExit(0) from None
         raise
-    except Exception as error:
+    except BaseException as error:
+        if _stopped_by or isinstance(error, KeyboardInterrupt):  # a signal's unwinding, whatever it broke on the way
+            _say_interrupted(command)
+            raise SystemExit(interrupted_status()) from None
         if debug:
-            raise
-        console.print(
-            f"[red]error:[/red] unexpected {type(error).__name__}: {_first_line(error)} (run again with --debug for the traceback)",
-            highlight=False,
-        )
-        raise SystemExit(1) from None
+            console.print_exception()
+        if isinstance(error, HellomemeError):
+            console.print(f"[red]error:[/red] {escape(str(error))}", highlight=False)
+        elif isinstance(error, OSError) and error.filename:  # a file the checks could not foresee (removed, a full disk)
+            from hellomeme_cli.media.files import os_cause
 
+            console.print(f"[red]error:[/red] {escape(str(error.filename))}: {os_cause(error)}", highlight=False)
+        elif isinstance(error, Exception):
+            console.print(
+                f"[red]error:[/red] unexpected {type(error).__name__}: {escape(_first_line(error))} (run again with --debug for the traceback)",
+                highlight=False,
+            )
+        else:
+            raise
+        raise SystemExit(1) from None
 
 if __name__ == "__main__":
     main()

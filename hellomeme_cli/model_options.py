@@ -46,6 +46,23 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return _DTYPES[name]
 
 
+# Where Linux lists the CPU's features, and the ones that compute bfloat16 natively: x86's AVX512-BF16
+# and AMX tiles, Arm's BF16 extension. Without one bfloat16 is emulated and slower than float32.
+CPU_REPORT = Path("/proc/cpuinfo")
+BFLOAT16_FEATURES = ("avx512_bf16", "amx_bf16", "bf16")
+
+
+def native_bfloat16() -> str | None:
+    """The CPU feature that computes bfloat16 natively ("" when the CPU has none), read from
+    `CPU_REPORT`; None where there is no such report (not Linux)."""
+    try:
+        report = CPU_REPORT.read_text(errors="replace")
+    except OSError:
+        return None
+    features = {word for line in report.splitlines() if line.split(":")[0].strip() in ("flags", "Features") for word in line.split(":", 1)[-1].split()}
+    return next((feature for feature in BFLOAT16_FEATURES if feature in features), "")
+
+
 def _is_repo_id(value: str) -> bool:
     """`owner/name`, as Hugging Face names a repository."""
     return re.fullmatch(r"[\w.-]+/[\w.-]+", value) is not None

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hellomeme_cli.media.files import check_destination, require_file
+from hellomeme_cli.media.files import check_destination, check_writable, require_file
 from hellomeme_cli.versions import get_version
+
+BATCH_FOLDER = "hellomeme"  # a batch's default output folder, inside the clips' folder (or beside the CSV)
 
 
 def check_paths(reference: Path, driving: Path, output: Path, version: str, *, mode: str, force: bool = False) -> None:
@@ -22,3 +24,12 @@ def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder:
     `<reference>_<driving>_<version>.mp4`, so trying another version does not meet the last output."""
     tag = f"_{version}" if version else ""
     return (folder or Path.cwd()) / f"{reference.stem}_{driving.stem}{tag}{suffix}"
+
+
+def check_batch_folders(clips: Path | None, table: Path | None, output_dir: Path | None, report: Path | None) -> None:
+    """The folders a batch writes its outputs and report into take new files (made if missing): said
+    before anything is imported or planned. A --pairs row naming an output elsewhere is checked
+    with the plan (`batch.run.run_batch`)."""
+    folder = output_dir or ((clips / BATCH_FOLDER) if clips else (table.parent / BATCH_FOLDER) if table else None)
+    for where in filter(None, (folder, report.parent if report else None)):
+        check_writable(where)

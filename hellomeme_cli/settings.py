@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import secrets
+import typing
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +21,17 @@ from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, FEW_STEP, SCHEDULERS, VERSIONS, FewStep, get_version
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
+# How far a run with its networks in half precision may end from float32 (relative error of the final
+# latents), as docs/performance.md ("Half precision") decides: videos within 3e-2, and within 5e-2 at
+# guidance 2.5 and up, where bfloat16's rounding measured 3e-2 to 3.6e-2 on v3-v5b; pictures within 5e-2.
+# float16 is held to the same bounds (it ends within 5e-3).
+HALF_PRECISION_BOUNDS = {"video": 3e-2, "guided video": 5e-2, "image": 5e-2}
+GUIDED_FROM = 2.5
+
+
+def half_precision_bound(mode: str, guidance: float) -> float:
+    """The bound above for a video or picture (`mode`) made at `guidance`."""
+    return HALF_PRECISION_BOUNDS["guided video" if mode == "video" and guidance >= GUIDED_FROM else mode]
 UPSCALE_CHOICES = (1, 2)  # --upscale: 1 is off, 2 the official app's Real-ESRGAN x2
 WEIGHT_SUFFIXES = (".safetensors", ".ckpt", ".pt", ".pth", ".bin")
 
@@ -39,6 +51,8 @@ class Setting:
     per_clip: bool  # may differ per batch CSV row
     in_digest: bool  # changes what is generated (so a finished batch clip made otherwise is redone)
     group: str  # "models" (which networks load) or "generation"
+    panel: str  # the --help panel it is listed in (PANELS)
+    metavar: str | None  # what --help shows for its value (None: a switch, which takes none)
 
     @property
     def column(self) -> str:
@@ -46,10 +60,19 @@ class Setting:
         return self.flags[0].split("/")[0].removeprefix("--").replace("-", "_")
 
 
+# The --help panels, in the order of the data flow; every setting is in one.
+INPUT_OUTPUT, MODEL, SAMPLING, MOTION, SPEED = "Input and output", "Model", "Sampling", "Motion", "Speed and memory"
+PANELS = (INPUT_OUTPUT, MODEL, SAMPLING, MOTION, SPEED)
+# What --help shows for a value, by the type parsed (a setting may name its own).
+_METAVARS = {"int": "N", "float": "X", "str": "TEXT", "Path": "FILE"}
+
+
 def _setting(
     default: Any,
     help: str,
     *,
+    panel: str,
+    metavar: str | None = None,
     cli_type: Any = None,
     flags: tuple[str, ...] = (),
     parse: Callable[[Any], Any] | None = None,
@@ -59,7 +82,7 @@ def _setting(
     in_digest: bool = True,
 ) -> Any:
     """A dataclass field carrying its declaration (read back by `settings`)."""
-    meta = dict(help=help, cli_type=cli_type, flags=flags, parse=parse, check=check, shown=shown, per_clip=per_clip, in_digest=in_digest)
+    meta = dict(help=help, panel=panel, metavar=metavar, cli_type=cli_type, flags=flags, parse=parse, check=check, shown=shown, per_clip=per_clip, in_digest=in_digest)
     return dataclasses.field(default=default, metadata=meta)
 
 
@@ -166,45 +189,35 @@ class ModelOptions:
 
     version: str = _setting(
         DEFAULT_VIDEO_VERSION, "HelloMeme version (docs/versions.md).", cli_type=str, check=_known_version,
-        shown=f"{DEFAULT_VIDEO_VERSION} (image: {DEFAULT_IMAGE_VERSION})",
-    )
+        shown=f"{DEFAULT_VIDEO_VERSION} (image: {DEFAULT_IMAGE_VERSION})", panel=MODEL, metavar="VERSION")
     control: str | None = _setting(
         None, "Expression signal: blendshapes (ARKit + face parts) or pdfgc (PD-FGC motion).", cli_type=str,
-        check=_known_control, shown=_by_version("control"),
-    )
+        check=_known_control, shown=_by_version("control"), panel=MODEL, metavar="SIGNAL")
     checkpoint: str | None = _setting(
         None, "SD1.5-family checkpoint: a .safetensors/.ckpt file, a diffusers folder, a preset name (hellomeme weights presets) or a Hugging Face repo id.",
-        cli_type=str, shown="SD1.5",
-    )
+        cli_type=str, shown="SD1.5", panel=MODEL, metavar="MODEL")
     vae: Path | None = _setting(
         None, "Replacement VAE for decoding (file or diffusers folder).", cli_type=Path, parse=_optional_path,
-        shown="the checkpoint's",
-    )
+        shown="the checkpoint's", panel=MODEL, metavar="FILE")
     loras: tuple[tuple[Path, float], ...] = _setting(
         (), "LoRA file or preset name (hellomeme weights presets), FILE or FILE:SCALE; repeat for several (CSV: separated by ;).", cli_type=list[str],
-        flags=("--lora",), parse=_loras, shown="none",
-    )
+        flags=("--lora",), parse=_loras, shown="none", panel=MODEL, metavar="FILE[:SCALE]")
     few_step: str | None = _setting(
         None, f"Few-step recipe: a distillation LoRA with its scheduler, steps and guidance ({', '.join(FEW_STEP)}); unproven on HelloMeme (docs/performance.md).",
-        cli_type=str, check=_known_few_step, shown="off",
-    )
-    device: str = _setting("auto", "auto, cpu, cuda, cuda:N or mps.", cli_type=str, per_clip=False, in_digest=False)
+        cli_type=str, check=_known_few_step, shown="off", panel=MODEL, metavar="RECIPE")
+    device: str = _setting("auto", "auto, cpu, cuda, cuda:N or mps.", cli_type=str, per_clip=False, in_digest=False, panel=SPEED, metavar="DEVICE")
     dtype: str = _setting(
         "auto", "auto (float16 on GPUs, float32 on CPUs), float32, float16 or bfloat16 (3e-2 to 4e-2 from float32 at guidance 2.5 and up, float16 5e-3: docs/performance.md).", cli_type=str,
-        check=_one_of(DTYPES, "dtype"),
-    )
+        check=_one_of(DTYPES, "dtype"), panel=SPEED, metavar="DTYPE")
     channels_last: bool = _setting(
         False, "Channels-last memory format (faster convolutions on recent GPUs).", flags=("--channels-last",),
-        per_clip=False, in_digest=False,
-    )
+        per_clip=False, in_digest=False, panel=SPEED)
     compile: bool = _setting(
         False, "torch.compile the network blocks (slow first clip, faster after).", flags=("--compile",),
-        per_clip=False, in_digest=False,
-    )
+        per_clip=False, in_digest=False, panel=SPEED)
     low_memory: bool = _setting(
         False, "Keep networks on the CPU, each block on the GPU only while it runs (8-12 GB cards).",
-        flags=("--low-memory",), per_clip=False, in_digest=False,
-    )
+        flags=("--low-memory",), per_clip=False, in_digest=False, panel=SPEED)
 
     def __post_init__(self) -> None:
         _check(self)
@@ -236,46 +249,39 @@ class AnimateSettings:
     """Everything a run depends on besides its inputs; None means the version's default."""
 
     models: ModelOptions = ModelOptions()
-    steps: int | None = _setting(None, "Denoising steps.", check=_at_least(1, "steps"), shown=_by_version("steps"))
+    steps: int | None = _setting(None, "Denoising steps.", check=_at_least(1, "steps"), shown=_by_version("steps"), panel=SAMPLING)
     guidance: float | None = _setting(
-        None, "Classifier-free guidance scale (1 turns it off).", check=_at_least(1, "guidance"), shown=_by_version("guidance")
-    )
+        None, "Classifier-free guidance scale (1 turns it off).", check=_at_least(1, "guidance"), shown=_by_version("guidance"), panel=SAMPLING, metavar="SCALE")
     scheduler: str | None = _setting(
         None, f"Noise scheduler: {', '.join(SCHEDULERS)} or a diffusers scheduler class name.", check=_known_scheduler,
-        shown="the version's (official)",
-    )
-    seed: int | None = _setting(None, "Random seed (default: a new one, printed and stored in the output).", check=_seed, shown="random")
-    fps: float | None = _setting(None, "Output frame rate (default: the driving clip's).", check=_within(0, 240, "fps", open_low=True), shown="the clip's")
-    max_frames: int | None = _setting(None, "Use only the first N frames of the driving clip.", check=_at_least(1, "max-frames"), shown="all")
-    trans_ratio: float = _setting(0.0, "How much of the driving head's movement across the frame to follow (0..1).", check=_within(0, 1, "trans-ratio"))
+        shown="the version's (official)", panel=SAMPLING, metavar="NAME")
+    seed: int | None = _setting(None, "Random seed (default: a new one, printed and stored in the output).", check=_seed, shown="random", panel=SAMPLING)
+    fps: float | None = _setting(None, "Output frame rate (default: the driving clip's).", check=_within(0, 240, "fps", open_low=True), shown="the clip's", panel=INPUT_OUTPUT, metavar="FPS")
+    max_frames: int | None = _setting(None, "Use only the first N frames of the driving clip.", check=_at_least(1, "max-frames"), shown="all", panel=INPUT_OUTPUT)
+    trans_ratio: float = _setting(0.0, "How much of the driving head's movement across the frame to follow (0..1).", check=_within(0, 1, "trans-ratio"), panel=MOTION, metavar="0..1")
     pose: str = _setting(
         "absolute", "Head pose: absolute (the driver's) or relative (the driver's turn since its first frame, on the reference's own pose).",
-        check=_one_of(POSES, "pose"),
-    )
+        check=_one_of(POSES, "pose"), panel=MOTION, metavar="MODE")
     motion: str = _setting(
         "all", "Which motion to take: all, pose (keep the reference's expression) or expression (keep its head pose).",
-        check=_one_of(MOTIONS, "motion"),
-    )
+        check=_one_of(MOTIONS, "motion"), panel=MOTION, metavar="WHICH")
     expression_scale: float = _setting(
-        1.0, "How far the expression moves from the clip's first frame (0: frozen, 2: doubled).", check=_within(0, 5, "expression-scale")
-    )
-    prompt: str = _setting("", "Extra prompt, put before the version's portrait prompt.", shown="empty")
-    negative_prompt: str = _setting("", "Negative prompt.", shown="empty")
-    window: int | None = _setting(None, "Frames per motion-module window.", check=_at_least(2, "window"), shown=_by_version("window"))
-    overlap: int | None = _setting(None, "Frames shared by neighbouring windows.", check=_at_least(0, "overlap"), shown=_by_version("overlap"))
-    crop: bool = _setting(True, "Crop the reference and the clip around the face (--no-crop: whole frames).", flags=("--crop/--no-crop",))
-    face_index: int = _setting(0, "Which face of the driving clip to follow (0: the largest).", check=_at_least(0, "face-index"))
-    smoothing: bool = _setting(True, "Smooth the driving motion over time (--no-smooth: both strengths 0).", flags=("--smooth/--no-smooth",))
-    smooth_pose: float = _setting(1.0, "Head-pose smoothing strength (0: none, 1: default, more: steadier).", check=_within(0, 10, "smooth-pose"))
+        1.0, "How far the expression moves from the clip's first frame (0: frozen, 2: doubled).", check=_within(0, 5, "expression-scale"), panel=MOTION)
+    prompt: str = _setting("", "Extra prompt, put before the version's portrait prompt.", shown="empty", panel=SAMPLING)
+    negative_prompt: str = _setting("", "Negative prompt.", shown="empty", panel=SAMPLING)
+    window: int | None = _setting(None, "Frames per motion-module window.", check=_at_least(2, "window"), shown=_by_version("window"), panel=SAMPLING)
+    overlap: int | None = _setting(None, "Frames shared by neighbouring windows.", check=_at_least(0, "overlap"), shown=_by_version("overlap"), panel=SAMPLING)
+    crop: bool = _setting(True, "Crop the reference and the clip around the face (--no-crop: whole frames).", flags=("--crop/--no-crop",), panel=INPUT_OUTPUT)
+    face_index: int = _setting(0, "Which face of the driving clip to follow (0: the largest).", check=_at_least(0, "face-index"), panel=MOTION)
+    smoothing: bool = _setting(True, "Smooth the driving motion over time (--no-smooth: both strengths 0).", flags=("--smooth/--no-smooth",), panel=MOTION)
+    smooth_pose: float = _setting(1.0, "Head-pose smoothing strength (0: none, 1: default, more: steadier).", check=_within(0, 10, "smooth-pose"), panel=MOTION)
     smooth_expression: float = _setting(
-        1.0, "Expression (landmarks, blendshapes) smoothing strength (0: none, 1: default, more: steadier).", check=_within(0, 10, "smooth-expression")
-    )
-    size: int = _setting(512, "Working size in pixels (multiple of 64); the released weights are trained at 512.", check=_size)
-    paste_back: bool = _setting(False, "Blend the generated face back into the whole reference picture, at its full size.", flags=("--paste-back",))
+        1.0, "Expression (landmarks, blendshapes) smoothing strength (0: none, 1: default, more: steadier).", check=_within(0, 10, "smooth-expression"), panel=MOTION)
+    size: int = _setting(512, "Working size in pixels (multiple of 64); the released weights are trained at 512.", check=_size, panel=INPUT_OUTPUT, metavar="PX")
+    paste_back: bool = _setting(False, "Blend the generated face back into the whole reference picture, at its full size.", flags=("--paste-back",), panel=INPUT_OUTPUT)
     upscale: int = _setting(
         1, "Enlarge the generated frames 2x with the official app's Real-ESRGAN x2 (1: off); with --paste-back before blending.",
-        check=_one_of(UPSCALE_CHOICES, "upscale"), shown="1 (off)",
-    )
+        check=_one_of(UPSCALE_CHOICES, "upscale"), shown="1 (off)", panel=INPUT_OUTPUT, metavar="1|2")
 
     def __post_init__(self) -> None:
         _check(self)
@@ -322,7 +328,14 @@ def all_settings() -> Iterator[Setting]:
                 name=field.name, default=default, help=meta["help"], cli_type=cli_type, flags=flags,
                 parse=meta["parse"] or (lambda value: value), check=meta["check"], shown_default=shown,
                 per_clip=meta["per_clip"], in_digest=meta["in_digest"], group="models" if owner is ModelOptions else "generation",
+                panel=meta["panel"], metavar=None if cli_type is bool else meta["metavar"] or _METAVARS[_base_type(cli_type).__name__],
             )
+
+
+def _base_type(kind: Any) -> type:
+    """`int` of `int | None`, `str` of `list[str]`: the type of one value."""
+    arguments = [argument for argument in typing.get_args(kind) if argument is not type(None)]
+    return _base_type(arguments[0]) if arguments else kind
 
 
 # The annotations as strings (from __future__), to the types the command line parses.
@@ -388,8 +401,10 @@ def parse_cell(setting: Setting, text: str) -> Any:
 
 
 def options_markdown() -> str:
-    """The options table of docs/usage.md (a test checks the page holds it as made here)."""
-    rows = ["| option | default | meaning |", "|---|---|---|"]
-    for setting in all_settings():
-        rows.append(f"| `{', '.join(setting.flags)}` | {setting.shown_default} | {setting.help} |")
-    return "\n".join(rows)
+    """The options tables of docs/usage.md, one per --help panel (a test checks the page holds them as made here)."""
+    parts = []
+    for panel in PANELS:
+        rows = [f"**{panel}**", "", "| option | default | meaning |", "|---|---|---|"]
+        rows += [f"| `{', '.join(setting.flags)}` | {setting.shown_default} | {setting.help} |" for setting in all_settings() if setting.panel == panel]
+        parts.append("\n".join(rows))
+    return "\n\n".join(parts)

@@ -27,6 +27,7 @@ from hellomeme_cli.models import (
 from hellomeme_cli.models.unet import load_folder
 from hellomeme_cli.samplers.common import ControlSource, DrivingFrames, SamplerInputs, SamplerSettings
 from hellomeme_cli.samplers.two_stage import VideoSampler
+from hellomeme_cli.settings import half_precision_bound
 from hellomeme_cli.versions import get_version, resolve
 from conftest import CONFORMANCE_DIR
 
@@ -288,10 +289,8 @@ def networks_to(sampler, dtype: torch.dtype) -> None:
             value.to(dtype)
 
 
-# bfloat16 keeps 8 bits of mantissa; over a sampler's passes that leaves about 1e-2 of the
-# official float32 latents, far below what one conditioning input changes (the READMEs'
-# sensitivities: 3e-2 to 0.9).
-BFLOAT16_LATENTS_TOLERANCE = {"sampler": 3e-2, "image": 5e-2}
-# At guidance 2.5 and up bfloat16 ends 3e-2 to 3.6e-2 from float32 on v3-v5b (docs/performance.md,
-# "Half precision"): the bound the docs give it there.
-BFLOAT16_GUIDED_TOLERANCE = 5e-2
+def half_precision_tolerance(case: dict) -> float:
+    """How far a case's latents in bfloat16 or float16 may end from the official float32: the
+    documented rule (settings.half_precision_bound) at the case's guidance. Far below what one
+    conditioning input changes (the READMEs' sensitivities: 3e-2 to 0.9)."""
+    return half_precision_bound("image" if case["kind"] == "image" else "video", case["guidance_scale"])

@@ -160,6 +160,35 @@ def test_a_faceless_portrait_is_said_before_any_model_loads(server, faceless_png
     assert asked == []
 
 
+def test_cancel_stops_a_running_video_leaves_no_file_and_the_next_run_works(server):
+    """Cancel while the clip is being made: the run stops at its next frame or step, its folder and
+    partial file are gone, and the models it used make the next video."""
+    import time
+
+    from gradio_client import Client, handle_file
+
+    portrait, clip = require(MEDIA / "majicmix1.jpg", "test portrait"), require(MEDIA / "jue.mp4", "test clip")
+    client = Client(server.local_url, verbose=False)
+    before = set(Path(server.output_root).iterdir())
+    job = client.submit(reference=handle_file(str(portrait)), driving=handle_file(str(clip)), size=128, steps="4", seed="5", api_name="/animate")
+    deadline = time.monotonic() + GENERATION_TIMEOUT_MS / 1000
+    while not job.status().progress_data and not job.done() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not job.done(), "the run ended before it could be cancelled"
+    client.predict(api_name="/video_cancel")
+    with pytest.raises(Exception) as stopped:
+        job.result(timeout=GENERATION_TIMEOUT_MS / 1000)
+    assert "Traceback" not in str(stopped.value)
+
+    # Queued behind the cancelled run (one generation at a time), so it starts once that one has stopped.
+    video, _, seed, _ = client.predict(
+        reference=handle_file(str(portrait)), driving=handle_file(str(clip)), **{**FAST, "seed": "6"}, api_name="/animate"
+    )
+    assert seed == 6 and probe_video(Path(video)).frame_count == FAST["max_frames"]
+    new = sorted(set(Path(server.output_root).iterdir()) - before)
+    assert [sorted(path.name for path in folder.iterdir()) for folder in new] == [["majicmix1_jue.mp4"]]
+
+
 def test_compare_endpoint_returns_the_clips_side_by_side_the_contact_sheet_and_the_table(server):
     """The compare tab: the library's `compare` over the uploads."""
     from gradio_client import Client, handle_file

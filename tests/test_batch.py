@@ -119,7 +119,7 @@ def test_a_killed_run_leaves_no_partial_output_and_the_next_run_finishes_it(work
     out = workdir / "out"
     command = [sys.executable, "-m", "hellomeme_cli", "batch", str(folder), "--ref", str(media("chillout.jpg")), "-o", str(out), *FAST]
     returncode, errors = terminate_after_first_output(command, out)
-    assert returncode == 130, errors
+    assert returncode == 143, errors
     assert "interrupted" in errors and "Traceback" not in errors
 
     assert finished_outputs(out) == ["chillout_jue.mp4"]

@@ -190,7 +190,7 @@ def test_sigterm_stops_the_workers_writes_the_report_and_leaves_no_partial_file(
     out = workdir / "out"
     command = [sys.executable, "-m", "hellomeme_cli", "batch", str(folder), "--ref", str(media("civitai1.jpg")), "-o", str(out), *FAST, "--ray", "--workers", "2"]
     returncode, errors = terminate_after_first_output(command, out)
-    assert returncode == 130, errors
+    assert returncode == 143, errors
     assert "interrupted" in errors and "Traceback" not in errors
     assert "Ray" not in errors and "logging.cc" not in errors  # Ray's own logs stay out of the terminal
     report = read_report(out / "batch-report.json")

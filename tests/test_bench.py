@@ -32,7 +32,7 @@ def test_bench_writes_every_stage_with_positive_numbers(tiny_cache, tmp_path, mo
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "qie.mp4", "clip")
     monkeypatch.setenv("HELLOMEME_HOME", str(tiny_cache))
     arguments = ["--json", tmp_path / "bench.json", "--reference", reference, "--drive", clip,
-                 "--size", "128", "--steps", "1", "--max-frames", "3", "--frames", "4"]
+                 "--size", "128", "--steps", "1", "--max-frames", "3", "--frames", "4", "--dtype-sizes"]
     assert main([str(a) for a in arguments]) == 0
     table = capsys.readouterr().out
     report = json.loads((tmp_path / "bench.json").read_text())
@@ -48,6 +48,22 @@ def test_bench_writes_every_stage_with_positive_numbers(tiny_cache, tmp_path, mo
     machine = report["machine"]
     assert machine["cpu_cores"] > 0 and machine["torch"] == torch.__version__ and machine["hellomeme"]
     assert "face tracking" in table and "peak RSS" in table
+
+
+def test_cpu_dtypes_time_float32_and_bfloat16_side_by_side(monkeypatch):
+    """One guided UNet call per size and dtype (a tiny UNet here, SD1.5's in `make bench`), and the
+    CPU's native bfloat16 feature beside them, as the table prints them."""
+    from diffusers import UNet2DConditionModel
+
+    from benchmarks.bench import cpu_dtype_lines, cpu_dtypes
+
+    unet = UNet2DConditionModel(block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=32, layers_per_block=1, sample_size=8)
+    measured = cpu_dtypes(unet, (64, 128), repeats=1)
+    assert set(measured["seconds"]) == {"64", "128"}
+    assert all(set(by_dtype) == {"float32", "bfloat16"} and min(by_dtype.values()) > 0 for by_dtype in measured["seconds"].values())
+    lines = cpu_dtype_lines({**measured, "native_bfloat16": "avx512_bf16", "seconds": {"128": {"float32": 1.4, "bfloat16": 0.5}}})
+    assert lines[0].endswith("native bfloat16: avx512_bf16") and lines[1] == "  128 px: float32 1.40 s, bfloat16 0.50 s (bfloat16 2.80x the float32 speed)"
 
 
 def test_stage_clock_gives_the_time_before_stage_1_to_the_reference_and_the_tail_to_encoding():

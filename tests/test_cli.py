@@ -45,7 +45,7 @@ def test_animate_help_lists_every_declared_setting_with_its_default():
     animate, image and batch; a picture has no clip-only options."""
     declared = {setting.flags[0].split("/")[0]: setting for setting in all_settings()}
     rows = help_rows("animate")
-    assert set(rows) == {"reference", "drive", "--output", "--force", "--help", *declared}
+    assert set(rows) == {"REFERENCE", "DRIVE", "--output", "--force", "--help", *declared}
     assert {flag: rows[flag] for flag in declared} == {flag: setting.shown_default for flag, setting in declared.items()} | {
         "--version": DEFAULT_VIDEO_VERSION
     }
@@ -63,8 +63,40 @@ def test_animate_help_lists_every_declared_setting_with_its_default():
 def test_help_shows_defaults_once_bracketed_and_switches_without_a_type():
     text = runner.invoke(app, ["animate", "--help"], env={"COLUMNS": "250"}).stdout
     assert "[default: (" not in text and "[default: the version's (25)]" in text
-    assert "<bool>" not in "".join(line for line in text.splitlines() if "--help" not in line)  # typer's own --help keeps it
-    assert re.search(r"│ --paste-back\s+Blend", text) and re.search(r"│ --steps\s+<int>\s+Denoising", text)
+    assert re.search(r"│ --paste-back\s+Blend", text) and re.search(r"│ --steps\s+N\s+Denoising", text)
+
+
+def _commands(group=None, path=()):
+    """Every command line's words, the groups' own included (`()`, `("weights",)`, `("weights", "list")`, ...)."""
+    import typer.main
+
+    group = group or typer.main.get_command(app)
+    yield path
+    for name, command in getattr(group, "commands", {}).items():
+        yield from _commands(command, (*path, name))
+
+
+def test_help_reads_in_80_columns_in_panels_that_follow_the_data_flow():
+    """No `<bool>` in any help, usage naming the arguments as `REFERENCE DRIVE`, and the run options of
+    animate, image and batch in panels in the order of the data flow, each setting in its declared one."""
+    from hellomeme_cli.settings import PANELS
+
+    for words in _commands():
+        text = runner.invoke(app, [*words, "--help"], env={"COLUMNS": "80"}).stdout
+        assert "<bool>" not in text and "{" not in text.splitlines()[1], (words, text)
+        assert max(len(line) for line in text.splitlines()) <= 80, words
+    for command, usage in (("animate", "REFERENCE DRIVE"), ("image", "REFERENCE DRIVE_IMAGE"), ("batch", "[INPUT_DIR]"), ("track", "DRIVE"), ("eval", "CLIP"), ("compare", "REFERENCE DRIVE")):
+        text = runner.invoke(app, [command, "--help"], env={"COLUMNS": "80"}).stdout
+        assert f"Usage: hellomeme {command} [OPTIONS] {usage}" in text
+        panels = re.findall(r"╭─ (.+?) ─", text)
+        assert panels[-1] == "Help" and "Options" not in panels, (command, panels)
+        if command in ("animate", "image", "batch", "compare"):
+            assert [panel for panel in panels if panel in PANELS] == list(PANELS), (command, panels)
+    sections = re.split(r"╭─ ", runner.invoke(app, ["animate", "--help"], env={"COLUMNS": "250"}).stdout)
+    in_panel = {section.split(" ─")[0]: set(re.findall(r"│ (--[\w-]+)", section)) for section in sections[1:]}
+    for setting in all_settings():
+        assert setting.flags[0].split("/")[0] in in_panel[setting.panel], setting.name
+    assert {"--output", "--force"} <= in_panel["Input and output"]
 
 
 def test_listing_into_a_closed_pipe_is_not_an_error():
@@ -81,6 +113,27 @@ def test_info_names_torch_and_devices():
     assert result.exit_code == 0
     assert "torch" in result.stdout and "cpu" in result.stdout
     assert "video: v1, v2, v3, v4, v5, v5b (default v2); image: v1, v2, v3, v4, v5, v5b, v5c (default v5)" in result.stdout
+
+
+def test_info_says_whether_the_cpu_computes_bfloat16_natively(monkeypatch, tmp_path):
+    """From the CPU's own report: an AMD EPYC with avx512_bf16, an Intel Xeon without, an Arm CPU with
+    bf16, and a system without /proc/cpuinfo."""
+    from hellomeme_cli import model_options
+
+    reports = {
+        "flags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n": "native on this CPU (avx512_bf16): --dtype bfloat16 is faster than float32",
+        "flags\t\t: fpu sse avx2 avx512f avx512_vnni\n": "not native on this CPU (no avx512_bf16, amx_bf16, bf16): --dtype bfloat16 is slower",
+        "Features\t: fp asimd sve bf16 i8mm\n": "native on this CPU (bf16)",
+        None: "unknown (no /proc/cpuinfo to tell)",
+    }
+    for report, said in reports.items():
+        path = tmp_path / "cpuinfo"
+        path.unlink(missing_ok=True)
+        if report is not None:
+            path.write_text("processor\t: 0\n" + report)
+        monkeypatch.setattr(model_options, "CPU_REPORT", path)
+        result = runner.invoke(app, ["info"])
+        assert result.exit_code == 0 and said in result.stdout, result.stdout
 
 
 def test_console_script_entry_point_runs():

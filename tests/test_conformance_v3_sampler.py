@@ -16,7 +16,7 @@ import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from conformance_case import (
-    BFLOAT16_LATENTS_TOLERANCE, case_params, case_scheduler, control_from_tensors, first_case, load_case,
+    case_params, case_scheduler, control_from_tensors, first_case, half_precision_tolerance, load_case,
     networks_to, relative_error,
 )
 from hellomeme_cli.models import HM3DenoisingNet, HM3ReferenceNet, motion_unet
@@ -120,7 +120,7 @@ def test_bfloat16_stays_near_the_official_float32(folder):
         latents = sampler.sample_image(inputs, settings, generator)[:, :, 0]
     error = relative_error(latents, io["out.latents"])
     print(f"{folder.parent.name}/{folder.name} bfloat16 latents relative error {error:.3e}")
-    assert torch.isfinite(latents).all() and error < BFLOAT16_LATENTS_TOLERANCE[case["kind"]]
+    assert torch.isfinite(latents).all() and error < half_precision_tolerance(case)
 
 
 @pytest.mark.parametrize("folder", _cases(("sampler",)))

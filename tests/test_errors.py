@@ -134,3 +134,29 @@ def test_another_networks_weight_file_is_one_line_naming_the_component(bad_input
     assert result.returncode == 1 and len(lines) == 1, result.stderr
     expected = rf"error: weights component hm2_reference: .*{re.escape(str(weights_file))} does not hold HMReferenceAdapter's tensors \(\d+ missing, \d+ unexpected\)"
     assert re.search(expected, lines[0]), lines[0]
+
+
+def test_a_weight_file_with_extra_tensors_loads_as_the_official_from_pretrained_loads_it(tiny_cache, tmp_path, caplog):
+    """Tensors the network does not have (a newer release's extras) are left and logged, as diffusers'
+    `from_pretrained` in the official code leaves them; the network gets the same weights."""
+    import logging
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    from hellomeme_cli.models.reference import HMReferenceAdapter
+    from hellomeme_cli.models.unet import load_folder
+
+    folder = tmp_path / "hm2_reference"
+    shutil.copytree(tiny_cache / "hm2_reference", folder)
+    weights = folder / "diffusion_pytorch_model.safetensors"
+    extras = {f"extra_{number}.weight": torch.ones(2) for number in range(4)}
+    save_file({**load_file(weights), **extras}, weights, metadata={"format": "pt"})
+    with caplog.at_level(logging.INFO, logger="hellomeme_cli"):
+        loaded = load_folder(HMReferenceAdapter, folder)
+    plain = load_folder(HMReferenceAdapter, tiny_cache / "hm2_reference").state_dict()
+    assert loaded.state_dict().keys() == plain.keys() and all(torch.equal(loaded.state_dict()[k], plain[k]) for k in plain)
+    (record,) = [record for record in caplog.records if record.name.startswith("hellomeme_cli")]
+    assert record.levelno == logging.INFO  # not on a user's terminal unless --debug
+    assert f"{weights}: 4 tensor(s) HMReferenceAdapter does not have, left unused: extra_0.weight, extra_1.weight, extra_2.weight, ..." == record.getMessage()

@@ -92,7 +92,7 @@ def test_a_driver_stopped_with_sigterm_writes_its_report_and_leaves_the_cluster_
         time.sleep(0.05)
     driver.send_signal(signal.SIGTERM)
     _, errors = driver.communicate(timeout=120)
-    assert driver.returncode == 130, errors
+    assert driver.returncode == 143, errors
     report = read_report(out / "batch-report.json")
     assert report[""]["finished"] is False and "ok" in [report[name]["status"] for name in CLIPS]
     assert all(report[name]["reason"] == NOT_RUN for name in CLIPS if report[name]["status"] == "skipped")

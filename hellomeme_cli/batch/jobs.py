@@ -35,7 +35,7 @@ from hellomeme_cli.model_options import check_options
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.face.driving import TEMPLATE_SUFFIX, expected_frames
 from hellomeme_cli.pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, load_reference, run_components
-from hellomeme_cli.preflight import default_output
+from hellomeme_cli.preflight import BATCH_FOLDER, default_output
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
 from hellomeme_cli.settings import Setting, all_settings, digest_values, from_values, parse_cell
 from hellomeme_cli.media.video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
@@ -45,7 +45,6 @@ from hellomeme_cli.media.video import VideoInfo, probe_video
 from hellomeme_cli.weights.cache import WeightCache, sha256_of
 
 DIGEST_TAG = "hellomeme_batch"  # the output's metadata key holding the digest of what made it
-OUTPUT_FOLDER = "hellomeme"  # default output folder, inside the clips' folder (or beside the CSV)
 REPORT_NAME = "batch-report.json"  # and beside it batch-report.csv (the same rows) and .log: the traceback of every failure
 TRACK_CACHE = "tracks"  # in the weight cache's home: the motion template of every clip tracked, reused by later runs
 DRIVE_SUFFIXES = (*VIDEO_SUFFIXES, TEMPLATE_SUFFIX)
@@ -131,7 +130,7 @@ def plan_folder(
     folder = Path(folder)
     if not folder.is_dir():
         raise HellomemeError(f"{folder}: {'not a folder' if folder.exists() else 'no such folder'}")
-    output_dir = Path(output_dir) if output_dir else folder / OUTPUT_FOLDER
+    output_dir = Path(output_dir) if output_dir else folder / BATCH_FOLDER
     report = Path(report) if report else output_dir / REPORT_NAME
     files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
     outputs = {clip: default_output(reference, clip, folder=output_dir) for clip in files if clip.suffix.lower() in DRIVE_SUFFIXES}
@@ -165,7 +164,7 @@ def plan_pairs(
         raise HellomemeError(f"{table}: cannot read ({error.strerror})") from None
     except (UnicodeDecodeError, csv.Error) as error:
         raise HellomemeError(f"{table}: not a CSV file ({error})") from None
-    output_dir = Path(output_dir) if output_dir else table.parent / OUTPUT_FOLDER
+    output_dir = Path(output_dir) if output_dir else table.parent / BATCH_FOLDER
     origins = [f"{table}:{line}" for line, _ in rows]
     jobs = [_row_job(origin, values, table.parent, reference, settings, output_dir) for origin, (_, values) in zip(origins, rows)]
     if not jobs:

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import signal
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 from hellomeme_cli.batch.jobs import DONE, BatchPlan, BatchReport, ClusterOptions, _check_setup, _ClipMaker, _Ledger, _prepare, _Task, remove_leftovers
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.media.files import check_writable
 from hellomeme_cli.quality.evaluate import evaluate
 from hellomeme_cli.quality.identity import COMPONENT as IDENTITY_COMPONENT
 from hellomeme_cli.model_options import resolve_device
@@ -30,8 +29,11 @@ def run_batch(
     other in this process, on the device the settings name; with it: on Ray workers (on_ray.py).
     With `evaluate`, every finished output is then scored here (`hellomeme eval`'s summary on its row).
     Setup problems raise before any work; a clip's own problem goes into its report. On
-    KeyboardInterrupt (Ctrl-C, or SIGTERM under `sigterm_interrupts`) it stops, leaves no partial
+    KeyboardInterrupt (Ctrl-C; the command line turns SIGTERM into one too) it stops, leaves no partial
     file under a final name, records the clips not made as skipped and returns."""
+    folders = {plan.report.parent, *(job.output.parent for job in plan.jobs)}
+    for folder in folders:
+        check_writable(folder)  # before any work, not when the first clip is done
     if cluster is not None:
         from hellomeme_cli.batch.on_ray import import_ray
 
@@ -41,7 +43,7 @@ def run_batch(
     _check_setup(plan.jobs, device, cache)
     if evaluate:
         cache.require([IDENTITY_COMPONENT])  # the identity model, before any work
-    for folder in {plan.report.parent, *(job.output.parent for job in plan.jobs)}:
+    for folder in folders:
         folder.mkdir(parents=True, exist_ok=True)
     for path in (plan.report, *(job.output for job in plan.jobs)):
         remove_leftovers(path)
@@ -81,18 +83,4 @@ def _run_here(tasks: Sequence[_Task], device: str, cache: WeightCache, ledger: _
         report = maker.make(task, progress)
         ledger.running = 0
         ledger.record(task.index, report)
-
-
-def _raise_interrupt(signum: int, frame: object) -> None:
-    raise KeyboardInterrupt
-
-
-@contextlib.contextmanager
-def sigterm_interrupts() -> Iterator[None]:
-    """Within: SIGTERM (`kill`) stops the batch as Ctrl-C does, report written and no partial file left."""
-    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
+import logging
 import weakref
 from collections.abc import Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from torch import nn
 from hellomeme_cli.models.blocks import _batch_to_frames, _frames_to_batch
 from hellomeme_cli.models.reference import HMReferenceAdapter
 
+_log = logging.getLogger(__name__)
 ReferenceCache = dict[str, torch.Tensor]
 ControlFeatures = dict[str, torch.Tensor]
 
@@ -192,17 +194,21 @@ class HMInjectionPoints(InjectionPoints):
 def load_folder(cls, folder: str | Path, **kwargs):
     """`cls.from_pretrained` on a local folder, safetensors only (diffusers would
     otherwise fall back to unpickling a `.bin`), taking the fp16 file where that is
-    what the folder holds."""
+    what the folder holds. As strict as the official code's `from_pretrained` and no more:
+    tensors the network lacks are logged and left, as diffusers leaves them."""
     folder = Path(folder)
     fp16_only = not any(folder.glob("*model.safetensors")) and any(folder.glob("*model.fp16.safetensors"))
     model, info = cls.from_pretrained(folder, use_safetensors=True, variant="fp16" if fp16_only else None, output_loading_info=True, **kwargs)
-    # diffusers leaves a tensor the file lacks on the meta device and ignores the file's others:
-    # another network's file would load "fine" and fail much later, far from its cause.
-    unmatched = {kind: len(info.get(f"{kind}_keys") or ()) for kind in ("missing", "unexpected", "mismatched")}
-    if any(unmatched.values()):
-        counts = ", ".join(f"{count} {kind}" for kind, count in unmatched.items() if count)
-        weights = next(folder.glob("*.fp16.safetensors" if fp16_only else "*.safetensors"), folder)
+    weights = next(folder.glob("*.fp16.safetensors" if fp16_only else "*.safetensors"), folder)
+    unmatched = {kind: list(info.get(f"{kind}_keys") or ()) for kind in ("missing", "unexpected", "mismatched")}
+    # diffusers leaves a tensor the file lacks on the meta device: another network's file would load
+    # "fine" and fail much later, far from its cause.
+    if unmatched["missing"] or unmatched["mismatched"]:
+        counts = ", ".join(f"{len(keys)} {kind}" for kind, keys in unmatched.items() if keys)
         raise ValueError(f"{weights} does not hold {cls.__name__}'s tensors ({counts})")
+    if unexpected := unmatched["unexpected"]:
+        shown = ", ".join(sorted(unexpected)[:3]) + (", ..." if len(unexpected) > 3 else "")
+        _log.info("%s: %d tensor(s) %s does not have, left unused: %s", weights, len(unexpected), cls.__name__, shown)
     return model
 
 

@@ -23,7 +23,7 @@ import numpy as np
 from hellomeme_cli.engine import load_pipeline
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.logs import libraries_quiet
-from hellomeme_cli.media.files import write_atomically
+from hellomeme_cli.media.files import check_writable, write_atomically
 from hellomeme_cli.media.video import VideoInfo, probe_video, read_frames, write_image, write_video
 from hellomeme_cli.pipeline import prepare_run
 from hellomeme_cli.progress import ProgressCallback, no_progress
@@ -95,6 +95,7 @@ def compare(
     if len(set(labels)) < len(labels):
         raise HellomemeError(f"compare: variants named twice ({', '.join(labels)})")
     folder, cache, settings = Path(folder), cache or WeightCache(), settings.with_seed()
+    check_writable(folder)
     folder.mkdir(parents=True, exist_ok=True)
 
     # 1. Every variant checked before any model loads.
