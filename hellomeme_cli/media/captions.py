@@ -36,15 +36,19 @@ def default_fonts() -> tuple[Path, ...]:
 
 
 @functools.cache
-def _characters(font: Path) -> frozenset[str]:
-    """The characters a font has glyphs for (its Unicode cmap)."""
+def _font_file(font: Path) -> tuple[str, frozenset[str]]:
+    """A font's full name and the characters it has glyphs for (its Unicode cmap)."""
     from fontTools.ttLib import TTFont, TTLibError
 
     try:
         with TTFont(font, lazy=True, fontNumber=0) as loaded:
-            return frozenset(map(chr, loaded.getBestCmap() or {}))
-    except (OSError, TTLibError, AssertionError) as error:
+            return str(loaded["name"].getDebugName(4) or font.stem), frozenset(map(chr, loaded.getBestCmap() or {}))
+    except (OSError, TTLibError, AssertionError, KeyError) as error:
         raise HellomemeError(f"{font}: not a font file (.ttf, .otf) that can be read ({error})") from None
+
+
+def _characters(font: Path) -> frozenset[str]:
+    return _font_file(font)[1]
 
 
 def font_chain(font: Path | None) -> tuple[Path, ...]:
@@ -63,7 +67,7 @@ def check_caption(text: str, font: Path | None = None, option: str = "--caption"
     known = frozenset().union(*(_characters(path) for path in chain))
     missing = sorted({char for char in text if not char.isspace() and char not in known})
     if missing:
-        names = ", ".join(path.stem for path in chain)
+        names = " and ".join(_font_file(path)[0] for path in chain)
         shown = " ".join(f"{char} (U+{ord(char):04X})" for char in missing[:8]) + (" ..." if len(missing) > 8 else "")
         raise HellomemeError(f"{option} {text!r}: {names} {'has' if len(chain) == 1 else 'have'} no glyph for {shown}: give --caption-font FILE, a font that has them")
 
