@@ -140,7 +140,7 @@ def _loop(value: str) -> str | None:
 
 def _stickers_help() -> str:
     return "; ".join(
-        f"{sticker.name}: {FORMATS[sticker.format].label}, {sticker.side} px{' square' if sticker.square else ''}, "
+        f"{sticker.name}: {sticker.format}, {sticker.side} px{' square' if sticker.square else ''}, "
         f"{sticker.max_seconds:g} s{f', {sticker.max_rate} fps' if sticker.max_rate else ''}, {sticker.max_kb} KB"
         for sticker in STICKERS.values()
     )
@@ -311,11 +311,11 @@ class AnimateSettings:
         check=_one_of(tuple(FORMATS), "format"), shown="the output's suffix, else mp4",
     )
     sticker: str | None = _setting(
-        None, f"Make a sticker within a platform's published limits ({_stickers_help()}; no sound; longer clips are cut, faster ones resampled).",
+        None, f"A sticker within a platform's limits ({_stickers_help()}, no sound); longer clips are cut.",
         check=_one_of(tuple(STICKERS), "sticker"), shown="off",
     )
     max_kb: int | None = _setting(
-        None, "Make the file fit in N KB (1 KB = 1024 bytes): fewer colours or lower quality, then smaller frames, then fewer; else the run fails saying the smallest size reached.",
+        None, "Make the file fit in N KB (1024 bytes): fewer colours or lower quality, then smaller frames, then fewer; else it fails naming the smallest size reached.",
         check=_at_least(1, "max-kb"), shown="no limit",
     )
     quality: int | None = _setting(
