@@ -263,3 +263,16 @@ def test_eval_scores_a_gif_as_it_scores_an_mp4(made, tiny_cache):
     evaluation = hm.evaluate(made["gif"], made["clip"], MEDIA / "majicmix1.jpg", cache=WeightCache(tiny_cache))
     assert evaluation.summary["frames"] == 2 * MADE - 2 and evaluation.summary["audio"] is False
     assert abs(evaluation.summary["fps"] - probe_video(made["clip"]).fps) < 0.01
+
+
+def test_whatsapp_sticker_is_a_512_square_webp_with_a_transparent_border(tmp_path):
+    from PIL import Image
+
+    frames = [np.full((96, 64, 3), 40 * index, np.uint8) for index in range(4)]  # a portrait picture, not square
+    path = tmp_path / "sticker.webp"
+    written = write_clip(frames, path, 10, output_plan(path, sticker="whatsapp"), audio=None)
+    assert (written.width, written.height) == (512, 512) and path.stat().st_size <= 500 * 1024
+    with Image.open(path) as sticker:
+        assert sticker.size == (512, 512) and sticker.n_frames == 4
+        pixels = np.asarray(sticker.convert("RGBA"))
+    assert pixels[256, 0, 3] == 0 and pixels[256, 256, 3] == 255  # padded left and right, the picture opaque
