@@ -267,7 +267,7 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                 with gr.Column():
                     preview = gr.Video(label="driving clip as tracked (crop, landmarks, pose, expression)", interactive=False, elem_id="video-preview")
                     result = gr.Video(label="result", interactive=False, elem_id="video-result")
-                    result_picture = gr.Image(label="result (GIF, WebP)", type="filepath", interactive=False, visible=False, elem_id="video-result-picture")
+                    result_picture = gr.Image(label="result as a picture (GIF, WebP)", type="filepath", interactive=False, elem_id="video-result-picture")
                     result_line = gr.Markdown(elem_id="video-result-line")
                     download = gr.File(label="download", interactive=False, elem_id="video-download")
                     used_seed = gr.Number(label="seed used", precision=0, interactive=False, elem_id="video-used-seed")
@@ -278,10 +278,7 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                 done, seed, shown_settings = generation(video_tab, "a driving clip", reference_path, driving_path, *rest)
                 output, picture = str(done.output), done.format in PICTURE_FORMATS
                 line = f"{Path(output).name}: {done.description}"
-                return (
-                    None if picture else output, str(output), seed, shown_settings,
-                    gr.Image(value=output if picture else None, visible=picture), line,
-                )
+                return None if picture else output, output, seed, shown_settings, output if picture else None, line
 
             generate.click(
                 _named(animate, ["reference", "driving", *video_tab.inputs]), [reference, driving, *video_tab.inputs.values()],
