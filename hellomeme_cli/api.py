@@ -65,9 +65,11 @@ def animate(
     progress: ProgressCallback = no_progress,
     **settings: Any,
 ) -> AnimateResult:
-    """Give the portrait `reference` the motion of `driving` and write the mp4 `output` (with the
-    clip's audio). `settings` are the generation settings by name (seed, steps, guidance, fps,
-    max_frames, trans_ratio, prompt, ...); the result names the seed used."""
+    """Give the portrait `reference` the motion of `driving` and write `output` in the format its
+    suffix names: .mp4 (with the clip's audio), .gif, .webp or .webm. `settings` are the generation
+    settings by name (seed, steps, guidance, fps, max_frames, trans_ratio, prompt, ...; and how it is
+    written: format, sticker, max_kb, quality, loop, caption, caption_bottom, caption_font); the
+    result names the seed used and says what was written (`description`)."""
     return prepare("video", reference, driving, output, pipe.options, force=force, cache=pipe.cache, **settings).execute(pipe, progress)
 
 

@@ -27,15 +27,21 @@ from hellomeme_cli.errors import HellomemeError, first_line
 from hellomeme_cli.media.files import check_writable
 from hellomeme_cli.weights.presets import all_presets
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
-from hellomeme_cli.settings import DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell
+from hellomeme_cli.media.formats import DEFAULT_CROSSFADE, FORMATS, STICKERS, output_suffix
+from hellomeme_cli.settings import (
+    CAPTIONS, CLIP_OUTPUT, DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell,
+)
 from hellomeme_cli.versions import DEFAULT_VERSIONS, FEW_STEP, SCHEDULERS, VERSIONS, version_names
 from hellomeme_cli.weights.cache import WeightCache
 
 MAX_UPLOAD = "200mb"  # Gradio refuses larger uploads (launch's max_file_size)
 MODELS_KEPT = 2  # loaded pipelines kept (video and image, or two checkpoints); the oldest is let go
 DEFAULT_CONTROL = "the version's"
-# Settings that concern clips only: the image tab leaves them out.
-CLIP_ONLY = ("fps", "max_frames", "window", "overlap")
+# Settings that concern clips only: the image tab leaves them out (and the compare tab, which
+# writes each variant as an mp4 to score it, the output's format, limits, loop and captions).
+CLIP_ONLY = ("fps", "max_frames", "window", "overlap", *CLIP_OUTPUT)
+NOT_COMPARED = (*CLIP_OUTPUT, *CAPTIONS)
+PICTURE_FORMATS = ("gif", "webp")  # shown as an animated picture: a video player plays neither
 BASE_MODEL = next(preset.name for preset in all_presets() if preset.kind == "base")  # checkpoint: no swap
 _log = logging.getLogger(__name__)
 
@@ -94,6 +100,7 @@ def _choices(setting: Setting, mode: str, cache: WeightCache) -> list | None:
     fixed = {
         "dtype": DTYPES, "pose": POSES, "motion": MOTIONS, "upscale": UPSCALE_CHOICES, "device": ("auto", "cpu", "cuda", "mps"),
         "scheduler": ("", *SCHEDULERS), "few_step": ("", *FEW_STEP),  # "": the version's own (an API caller may leave it)
+        "format": ("", *FORMATS), "sticker": ("", *STICKERS), "loop": ("off", "pingpong", f"crossfade:{DEFAULT_CROSSFADE}"),
     }
     return list(fixed[setting.name]) if setting.name in fixed else None
 
@@ -114,7 +121,7 @@ def _component(setting: Setting, mode: str, cache: WeightCache) -> gr.components
         return gr.Dropdown(choices, value=choices[0], allow_custom_value=True, **{**common, "info": info + " Or a file, folder or repo id."})
     if choices is not None:
         value = "" if setting.default is None else setting.default
-        return gr.Dropdown(choices, value=value, allow_custom_value=setting.name in ("device", "scheduler"), **common)
+        return gr.Dropdown(choices, value=value, allow_custom_value=setting.name in ("device", "scheduler", "loop"), **common)
     if setting.cli_type is bool:
         return gr.Checkbox(value=setting.default, **common)
     if setting.cli_type in (int | None, float | None):  # empty means the default (a number field would send 0)
@@ -225,9 +232,11 @@ def _named(run: Callable[..., Any], names: Iterable[str]) -> Callable[..., Any]:
 class _Tab:
     """One tab's settings inputs, and its values split as the library wants them."""
 
-    def __init__(self, mode: str, cache: WeightCache, groups: tuple[str, ...] = ("models", "generation")):
+    def __init__(self, mode: str, cache: WeightCache, groups: tuple[str, ...] = ("models", "generation"), leave_out: tuple[str, ...] = ()):
         self.mode = mode
-        self.settings = [s for s in all_settings() if (mode == "video" or s.name not in CLIP_ONLY) and s.group in groups]
+        self.settings = [
+            s for s in all_settings() if (mode == "video" or s.name not in CLIP_ONLY) and s.group in groups and s.name not in leave_out
+        ]
         self.inputs: dict[str, gr.components.Component] = {}
         for group, title in (("models", "Models"), ("generation", "Generation")):
             with gr.Accordion(title, open=group == "generation"):
@@ -283,23 +292,24 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
         cancels.ask(request.session_hash or "")
 
     @_one_line_errors
-    def generation(tab: _Tab, driving_kind: str, reference_path, driving_path, *rest) -> tuple[Path, int, dict[str, Any]]:
+    def generation(tab: _Tab, driving_kind: str, reference_path, driving_path, *rest) -> tuple[Any, int, dict[str, Any]]:
         """One run of a tab: the inputs checked as the command line checks them (a picture without a
-        face is said before any model loads), the models for its settings, the output and its seed."""
+        face is said before any model loads), the models for its settings, the result (the seed of a
+        picture, a clip's `AnimateResult`), its seed and its settings."""
         *values, request, progress = rest
         if not reference_path or not driving_path:
             raise HellomemeError(f"upload a reference portrait and {driving_kind}")
         model_values, generation_values = tab.split(values)
         with cancellable(request) as (stop, folder):
             report = _reporter(progress, stop)
-            suffix = ".mp4" if tab.mode == "video" else ".png"
+            suffix = output_suffix(generation_values.get("format"), generation_values.get("sticker")) if tab.mode == "video" else ".png"
             output = folder / f"{Path(reference_path).stem}_{Path(driving_path).stem}{suffix}"
             options = from_values(model_values).models
             prepared = api.prepare(tab.mode, reference_path, driving_path, output, options, cache=cache, **generation_values)
             pipe = models.get(tab.mode, model_values, report)
             done = prepared.execute(pipe, report)
         seed = done if tab.mode == "image" else done.seed
-        return output, seed, _shown_settings(model_values, generation_values, seed)
+        return (output if tab.mode == "image" else done), seed, _shown_settings(model_values, generation_values, seed)
 
     def cancel_on(button: gr.Button, run: Any) -> None:
         """The Cancel button beside a Generate button: the running event stops at its next frame or step."""
@@ -320,19 +330,28 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                 with gr.Column():
                     preview = gr.Video(label="driving clip as tracked (crop, landmarks, pose, expression)", interactive=False, elem_id="video-preview")
                     result = gr.Video(label="result", interactive=False, elem_id="video-result")
+                    result_picture = gr.Image(label="result as a picture (GIF, WebP)", type="filepath", interactive=False, elem_id="video-result-picture")
+                    result_line = gr.Markdown(elem_id="video-result-line")
                     download = gr.File(label="download", interactive=False, elem_id="video-download")
                     used_seed = gr.Number(label="seed used", precision=0, interactive=False, elem_id="video-used-seed")
                     reuse = gr.Button("Reuse this seed", elem_id="video-reuse-seed")
                     shown = gr.JSON(label="settings of this result", elem_id="video-settings")
 
             def animate(reference_path, driving_path, *rest):
-                output, seed, shown_settings = generation(video_tab, "a driving clip", reference_path, driving_path, *rest)
-                return str(output), str(output), seed, shown_settings
+                """The /animate endpoint's four outputs (video, file, seed, settings with the result line), and
+                for the page the GIF or WebP to show and that line (a state: not part of the API)."""
+                done, seed, shown_settings = generation(video_tab, "a driving clip", reference_path, driving_path, *rest)
+                output, picture = str(done.output), done.format in PICTURE_FORMATS
+                line = f"{Path(output).name}: {done.description}"
+                return None if picture else output, output, seed, {**shown_settings, "result": line}, (output if picture else None, line)
 
+            shown_result = gr.State()
             animating = generate.click(
                 _named(animate, ["reference", "driving", *video_tab.inputs]), [reference, driving, *video_tab.inputs.values()],
-                [result, download, used_seed, shown], api_name="animate", concurrency_id="generation", show_progress_on=result,
+                [result, download, used_seed, shown, shown_result], api_name="animate", concurrency_id="generation",
+                show_progress_on=result,
             )
+            animating.success(lambda kept: kept, shown_result, [result_picture, result_line], api_name=False)
             cancel_on(video_cancel, animating)
             reuse.click(lambda seed: seed, used_seed, video_tab.inputs["seed"], api_name=False)
 
@@ -387,7 +406,7 @@ def create_app(cache: WeightCache | None = None, output_dir: Path | None = None)
                     with gr.Row():
                         compare_run = gr.Button("Compare", variant="primary", elem_id="compare-run")
                         compare_cancel = gr.Button("Cancel", variant="stop", elem_id="compare-cancel")
-                    compare_tab = _Tab("video", cache, groups=("generation",))
+                    compare_tab = _Tab("video", cache, groups=("generation",), leave_out=NOT_COMPARED)
                 with gr.Column():
                     compare_video = gr.Video(label="side by side", interactive=False, elem_id="compare-video")
                     compare_sheet = gr.Image(label="contact sheet", type="filepath", interactive=False, elem_id="compare-sheet")

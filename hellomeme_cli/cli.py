@@ -32,7 +32,7 @@ from rich.table import Table
 from hellomeme_cli.version import __version__
 from hellomeme_cli.errors import HellomemeError, first_line as _first_line
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
-from hellomeme_cli.settings import INPUT_OUTPUT, MODEL, MOTION
+from hellomeme_cli.settings import CAPTIONS, CLIP_OUTPUT, INPUT_OUTPUT, MODEL, MOTION
 from hellomeme_cli.versions import DEFAULT_VERSIONS, users, version_names
 
 if TYPE_CHECKING:
@@ -224,7 +224,7 @@ def _with_generation_options(mode: str, skip: tuple[str, ...] = ()) -> Callable[
 _LAZY_NAMES = {"AnimateSettings": object}
 LOCAL_RAY = "local"  # `--ray local`, or `--ray` alone: a Ray runtime started on this machine
 # The arguments animate, image and demo share.
-Portrait = Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, ...).", metavar="REFERENCE", show_default=False)]
+Portrait = Annotated[Path, typer.Argument(help="The portrait to animate (jpg, png, webp, the first frame of a gif, ...).", metavar="REFERENCE", show_default=False)]
 Force = Annotated[bool, typer.Option(help="Replace an existing output file.", metavar=FLAG, rich_help_panel=INPUT_OUTPUT)]
 DrivingClip = Annotated[Path, typer.Argument(
     help="The driving video whose head motion and expressions it takes, or its `hellomeme track` .npz (silent output).", metavar="DRIVE", show_default=False
@@ -233,17 +233,19 @@ DrivingPicture = Annotated[Path, typer.Argument(
     help="A picture whose head pose and expression it takes, or a `hellomeme track` .npz (its first frame with a face).", metavar="DRIVE_IMAGE", show_default=False
 )]
 VideoOutput = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="The mp4 to write (default: REF_DRIVE_VERSION.mp4 in the current folder).", metavar="FILE", rich_help_panel=INPUT_OUTPUT
+    "--output", "-o", metavar="FILE", rich_help_panel=INPUT_OUTPUT,
+    help="The clip to write: .mp4 (.m4v, .mov), .gif, .webp or .webm (default: REF_DRIVE_VERSION.mp4 in the current folder, or the --format's or --sticker's suffix).",
 )]
 PictureOutput = Annotated[Path | None, typer.Option(
-    "--output", "-o", help="The picture to write (default: REF_DRIVE_VERSION.png in the current folder).", metavar="FILE", rich_help_panel=INPUT_OUTPUT
+    "--output", "-o", help="The picture to write: .png, .jpg, .webp, .gif, ... (default: REF_DRIVE_VERSION.png in the current folder).", metavar="FILE",
+    rich_help_panel=INPUT_OUTPUT,
 )]
 
 
 @app.command(cls=_HelpCommand)
 @_with_generation_options("video")
 def animate(reference: Portrait, drive: DrivingClip, output: VideoOutput = None, force: Force = False, *, settings: AnimateSettings) -> None:
-    """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio."""
+    """Animate a portrait with a driving video's head motion and expressions; writes an mp4 with the clip's audio, or a GIF, WebP, WebM or sticker, captioned and looped as asked."""
     _animate(reference, drive, output, force, settings)
 
 
@@ -266,7 +268,7 @@ def demo(
 def _animate(reference: Path, drive: Path, output: Path | None, force: bool, settings: AnimateSettings) -> None:
     result = _generate("video", reference, drive, output, force, settings)
     out.print(
-        f"wrote {result.output}: {result.frames} frames at {result.fps:g} fps, seed {result.seed}, "
+        f"wrote {result.output}: {result.description}, seed {result.seed}, "
         f"{result.faceless_frames} driving frames without a face (filled), "
         + (f"{result.repeated_frames} driving frames repeated and {result.dropped_frames} dropped for the rate, " if result.repeated_frames or result.dropped_frames else "")
         + f"{result.seconds:.0f} s",
@@ -274,8 +276,9 @@ def _animate(reference: Path, drive: Path, output: Path | None, force: bool, set
     )
 
 
-# Settings that only a clip has: a picture has one frame, so no frame rate, windows or smoothing over time.
-CLIP_ONLY = ("fps", "max_frames", "window", "overlap", "smoothing", "smooth_pose", "smooth_expression")
+# Settings that only a clip has: a picture has one frame, so no frame rate, windows or smoothing over
+# time, and it is written as its suffix says, without a clip's formats, size targets or loops.
+CLIP_ONLY = ("fps", "max_frames", "window", "overlap", "smoothing", "smooth_pose", "smooth_expression", *CLIP_OUTPUT)
 
 
 @app.command(cls=_HelpCommand)
@@ -287,9 +290,11 @@ def image(reference: Portrait, drive_image: DrivingPicture, output: PictureOutpu
 
 
 def _default_output(mode: str, reference: Path, drive: Path, settings: AnimateSettings) -> Path:
+    from hellomeme_cli.media.formats import output_suffix
     from hellomeme_cli.preflight import default_output
 
-    return default_output(reference, drive, ".mp4" if mode == "video" else ".png", version=settings.models.version)
+    suffix = output_suffix(settings.format, settings.sticker) if mode == "video" else ".png"
+    return default_output(reference, drive, suffix, version=settings.models.version)
 
 
 def _generate(mode: str, reference: Path, drive: Path, output: Path | None, force: bool, settings: AnimateSettings):
@@ -307,9 +312,11 @@ def _generate(mode: str, reference: Path, drive: Path, output: Path | None, forc
 
 
 def _prepare_run(reference: Path, drive: Path, output: Path, force: bool, settings: AnimateSettings, mode: str):
-    from hellomeme_cli.preflight import check_paths
+    from hellomeme_cli.preflight import check_paths, plan_output
 
     check_paths(reference, drive, output, settings.models.version, mode=mode, force=force)
+    if mode == "video":
+        plan_output(output, settings)  # a suffix that is no clip format, or not the --format or --sticker asked for
     from hellomeme_cli.pipeline import prepare_run
 
     cache = _cache()
@@ -505,7 +512,7 @@ def evaluate(
 
 
 @app.command(cls=_HelpCommand)
-@_with_generation_options("video", skip=("version", "checkpoint"))
+@_with_generation_options("video", skip=("version", "checkpoint", *CLIP_OUTPUT, *CAPTIONS))
 def compare(
     reference: Portrait,
     drive: DrivingClip,
@@ -765,12 +772,23 @@ def _say_interrupted(command: str | None) -> None:
     console.print(f"[yellow]interrupted[/yellow] ({what}): {left}", highlight=False)
 
 
+def _crossfade_joined(arguments: list[str]) -> list[str]:
+    """`--loop crossfade N` (the frames as a word of their own) read as `--loop crossfade:N`."""
+    joined: list[str] = []
+    for argument in arguments:
+        if argument.isdigit() and len(joined) >= 2 and joined[-2] == "--loop" and joined[-1] == "crossfade":
+            joined[-1] = f"crossfade:{argument}"
+        else:
+            joined.append(argument)
+    return joined
+
+
 def main() -> None:
     """Errors end as one red line and exit code 1; `--debug` anywhere on the line (or HELLOMEME_DEBUG=1)
     shows the traceback too. An unexpected error (a bug) says so and how to see its traceback. Ctrl-C
     and SIGTERM end as one line saying so, exit code 130 and 143."""
     debug = "--debug" in sys.argv[1:] or os.environ.get("HELLOMEME_DEBUG", "") not in ("", "0")
-    arguments = _ray_address_filled([argument for argument in sys.argv[1:] if argument != "--debug"])
+    arguments = _crossfade_joined(_ray_address_filled([argument for argument in sys.argv[1:] if argument != "--debug"]))
     command = next((argument for argument in arguments if not argument.startswith("-")), None)
     if debug:  # the library's own notes (weights it left unused, ...) on stderr
         import logging
@@ -810,6 +828,7 @@ def main() -> None:
         else:
             raise
         raise SystemExit(1) from None
+
 
 if __name__ == "__main__":
     main()

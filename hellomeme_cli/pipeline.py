@@ -5,8 +5,9 @@
    the motion controls (steering.py) on them
 3. the reference net's cache and the prompt (once per clip)
 4. the version's sampler (v1/v2: two stages; v3+: coarse to fine over 12-frame windows)
-5. decode and write the mp4 with the driving audio, frames streamed to the encoder (through
-   the upscaler with --upscale 2, then the paste-back with --paste-back)
+5. decode and write the clip with the driving audio, frames streamed to the writer (through
+   the upscaler with --upscale 2, then the paste-back with --paste-back, then the captions): an mp4
+   as they come; a GIF, WebP or WebM, a loop or a size target from the frames kept (media/meme.py)
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import json
 import tempfile
 import time
 from collections.abc import Iterator, Mapping
+from fractions import Fraction
 from typing import Any, Protocol
 from pathlib import Path
 
@@ -25,18 +27,23 @@ import torch
 from hellomeme_cli.version import __version__
 from hellomeme_cli.model_options import check_options
 from hellomeme_cli.errors import HellomemeError
-from hellomeme_cli.preflight import check_paths
+from hellomeme_cli.preflight import check_paths, plan_output
 from hellomeme_cli.face.pasteback import PasteBack, head_travel
 from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings, StepCallback
-from hellomeme_cli.face.driving import Driving, DrivingInput, FaceEncoders, check_driving, check_driving_image, prepare_driving, prepare_driving_image
+from hellomeme_cli.face.driving import (
+    Driving, DrivingInput, FaceEncoders, check_driving, check_driving_image, expected_frames, prepare_driving, prepare_driving_image,
+)
 from hellomeme_cli.settings import AnimateSettings
 from hellomeme_cli.face.signals import DrivingSignals, ReferenceFace, prepare_reference
 from hellomeme_cli.face.steering import needs_reference_signals, steer
 from hellomeme_cli.face.tracking import MODEL_FILE, track_image
 from hellomeme_cli.media.upscale import components as upscale_components
+from hellomeme_cli.media.captions import Captions
 from hellomeme_cli.media.files import check_destination
-from hellomeme_cli.media.video import VideoInfo, read_image, write_image, write_video
+from hellomeme_cli.media.formats import OutputPlan
+from hellomeme_cli.media.meme import Written, write_clip
+from hellomeme_cli.media.video import VideoInfo, read_image, write_image
 from hellomeme_cli.versions import Version
 from hellomeme_cli.weights.cache import WeightCache
 
@@ -55,6 +62,18 @@ class AnimateResult:
     seconds: float
     repeated_frames: int = 0  # output frames repeating a driving frame (the output rate is above the clip's)
     dropped_frames: int = 0  # driving frames no output frame shows (the output rate is below the clip's)
+    format: str = "mp4"  # mp4, gif, webp or webm
+    kilobytes: float = 0.0
+    audio: str = ""  # "kept", "none" (the driving input has none) or "left out (why)"
+    description: str = ""  # what was written, as the command line says it: format, frames, rate, size, audio, limits
+
+    @classmethod
+    def of(cls, written: Written, seed: int, faceless: int, seconds: float, repeated: int, dropped: int, notes: tuple[str, ...]) -> "AnimateResult":
+        description = ", ".join([written.describe(), *notes])
+        return cls(
+            written.path, written.frames, float(written.rate), seed, faceless, seconds, repeated, dropped,
+            written.format, written.kilobytes, written.audio, description,
+        )
 
 
 class LoadedModels(FaceEncoders, Protocol):
@@ -117,13 +136,35 @@ def prepare_run(
     settings = settings.with_seed()
     options = settings.models
     check_paths(reference, driving, output, options.version, mode=mode, force=force)
+    plan = plan_output(output, settings) if mode == "video" else None
     check_options(options)
     read_image(reference)  # an unreadable picture is said before missing weights
     probed = check_driving(driving) if mode == "video" else check_driving_image(driving)
+    if plan is not None:
+        check_loop(driving, settings, plan)
+    else:
+        check_picture_output(output)
     cache = cache or WeightCache()
     needed = run_components(settings, mode)
     face_model = cache.require(needed)["face_landmarker"] / MODEL_FILE
     return PreparedRun(mode, load_reference(reference, settings, face_model), Path(driving), Path(output), settings, force, probed)
+
+
+def check_loop(driving: Path, settings: AnimateSettings, plan: OutputPlan) -> None:
+    """A crossfade longer than half the clip (as the settings and the plan's limits make it) is said
+    before any model loads."""
+    if plan.loop.kind == "crossfade":
+        made = expected_frames(driving, settings, max_rate=plan.max_rate, max_seconds=plan.max_seconds)
+        if made is not None and made < 2 * plan.loop.frames:
+            raise HellomemeError(f"{driving}: --loop {plan.loop} needs at least {2 * plan.loop.frames} frames, this run makes {made}")
+
+
+def check_picture_output(output: Path) -> None:
+    """The picture's suffix is one OpenCV writes (.png, .jpg, .webp, .gif, ...)."""
+    import cv2
+
+    if not cv2.haveImageWriter(str(output)):
+        raise HellomemeError(f"{output}: cannot write a picture with extension {Path(output).suffix or '(none)'} (use .png, .jpg, .webp, ...)")
 
 
 def load_reference(source: Path | np.ndarray, settings: AnimateSettings, face_model: Path) -> Reference:
@@ -155,30 +196,47 @@ def animate(
     probed: VideoInfo | None = None,
 ) -> AnimateResult:
     """Give the reference portrait the driving clip's motion (or a motion template's); write `output`
-    (mp4 with the clip's audio, silent from a template, its metadata naming the seed, plus
-    `extra_tags`). With `track_cache` a clip tracked before with the same tracking settings is not
-    tracked again; with `probed` (its `VideoInfo`) the clip is not probed again: it is read once, to
-    track it, and that read keeps its audio for the output."""
+    in the format its suffix names (an mp4 or WebM with the clip's audio, silent from a template; a
+    GIF or WebP; a sticker; looped, captioned, fitted to --max-kb as the settings say), its metadata
+    naming the seed, plus `extra_tags`. With `track_cache` a clip tracked before with the same
+    tracking settings is not tracked again; with `probed` (its `VideoInfo`) the clip is not probed
+    again: it is read once, to track it, and that read keeps its audio for the output."""
     started = time.monotonic()
     settings = settings.with_seed()
+    plan = plan_output(output, settings)
     check_destination(output, force, [reference.path, driving])
     with tempfile.TemporaryDirectory(prefix="hellomeme-") as scratch:
-        # 1-4. The driving signals, the sampler's latents; 5. frames decoded as the encoder takes them.
+        # 1-4. The driving signals (within the format's and the sticker's limits), the sampler's latents;
+        # 5. frames decoded as the writer takes them.
         source = DrivingInput(driving, probed, track_cache, Path(scratch) / "audio.wav")
-        video = generate(reference, source, settings, models, progress=progress)
+        video = generate(reference, source, settings, models, progress=progress, max_rate=plan.max_rate, max_seconds=plan.max_seconds)
         metadata = {
             "comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed),
             RUN_TAG: run_tag(settings, video.windows), **(extra_tags or {}),
         }
-        write_video(
-            video.frames, output, video.drive.timing.rate, audio_from=video.drive.audio, metadata=metadata, force=force,
-            protect=[reference.path, driving], progress=progress, total=video.frame_count,
+        written = write_clip(
+            video.frames, output, video.drive.timing.rate, plan, captions=captions_of(settings), audio=video.drive.audio,
+            metadata=metadata, force=force, protect=[reference.path, driving], progress=progress, total=video.frame_count,
         )
     timing = video.drive.timing
-    return AnimateResult(
-        output, video.frame_count, float(timing.rate), settings.seed, video.drive.faceless_frames, time.monotonic() - started,
-        timing.repeated, timing.dropped,
+    return AnimateResult.of(
+        written, settings.seed, video.drive.faceless_frames, time.monotonic() - started, timing.repeated, timing.dropped, _limit_notes(timing, plan),
     )
+
+
+def captions_of(settings: AnimateSettings) -> Captions:
+    return Captions(settings.caption, settings.caption_bottom, settings.caption_font)
+
+
+def _limit_notes(timing, plan: OutputPlan) -> tuple[str, ...]:
+    """What the format's or the sticker's limits did to the clip, said rather than done silently."""
+    why = f"{plan.sticker.name} stickers" if plan.sticker else plan.format.label
+    notes = []
+    if timing.capped is not None:
+        notes.append(f"made at {float(timing.rate):.4g} fps rather than {float(timing.capped):.4g} ({why}: at most {float(plan.max_rate):.4g} fps)")
+    if timing.cut_seconds > 0:
+        notes.append(f"cut to its first {plan.max_seconds:g} s, {timing.cut_seconds:.2f} s left out ({why}: at most {plan.max_seconds:g} s)")
+    return tuple(notes)
 
 
 def render_image(
@@ -191,7 +249,9 @@ def render_image(
     check_destination(output, force, [reference.path, driving_image])
     picture = generate(reference, driving_image, settings, models, progress=progress)
     tags = {"Comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed)}
-    write_image(next(picture.frames), output, force=force, protect=[reference.path, driving_image], tags=tags)
+    captions = captions_of(settings)
+    frame = next(picture.frames)
+    write_image(captions.apply(frame) if captions else frame, output, force=force, protect=[reference.path, driving_image], tags=tags)
     return settings.seed
 
 
@@ -216,16 +276,19 @@ def generate(
     progress: ProgressCallback = no_progress,
     generator: torch.Generator | None = None,
     on_step: StepCallback | None = None,
+    max_rate: Fraction | None = None,
+    max_seconds: float | None = None,
 ) -> Generated:
     """Steps 1-5 of `animate` (a `DrivingInput`: a clip or a template) or of `render_image` (a
     picture, as a file or pixels, or a template's first frame with a face), but not writing. The
     noise comes from `generator` (a CPU one), else from a new one seeded with `settings.seed`;
-    `on_step` sees the latents after every denoising step (`samplers.common.StepCallback`)."""
+    `on_step` sees the latents after every denoising step (`samplers.common.StepCallback`); a clip's
+    output is at most `max_rate` and `max_seconds` long (an output format's or sticker's limits)."""
     is_clip = isinstance(driving, DrivingInput)
     sampler = models.sampler(settings.resolved("scheduler"))  # first: a scheduler name diffusers lacks is said before tracking
     # 1 and 2. The driving clip tracked (decoded once) or its template loaded, the output's timing and
     # the driving signals; or the picture's; the reference's own where the version or the motion controls take them.
-    drive = prepare_driving(driving, reference.face, settings, models, progress) if is_clip else None
+    drive = prepare_driving(driving, reference.face, settings, models, progress, max_rate=max_rate, max_seconds=max_seconds) if is_clip else None
     signals = drive.signals if is_clip else prepare_driving_image(driving, reference.face, settings, models, progress=progress)
     own = None
     if needs_reference_signals(settings.pose, settings.motion) or (not is_clip and models.version.reference_control):
@@ -256,7 +319,7 @@ def generate(
 
 def run_tag(settings: AnimateSettings, windows: tuple[tuple[int, int], ...]) -> str:
     """The `RUN_TAG` value of a video made with `settings` in `windows`."""
-    values = {name: getattr(settings, name) for name in ("pose", "motion", "expression_scale", "trans_ratio")}
+    values = {name: getattr(settings, name) for name in ("pose", "motion", "expression_scale", "trans_ratio", "loop")}
     return json.dumps({**values, "version": settings.models.version, "windows": [list(window) for window in windows]}, separators=(",", ":"))
 
 

@@ -4,8 +4,10 @@ seconds to import, and a mistyped path should be answered at once."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from hellomeme_cli.media.files import check_destination, check_writable, require_file
+from hellomeme_cli.media.formats import OutputPlan, output_plan
 from hellomeme_cli.versions import get_version
 
 BATCH_FOLDER = "hellomeme"  # a batch's default output folder, inside the clips' folder (or beside the CSV)
@@ -19,9 +21,17 @@ def check_paths(reference: Path, driving: Path, output: Path, version: str, *, m
     check_destination(Path(output), force, [reference, driving])
 
 
+def plan_output(output: Path, settings: Any) -> OutputPlan:
+    """How a clip made with `settings` (AnimateSettings) is written to `output`: its format from the
+    suffix, checked against --format, --sticker and --quality."""
+    return output_plan(
+        Path(output), format=settings.format, sticker=settings.sticker, max_kb=settings.max_kb, quality=settings.quality, loop=settings.loop
+    )
+
+
 def default_output(reference: Path, driving: Path, suffix: str = ".mp4", folder: Path | None = None, version: str | None = None) -> Path:
-    """`<reference>_<driving>.mp4` in the current folder (or `folder`); with `version`,
-    `<reference>_<driving>_<version>.mp4`, so trying another version does not meet the last output."""
+    """`<reference>_<driving><suffix>` in the current folder (or `folder`); with `version`,
+    `<reference>_<driving>_<version><suffix>`, so trying another version does not meet the last output."""
     tag = f"_{version}" if version else ""
     return (folder or Path.cwd()) / f"{reference.stem}_{driving.stem}{tag}{suffix}"
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.media.formats import DEFAULT_QUALITY, FORMATS, STICKERS, parse_loop
 from hellomeme_cli.versions import DEFAULT_IMAGE_VERSION, DEFAULT_VIDEO_VERSION, FEW_STEP, SCHEDULERS, VERSIONS, FewStep, get_version
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -61,8 +62,8 @@ class Setting:
 
 
 # The --help panels, in the order of the data flow; every setting is in one.
-INPUT_OUTPUT, MODEL, SAMPLING, MOTION, SPEED = "Input and output", "Model", "Sampling", "Motion", "Speed and memory"
-PANELS = (INPUT_OUTPUT, MODEL, SAMPLING, MOTION, SPEED)
+INPUT_OUTPUT, MODEL, SAMPLING, MOTION, MEME, SPEED = "Input and output", "Model", "Sampling", "Motion", "Meme output", "Speed and memory"
+PANELS = (INPUT_OUTPUT, MODEL, SAMPLING, MOTION, MEME, SPEED)
 # What --help shows for a value, by the type parsed (a setting may name its own).
 _METAVARS = {"int": "N", "float": "X", "str": "TEXT", "Path": "FILE"}
 
@@ -105,6 +106,10 @@ def _one_of(choices: tuple[Any, ...], option: str) -> Callable[[Any], str | None
 
 
 POSES = ("absolute", "relative")
+# How a clip is written rather than made (media/formats.py): a picture has none but the captions,
+# and `compare`, which writes each variant as an mp4 to score it, takes none of them.
+CLIP_OUTPUT = ("format", "sticker", "max_kb", "quality", "loop")
+CAPTIONS = ("caption", "caption_bottom", "caption_font")
 MOTIONS = ("all", "pose", "expression")
 
 
@@ -137,6 +142,31 @@ def _size(value: int) -> str | None:
 
 def _seed(value: int | None) -> str | None:
     return None if value is None or 0 <= value < 2**32 else f"--seed must be in [0, 2^32) (got {value})"
+
+
+def _caption(option: str) -> Callable[[Any], str | None]:
+    return lambda value: None if value is None or value.strip() else f"--{option} is empty (leave it out for no caption)"
+
+
+def _loop_text(value: Any) -> str:
+    """`crossfade 4`, `crossfade=4` as `crossfade:4`; `crossfade` as its 8 frames."""
+    return str(parse_loop(value))
+
+
+def _loop(value: str) -> str | None:
+    try:
+        parse_loop(value)
+    except HellomemeError as error:
+        return str(error)
+    return None
+
+
+def _stickers_help() -> str:
+    return "; ".join(
+        f"{sticker.name}: {sticker.format}, {sticker.side} px{' square' if sticker.square else ''}, "
+        f"{sticker.max_seconds:g} s{f', {sticker.max_rate} fps' if sticker.max_rate else ''}, {sticker.max_kb} KB"
+        for sticker in STICKERS.values()
+    )
 
 
 def _known_few_step(value: str | None) -> str | None:
@@ -282,6 +312,35 @@ class AnimateSettings:
     upscale: int = _setting(
         1, "Enlarge the generated frames 2x with the official app's Real-ESRGAN x2 (1: off); with --paste-back before blending.",
         check=_one_of(UPSCALE_CHOICES, "upscale"), shown="1 (off)", panel=INPUT_OUTPUT, metavar="1|2")
+    format: str | None = _setting(
+        None, f"Output format: {', '.join(FORMATS)} (GIF and WebP have no sound, said in the result line); -o's suffix says it too.",
+        check=_one_of(tuple(FORMATS), "format"), shown="the output's suffix, else mp4", panel=MEME, metavar="FORMAT",
+    )
+    sticker: str | None = _setting(
+        None, f"A sticker within a platform's limits ({_stickers_help()}, no sound); longer clips are cut.",
+        check=_one_of(tuple(STICKERS), "sticker"), shown="off", panel=MEME, metavar="PLATFORM",
+    )
+    max_kb: int | None = _setting(
+        None, "Make the file fit in N KB (1024 bytes): fewer colours or lower quality, then smaller frames, then fewer; else it fails naming the smallest size reached.",
+        check=_at_least(1, "max-kb"), shown="no limit", panel=MEME, metavar="KB",
+    )
+    quality: int | None = _setting(
+        None, "Quality of .webp (libwebp's) and .webm (VP9 CRF 60 - 0.4 x Q) outputs, 1 to 100; with --max-kb, where the tries start.",
+        check=_within(1, 100, "quality"), shown=str(DEFAULT_QUALITY), panel=MEME, metavar="Q",
+    )
+    loop: str = _setting(
+        "off", "Loop without a jump: pingpong (forward then back, audio left out) or crossfade:N (the last N frames blended into the first, audio too; crossfade alone: 8).",
+        parse=_loop_text, check=_loop, panel=MEME, metavar="LOOP",
+    )
+    caption: str | None = _setting(
+        None, "Text drawn at the top of every frame (and of a picture), meme style: white condensed bold with a black outline, wrapped and shrunk to fit.",
+        check=_caption("caption"), shown="none", panel=MEME,
+    )
+    caption_bottom: str | None = _setting(None, "Text drawn at the bottom of every frame, as --caption.", check=_caption("caption-bottom"), shown="none", panel=MEME)
+    caption_font: Path | None = _setting(
+        None, "A .ttf or .otf font for the captions (for scripts Anton and DejaVu Sans Bold lack: CJK, ...).",
+        cli_type=Path, parse=_optional_path, shown="Anton, DejaVu Sans Bold for what it lacks", panel=MEME,
+    )
 
     def __post_init__(self) -> None:
         _check(self)
@@ -296,6 +355,21 @@ class AnimateSettings:
         window, overlap = self.resolved("window"), self.resolved("overlap")
         if not 0 <= overlap < window:
             raise HellomemeError(f"--overlap must be in [0, window) = [0, {window}) (got {overlap})")
+        if self.sticker and self.format and STICKERS[self.sticker].format != self.format:
+            sticker = STICKERS[self.sticker]
+            raise HellomemeError(f"--sticker {sticker.name} makes {FORMATS[sticker.format].label} ({sticker.format}), not --format {self.format}")
+        if self.quality is not None and self.format and not FORMATS[self.format].quality:
+            raise HellomemeError(f"--quality applies to webp and webm outputs, not --format {self.format}")
+        self.check_captions()
+
+    def check_captions(self) -> None:
+        """Each caption's characters are in the caption fonts (read only when there is a caption)."""
+        if self.caption or self.caption_bottom:
+            from hellomeme_cli.media.captions import check_caption
+
+            for option, text in (("--caption", self.caption), ("--caption-bottom", self.caption_bottom)):
+                if text:
+                    check_caption(text, self.caption_font, option)
 
     def resolved(self, name: str) -> Any:
         """The value of a setting; where it was left None, the --few-step recipe's, else the version's

@@ -121,12 +121,19 @@ def test_api_endpoint_returns_the_video_and_its_seed(server):
 
     portrait, clip = require(MEDIA / "majicmix1.jpg", "test portrait"), require(MEDIA / "jue.mp4", "test clip")
     client = Client(server.local_url, verbose=False)
-    video, download, seed, shown = client.predict(
+    video, download, seed, shown = client.predict(  # four outputs, as before the meme formats: scripts unpack them
         reference=handle_file(str(portrait)), driving=handle_file(str(clip)), **{**FAST, "seed": "7"}, api_name="/animate"
     )
     assert Path(video).suffix == ".mp4" and Path(video).is_file()
     assert probe_video(Path(video)).frame_count == FAST["max_frames"]
     assert seed == 7 and shown["seed"] == 7 and shown["steps"] == 2 and shown["size"] == 128
+    assert "H.264 mp4, 3 frames at 15 fps" in shown["result"] and "with the audio" in shown["result"]
+    video, download, seed, shown = client.predict(
+        reference=handle_file(str(portrait)), driving=handle_file(str(clip)), **{**FAST, "seed": "7"}, format="gif", caption="HI",
+        api_name="/animate",
+    )
+    assert video is None and Path(download).suffix == ".gif" and probe_video(Path(download)).frame_count == 3
+    assert "GIF, 3 frames" in shown["result"] and "audio left out (GIF has no sound)" in shown["result"] and shown["caption"] == "HI"
 
 
 def test_check_driving_and_image_endpoints(server):

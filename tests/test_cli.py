@@ -53,7 +53,10 @@ def test_animate_help_lists_every_declared_setting_with_its_default():
     image, batch = help_rows("image"), help_rows("batch")
     assert image["--version"] == DEFAULT_IMAGE_VERSION
     clip_only = {declared[flag].flags[0].split("/")[0] for flag in declared if declared[flag].name in CLIP_ONLY}
-    assert clip_only == {"--fps", "--max-frames", "--window", "--overlap", "--smooth", "--smooth-pose", "--smooth-expression"}
+    assert clip_only == {
+        "--fps", "--max-frames", "--window", "--overlap", "--smooth", "--smooth-pose", "--smooth-expression",
+        "--format", "--sticker", "--max-kb", "--quality", "--loop",  # how a clip is written; a picture's suffix says its format
+    }
     assert not clip_only & set(image)
     for flag in set(declared) - {"--version"}:
         assert batch[flag] == rows[flag]

@@ -74,8 +74,8 @@ def test_a_pipeline_call_gives_the_frames_animate_writes(tiny_pipe, tmp_path, mo
 
     portrait, clip = require(MEDIA / "majicmix1.jpg", "test portrait"), require(MEDIA / "qie.mp4", "test clip")
     written = []
-    real_write = pipeline.write_video
-    monkeypatch.setattr(pipeline, "write_video", lambda frames, *a, **k: real_write(written.extend(frames) or written, *a, **k))
+    real_write = pipeline.write_clip  # the writer every clip goes through (media/meme.py)
+    monkeypatch.setattr(pipeline, "write_clip", lambda frames, *a, **k: real_write(written.extend(frames) or written, *a, **k))
     hm.animate(tiny_pipe, portrait, clip, tmp_path / "out.mp4", seed=5, steps=2, size=128, max_frames=3)
 
     tiny_pipe.set_progress_bar_config(disable=True)

@@ -35,10 +35,11 @@ from hellomeme_cli.model_options import check_options
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.face.driving import TEMPLATE_SUFFIX, expected_frames
 from hellomeme_cli.pipeline import SEED_TAG, VIDEO_SUFFIXES, AnimateSettings, Reference, animate, load_reference, run_components
-from hellomeme_cli.preflight import BATCH_FOLDER, default_output
+from hellomeme_cli.preflight import BATCH_FOLDER, default_output, plan_output
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
 from hellomeme_cli.settings import Setting, all_settings, digest_values, from_values, parse_cell
-from hellomeme_cli.media.video import VIDEO_SUFFIXES as WRITABLE_SUFFIXES
+from hellomeme_cli.media.formats import OUTPUT_SUFFIXES as WRITABLE_SUFFIXES, output_suffix
+from hellomeme_cli.media.meme import FRAMES_TAG
 from hellomeme_cli.logs import libraries_quiet
 from hellomeme_cli.media.files import leftover_temporaries, write_atomically
 from hellomeme_cli.media.video import VideoInfo, probe_video
@@ -124,8 +125,8 @@ class BatchReport:
 def plan_folder(
     folder: Path, reference: Path, settings: AnimateSettings, output_dir: Path | None = None, report: Path | None = None
 ) -> BatchPlan:
-    """Every file directly in `folder` as a driving clip of `reference`, output `REF_CLIP.mp4` in
-    `output_dir` (default: `folder/hellomeme`). Hidden files, subfolders, the reference and this
+    """Every file directly in `folder` as a driving clip of `reference`, output `REF_CLIP.mp4` (or the
+    --format's or --sticker's suffix) in `output_dir` (default: `folder/hellomeme`). Hidden files, subfolders, the reference and this
     batch's own outputs and report are left out; files without a video suffix are rejected as failed."""
     folder = Path(folder)
     if not folder.is_dir():
@@ -133,7 +134,8 @@ def plan_folder(
     output_dir = Path(output_dir) if output_dir else folder / BATCH_FOLDER
     report = Path(report) if report else output_dir / REPORT_NAME
     files = sorted(path for path in folder.iterdir() if path.is_file() and not path.name.startswith("."))
-    outputs = {clip: default_output(reference, clip, folder=output_dir) for clip in files if clip.suffix.lower() in DRIVE_SUFFIXES}
+    suffix = output_suffix(settings.format, settings.sticker)
+    outputs = {clip: default_output(reference, clip, suffix, folder=output_dir) for clip in files if clip.suffix.lower() in DRIVE_SUFFIXES}
     ours = {_identity(path) for path in (reference, report, report.with_suffix(".csv"), *outputs.values())}
     jobs = [BatchJob(reference, clip, output, settings) for clip, output in outputs.items() if _identity(clip) not in ours]
     rejected = [
@@ -203,10 +205,12 @@ def _row_job(
         reference = base / Path(values["reference"]).expanduser()
     if reference is None:
         raise HellomemeError(f"{where}: no reference (name one in the row, or give --ref for all rows)")
-    output = base / Path(values["output"]).expanduser() if values.get("output") else default_output(reference, driving, folder=output_dir)
     try:
         cells = {setting.name: parse_cell(setting, values[column]) for column, setting in ROW_OPTIONS.items() if values.get(column)}
-        return BatchJob(reference, driving, output, from_values(cells, settings))
+        row_settings = from_values(cells, settings)
+        suffix = output_suffix(row_settings.format, row_settings.sticker)
+        output = base / Path(values["output"]).expanduser() if values.get("output") else default_output(reference, driving, suffix, folder=output_dir)
+        return BatchJob(reference, driving, output, row_settings)
     except HellomemeError as error:
         raise HellomemeError(f"{where}: {error}") from None
 
@@ -220,6 +224,10 @@ def _check_outputs(jobs: Sequence[BatchJob], origins: Sequence[str], advice: str
         key = _identity(job.output)
         if job.output.suffix.lower() not in WRITABLE_SUFFIXES:
             raise HellomemeError(f"{origin}: {job.output}: outputs are written as {', '.join(WRITABLE_SUFFIXES)}")
+        try:
+            plan_output(job.output, job.settings)
+        except HellomemeError as error:
+            raise HellomemeError(f"{origin}: {error}") from None
         if key in inputs:
             raise HellomemeError(f"{origin}: {job.output}: refusing to write over an input file")
         if key in taken:
@@ -341,14 +349,19 @@ def _existing_output(job: BatchJob, digest: str | None, force: bool) -> tuple[st
         return "stale", None
     if DIGEST_TAG not in info.tags and SEED_TAG not in info.tags:
         return "foreign", info
-    if digest is None or info.tags.get(DIGEST_TAG) != digest or info.frame_count != _expected_frames(job):
+    if digest is None or info.tags.get(DIGEST_TAG) != digest or info.frame_count != _expected_frames(job, info):
         return "stale", info
     return "done", info
 
 
-def _expected_frames(job: BatchJob) -> int | None:
-    """How many frames the clip's output has: one per driving frame (up to --max-frames), resampled by --fps."""
-    return expected_frames(job.driving, job.settings)
+def _expected_frames(job: BatchJob, info: VideoInfo) -> int | None:
+    """How many frames the clip's output has: one per driving frame (up to --max-frames), resampled by
+    --fps, within its format's and sticker's limits, looped; as written where a size target kept fewer."""
+    if FRAMES_TAG in info.tags and info.tags[FRAMES_TAG].isdigit():
+        return int(info.tags[FRAMES_TAG])
+    plan = plan_output(job.output, job.settings)
+    made = expected_frames(job.driving, job.settings, max_rate=plan.max_rate, max_seconds=plan.max_seconds)
+    return None if made is None else plan.loop.count(made)
 
 
 class _Ledger:

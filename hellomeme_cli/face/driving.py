@@ -286,6 +286,8 @@ class OutputTiming:
     shown: np.ndarray
     repeated: int  # output frames showing the same source frame as the one before
     dropped: int  # source frames no output frame shows
+    cut_seconds: float = 0.0  # the clip's length past a length limit (a sticker's), not made
+    capped: Fraction | None = None  # the rate asked for (the clip's or --fps), above the limit it was brought to
 
 
 @dataclasses.dataclass
@@ -353,12 +355,14 @@ def open_driving(driving: DrivingInput, settings: AnimateSettings, face_model: P
 
 
 def prepare_driving(
-    driving: DrivingInput, reference: ReferenceFace, settings: AnimateSettings, models: FaceEncoders, progress: ProgressCallback = no_progress
+    driving: DrivingInput, reference: ReferenceFace, settings: AnimateSettings, models: FaceEncoders, progress: ProgressCallback = no_progress,
+    *, max_rate: Fraction | None = None, max_seconds: float | None = None,
 ) -> Driving:
     """Steps 1-2 of `animate`: the driving input tracked (or its template loaded), the output's
-    timing, and the driving signals of every output frame."""
+    timing (at most `max_rate`, the first `max_seconds`: an output format's or sticker's limits),
+    and the driving signals of every output frame."""
     with open_driving(driving, settings, models.face_model, progress) as template:
-        timing = output_timing(template, settings.fps)
+        timing = output_timing(template, settings.fps, max_rate=max_rate, max_seconds=max_seconds)
         track = select_frames(template.track, timing.shown, float(timing.rate))
         signals = _signals(track, template.patches.select(timing.shown), reference, settings, models, progress)
         return Driving(signals, timing, track.filled_count, template.audio)
@@ -402,9 +406,9 @@ def check_driving_image(drive: Path) -> None:
         read_image(drive)
 
 
-def expected_frames(drive: Path, settings: AnimateSettings) -> int | None:
+def expected_frames(drive: Path, settings: AnimateSettings, *, max_rate: Fraction | None = None, max_seconds: float | None = None) -> int | None:
     """How many frames a run of `settings` makes from DRIVE (None when DRIVE cannot be read),
-    without tracking or decoding."""
+    without tracking or decoding; `max_rate`, `max_seconds` as `prepare_driving` takes them."""
     try:
         if is_template(drive):
             arrays = _template_arrays(Path(drive))
@@ -419,7 +423,7 @@ def expected_frames(drive: Path, settings: AnimateSettings) -> int | None:
     count = min(len(timestamps), settings.max_frames or len(timestamps))
     if count < len(timestamps):
         duration = float(timestamps[count])
-    return len(_timing(timestamps[:count], duration, rate, variable, settings.fps).shown)
+    return len(_timing(timestamps[:count], duration, rate, variable, settings.fps, max_rate, max_seconds).shown)
 
 
 def _signals(
@@ -452,14 +456,27 @@ def _cache_key(sha256: str, settings: AnimateSettings) -> str:
 # -- timing -----------------------------------------------------------------------------
 
 
-def output_timing(template: MotionTemplate, fps: float | None = None) -> OutputTiming:
+def output_timing(
+    template: MotionTemplate, fps: float | None = None, *, max_rate: Fraction | None = None, max_seconds: float | None = None
+) -> OutputTiming:
     """The output's rate (`fps`, else the clip's: its own for a constant-rate clip, for a variable
-    one the lowest standard rate that shows every frame) and the source frame on screen at each
-    output frame's time; the output lasts as long as the clip."""
-    return _timing(template.timestamps, template.duration, template.rate, template.variable_rate, fps)
+    one the lowest standard rate that shows every frame; at most `max_rate`) and the source frame on
+    screen at each output frame's time; the output lasts as long as the clip, or its first `max_seconds`."""
+    return _timing(template.timestamps, template.duration, template.rate, template.variable_rate, fps, max_rate, max_seconds)
 
 
-def _timing(timestamps: np.ndarray, duration: float, rate: Fraction, variable: bool, fps: float | None) -> OutputTiming:
+def _timing(
+    timestamps: np.ndarray, duration: float, rate: Fraction, variable: bool, fps: float | None,
+    max_rate: Fraction | None = None, max_seconds: float | None = None,
+) -> OutputTiming:
+    asked = Fraction(fps).limit_denominator(1001) if fps is not None else rate
+    if max_rate is not None and asked > max_rate:
+        capped = _timing(timestamps, duration, rate, variable, float(max_rate), None, max_seconds)
+        return dataclasses.replace(capped, capped=asked)
+    if max_seconds is not None and duration > max_seconds + TIME_EPSILON:
+        timing = _timing(timestamps, duration, rate, variable, fps)
+        keep = max(1, math.floor(max_seconds * timing.rate + TIME_EPSILON))
+        return dataclasses.replace(timing, shown=timing.shown[:keep], cut_seconds=duration - float(keep / timing.rate))
     count = len(timestamps)
     if not variable and (fps is None or math.isclose(fps, float(rate), rel_tol=1e-6)):
         return OutputTiming(rate, np.arange(count), 0, 0)

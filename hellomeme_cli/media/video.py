@@ -28,6 +28,7 @@ import cv2
 import numpy as np
 
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.media.formats import tags_in
 from hellomeme_cli.media.files import atomic_output, check_destination, require_file, write_atomically
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent, no_progress
 
@@ -159,7 +160,7 @@ def probe_video(path: Path) -> VideoInfo:
         rotation=header.rotation,
         has_audio=header.has_audio,
         rate=rate,
-        tags=header.tags,
+        tags={**header.tags, **tags_in(path, header.tags)} if header.container in ("gif", "webp_anim") else header.tags,
         timestamps=timestamps,
         variable_rate=variable,
         video_start=first_frame,
@@ -401,7 +402,7 @@ def _container_tags(input_part: str) -> dict[str, str]:
     tags = {}
     for line in block[1].splitlines():
         key, _, value = line.strip().partition(":")
-        tags[key.strip()] = value.strip()
+        tags[key.strip().lower()] = value.strip()  # Matroska (WebM) keeps its tags upper-case
     return tags
 
 
@@ -449,12 +450,22 @@ def _timing(packets: _Packets, header_rate: Fraction | None) -> tuple[Fraction |
         if intervals.min() == intervals.max():
             rate = 1 / (int(intervals[0]) * packets.time_base)
         else:
-            rate = Fraction(packets.count - 1, int(ticks[-1]) * packets.time_base).limit_denominator(1001)
+            rate = _rounded_rate(packets.count - 1, int(ticks[-1]), packets.time_base)
         return rate, timestamps, packets.count / float(rate), False
     fastest = 1 / (int(intervals.min()) * packets.time_base)
     rate = next((standard for standard in STANDARD_RATES if standard >= fastest * (1 - CONSTANT_RATE_TOLERANCE)), STANDARD_RATES[-1])
     last = packets.last_duration if packets.last_duration > 0 else int(np.median(intervals))
     return rate, timestamps, float((int(ticks[-1]) + last) * packets.time_base), True
+
+
+def _rounded_rate(intervals: int, ticks: int, time_base: Fraction) -> Fraction:
+    """The rate of `intervals` frame intervals spanning `ticks` whose timestamps were rounded to the
+    time base (GIF: 1/100 s, WebP and WebM: 1/1000 s): the standard or whole rate nearest the mean
+    that such rounding allows (a tick either way), else the mean as a fraction."""
+    mean = Fraction(intervals, ticks * time_base)
+    low, high = Fraction(intervals, (ticks + 1) * time_base), Fraction(intervals, max(ticks - 1, 1) * time_base)
+    candidates = [rate for rate in (*STANDARD_RATES, *map(Fraction, range(1, 241))) if low <= rate <= high]
+    return min(candidates, key=lambda rate: abs(rate - mean)) if candidates else mean.limit_denominator(1001)
 
 
 def _snap_rate(fps: float) -> Fraction | None:

@@ -26,6 +26,7 @@ from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.face.signals import arkit_coefficients, head_pose, prepare_reference, rotation_to_angles, angles_to_rotation
 from hellomeme_cli.face.tracking import MODEL_COMPONENT, MODEL_FILE, FaceTrack, track_image, track_video
 from hellomeme_cli.media.files import require_file
+from hellomeme_cli.media.formats import parse_loop
 from hellomeme_cli.media.video import VideoInfo, ffmpeg_exe, probe_video, read_frames, read_image
 from hellomeme_cli.pipeline import RUN_TAG
 from hellomeme_cli.progress import ProgressCallback, no_progress
@@ -67,6 +68,7 @@ class RunSettings:
     expression_scale: float = 1.0
     trans_ratio: float = 0.0
     windows: tuple[tuple[int, int], ...] | None = None
+    loop: str = "off"  # a pingpong output's second half follows the driving clip backwards
 
     @classmethod
     def of(cls, info: VideoInfo) -> RunSettings:
@@ -106,11 +108,12 @@ def evaluate(
 
     # 1. The clips, the output's timing against the driving clip's, the run's settings.
     out_info, drive_info = probe_video(output), probe_video(driving)
-    if out_info.duration > drive_info.duration + 1 / drive_info.fps:
-        raise HellomemeError(f"{driving}: {drive_info.duration:.2f} s, shorter than the output {output} ({out_info.duration:.2f} s): not its driving clip")
     run = RunSettings.of(out_info)
+    made = _made_frames(out_info.frame_count, run.loop)
+    if made / out_info.fps > drive_info.duration + 1 / drive_info.fps:
+        raise HellomemeError(f"{driving}: {drive_info.duration:.2f} s, shorter than the output {output} ({made / out_info.fps:.2f} s): not its driving clip")
     plan = windows if windows is not None else run.windows
-    shown = driving_frame_at(out_info, drive_info)
+    shown = driving_frame_at(out_info, drive_info, run.loop)
 
     # 2. The reference: its own pose and expression, its identity.
     picture = read_image(reference)
@@ -181,11 +184,19 @@ def evaluate(
     return Evaluation(summary, frames, notes, seams)
 
 
-def driving_frame_at(output: VideoInfo, driving: VideoInfo) -> np.ndarray:
-    """For each output frame, the driving frame on screen at its time (the output is written at a constant rate)."""
-    times = np.arange(output.frame_count) / float(output.rate)
+def driving_frame_at(output: VideoInfo, driving: VideoInfo, loop: str = "off") -> np.ndarray:
+    """For each output frame, the driving frame on screen at its time (the output is written at a
+    constant rate); a pingpong loop's way back follows its way out backwards."""
+    made = _made_frames(output.frame_count, loop)
+    times = np.arange(made) / float(output.rate)
     stamps = driving.timestamps if driving.timestamps is not None else np.arange(driving.frame_count) / float(driving.rate)
-    return np.clip(np.searchsorted(stamps, times + 1e-6, side="right") - 1, 0, len(stamps) - 1)
+    shown = np.clip(np.searchsorted(stamps, times + 1e-6, side="right") - 1, 0, len(stamps) - 1)
+    return np.concatenate([shown, shown[-2:0:-1]])[: output.frame_count] if made < output.frame_count else shown
+
+
+def _made_frames(count: int, loop: str) -> int:
+    """The frames made before a pingpong loop doubled them (turning frames once)."""
+    return (count + 2) // 2 if parse_loop(loop).kind == "pingpong" and count > 2 else count
 
 
 def _track(info: VideoInfo, face_model: Path, progress: ProgressCallback, task: str, *, frames: int | None = None, embed=None):
@@ -239,10 +250,15 @@ def _against_driving(output: Path, out_info: VideoInfo, driving: Path, drive_inf
     psnr, ssim = [], []
     drive_frames = enumerate(read_frames(drive_info, int(shown.max()) + 1))
     index, current = next(drive_frames)
+    back = bool(np.any(np.diff(shown) < 0))  # a pingpong loop's way back meets the frames again: kept
+    seen = {index: current}
     for number, frame in enumerate(read_frames(out_info)):
         while index < shown[number]:
             index, current = next(drive_frames)
-        target = crop.apply(current) if crop is not None else current
+            if back:
+                seen[index] = current
+        target = seen[int(shown[number])] if back else current
+        target = crop.apply(target) if crop is not None else target
         psnr.append(min(float(peak_signal_noise_ratio(target, frame, data_range=255)), MAX_PSNR))
         ssim.append(float(structural_similarity(target, frame, channel_axis=2, data_range=255)))
     return {"psnr": psnr, "ssim": ssim}
