@@ -30,6 +30,7 @@ from rich.table import Table
 from hellomeme_cli.version import __version__
 from hellomeme_cli.errors import HellomemeError, first_line as _first_line
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
+from hellomeme_cli.settings import CLIP_ONLY
 from hellomeme_cli.versions import DEFAULT_VERSIONS, users, version_names
 
 if TYPE_CHECKING:
@@ -199,10 +200,6 @@ def _animate(reference: Path, drive: Path, output: Path | None, force: bool, set
         + f"{result.seconds:.0f} s",
         highlight=False,
     )
-
-
-# Settings that only a clip has: a picture has one frame, so no frame rate, windows or smoothing over time.
-CLIP_ONLY = ("fps", "max_frames", "window", "overlap", "smoothing", "smooth_pose", "smooth_expression")
 
 
 @app.command()
