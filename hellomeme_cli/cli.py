@@ -46,6 +46,8 @@ app = typer.Typer(
 )
 weights_app = typer.Typer(help="List, download, verify and import model weights.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
+comfyui_app = typer.Typer(help="hellomeme's nodes in ComfyUI (docs/comfyui.md).", no_args_is_help=True)
+app.add_typer(comfyui_app, name="comfyui")
 console = Console(stderr=True, soft_wrap=True)
 # Written to a pipe or file, tables take the width they need: an identifier is never cut or folded.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
@@ -620,6 +622,22 @@ def weights_make_tiny(
 
     make_tiny(folder, seed=seed)
     out.print(f"tiny weights in {folder}; add the face model with `HELLOMEME_HOME={folder} hellomeme weights import FILE`")
+
+
+@comfyui_app.command("install")
+def comfyui_install(
+    comfyui: Annotated[Path, typer.Argument(help="The ComfyUI folder: its checkout, or the --base-directory it runs with.")],
+    remove: Annotated[bool, typer.Option("--remove", help="Take the nodes away again.", metavar=FLAG)] = False,
+) -> None:
+    """Put hellomeme's nodes and example workflows in ComfyUI (custom_nodes/hellomeme), loaded from this package; run it with the Python ComfyUI runs in."""
+    from hellomeme_cli.comfyui.install import install, remove as uninstall
+
+    if remove:
+        out.print(f"removed {uninstall(comfyui)}", highlight=False)
+        return
+    for path in install(comfyui):
+        out.print(f"wrote {path}", highlight=False)
+    out.print(f"restart ComfyUI with this Python ({sys.executable}), which has hellomeme-cli: the nodes are under hellomeme", highlight=False)
 
 
 def _ray_address_filled(arguments: list[str]) -> list[str]:

@@ -36,7 +36,7 @@ def help_rows(*command: str) -> dict[str, str | None]:
 
 
 def test_help_lists_every_command_and_no_other():
-    assert set(help_rows()) == {"--version", "--debug", "--help", "info", "animate", "demo", "image", "batch", "eval", "compare", "track", "app", "weights"}
+    assert set(help_rows()) == {"--version", "--debug", "--help", "info", "animate", "demo", "image", "batch", "eval", "compare", "track", "app", "weights", "comfyui"}
     assert set(help_rows("weights")) == {"--help", "list", "fetch", "presets", "verify", "import", "lock", "make-tiny"}
 
 
