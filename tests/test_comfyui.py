@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
+import time
 from fractions import Fraction
 from pathlib import Path
 from types import SimpleNamespace
@@ -18,9 +20,10 @@ import comfyui_standins as standins
 from conftest import MEDIA, audio_duration, require
 from hellomeme_cli import api
 from hellomeme_cli.cli import app
-from hellomeme_cli.comfyui import install, nodes
+from hellomeme_cli.comfyui import comfy as comfy_door, install, nodes
 from hellomeme_cli.comfyui.inputs import DEFAULT, UNSET, setting_values
 from hellomeme_cli.errors import HellomemeError
+from hellomeme_cli.progress import ProgressEvent
 from hellomeme_cli.media.video import probe_video, read_audio, read_frames, read_image
 from hellomeme_cli.settings import all_settings
 
@@ -170,6 +173,25 @@ def test_image_evaluate_and_motion_templates(comfy, made):
     (loaded,) = run(nodes.HelloMemeLoadMotionTemplate, template=f"{Path(path).relative_to(comfy.base / 'output').as_posix()} [output]")
     assert len(loaded.template) == FRAMES and loaded.template.audio is None
     assert any(name.endswith(" [output]") for name in nodes.HelloMemeLoadMotionTemplate.INPUT_TYPES()["required"]["template"][0])
+
+
+def test_work_in_another_thread_shows_its_progress_and_cancel_does_not_wait_for_it(comfy):
+    """Downloads run in other threads; ComfyUI's progress bar and Cancel belong to the node's."""
+    progress, release = comfy_door.NodeProgress(), threading.Event()
+
+    def download():
+        progress(ProgressEvent("download", 5, 10))
+        release.wait(0.6)
+        return "done"
+
+    standins.ProgressBar.updates.clear()
+    assert progress.wait(download) == "done" and standins.ProgressBar.updates == [(5, 10)]
+    comfy.management.interrupt_current_processing()
+    started = time.monotonic()
+    with pytest.raises(standins.InterruptProcessingException):
+        progress.wait(lambda: release.wait(30))
+    release.set()
+    assert time.monotonic() - started < 5
 
 
 def test_missing_weights_offline_say_how_to_get_them(comfy, tmp_path, monkeypatch):

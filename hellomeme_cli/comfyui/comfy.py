@@ -5,8 +5,10 @@ stand-ins for these modules in `sys.modules` (tests/comfyui_standins.py)."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import importlib
-from collections.abc import Hashable
+import threading
+from collections.abc import Callable, Hashable
 from pathlib import Path
 from typing import Any
 
@@ -52,13 +54,19 @@ def video_file(video: Any) -> Path | None:
 class NodeProgress:
     """The library's progress events on the running node's progress bar, a new bar for each stage
     (the sampler's counts its steps), and ComfyUI's Cancel checked at every event and after every
-    denoising step (`on_step`): a run stops within one step, between two network calls."""
+    denoising step (`on_step`): a run stops within one step, between two network calls. Both belong
+    to the node's thread: events from other threads (parallel downloads) wait for `wait` to show them."""
 
     def __init__(self) -> None:
         self.task: str | None = None
         self.bar: Any = None
+        self.thread = threading.current_thread()
+        self.pending: ProgressEvent | None = None
 
     def __call__(self, event: ProgressEvent) -> None:
+        if threading.current_thread() is not self.thread:
+            self.pending = event
+            return
         check_interrupted()
         if event.total is None:
             return
@@ -70,6 +78,21 @@ class NodeProgress:
     def on_step(self, step: object) -> None:
         """A sampler's `on_step`: Cancel checked, the latents left as they are."""
         check_interrupted()
+
+    def wait(self, work: Callable[[], Any]) -> Any:
+        """`work()` done in another thread while this one shows its progress and heeds Cancel (the
+        work is then left to end on its own: a download still lands whole, or not at all)."""
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        try:
+            future = pool.submit(work)
+            while True:
+                try:
+                    return future.result(timeout=0.25)
+                except concurrent.futures.TimeoutError:
+                    event, self.pending = self.pending, None
+                    self(event) if event is not None else check_interrupted()
+        finally:
+            pool.shutdown(wait=False)
 
 
 class HeldPipeline:

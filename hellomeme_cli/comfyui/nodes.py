@@ -104,14 +104,14 @@ def _model_file(folder: str, name: str | None) -> str | None:
     return comfy.folder_paths().get_full_path(folder, name) or name
 
 
-def _weights(names: Sequence[str], progress: ProgressCallback) -> dict[str, Path]:
-    """The components' folders, fetching (with progress) what hellomeme's cache lacks."""
+def _weights(names: Sequence[str], progress: comfy.NodeProgress) -> dict[str, Path]:
+    """The components' folders, fetching (with progress, Cancel heeded) what hellomeme's cache lacks."""
     cache = pipelines().cache
     try:
         return cache.require(names)
     except HellomemeError:
         try:
-            cache.fetch(names, progress)
+            progress.wait(lambda: cache.fetch(names, progress))
         except HellomemeError as error:
             raise HellomemeError(
                 f"missing weights ({', '.join(names)}) and cannot fetch them: {first_line(error)}; run `hellomeme weights fetch "
@@ -120,7 +120,7 @@ def _weights(names: Sequence[str], progress: ProgressCallback) -> dict[str, Path
         return cache.require(names)
 
 
-def _face_model(progress: ProgressCallback) -> Path:
+def _face_model(progress: comfy.NodeProgress) -> Path:
     return _weights([MODEL_COMPONENT], progress)[MODEL_COMPONENT] / MODEL_FILE
 
 
