@@ -86,7 +86,7 @@ def test_every_node_is_named_hellomeme_and_takes_the_settings_by_their_names(com
     assert set(nodes.ANIMATE_SETTINGS) <= set(animate) and set(animate) - set(nodes.ANIMATE_SETTINGS) == {"pipeline", "reference", "driving"}
     assert set(nodes.HelloMemeLoadPipeline.INPUT_TYPES()["required"]) - {"mode"} <= settings
     assert animate["steps"] == ("INT", animate["steps"][1]) and animate["steps"][1]["default"] == DEFAULT
-    assert animate["size"][1]["min"] == 128 and animate["seed"][1]["control_after_generate"]
+    assert (animate["size"][1]["min"], animate["size"][1]["step"]) == (128, 64) and animate["seed"][1]["control_after_generate"]
     assert animate["scheduler"][0][0] == UNSET["scheduler"] and animate["pose"][0] == ["absolute", "relative"]
     values = setting_values(nodes.ANIMATE_SETTINGS, {name: options.get("default", kind[0] if isinstance(kind, list) else None) for name, (kind, options) in animate.items()})
     assert values["steps"] is None and values["scheduler"] is None and values["guidance"] is None and values["size"] == 512

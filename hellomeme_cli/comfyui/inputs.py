@@ -47,6 +47,8 @@ def _input(setting: Setting, choices: list | None) -> tuple:
         low = DEFAULT if optional or bounds is None else bounds.low
         high = NUMBER_MAX if bounds is None or bounds.high is None else bounds.high
         options = {"default": DEFAULT if optional else setting.default, "min": low, "max": high}
+        if bounds is not None and bounds.step is not None:
+            options["step"] = bounds.step
         if _NUMBERS[setting.cli_type] == "FLOAT":
             options.update(step=0.01, round=0.001)
         return _NUMBERS[setting.cli_type], {**options, "tooltip": tooltip + (f" {DEFAULT}: the default." if optional else "")}
