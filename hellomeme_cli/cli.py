@@ -637,7 +637,7 @@ def comfyui_install(
         return
     for path in install(comfyui):
         out.print(f"wrote {path}", highlight=False)
-    out.print(f"restart ComfyUI with this Python ({sys.executable}), which has hellomeme-cli: the nodes are under hellomeme", highlight=False)
+    out.print(f"ComfyUI loads the nodes (category hellomeme) when it next starts, run by a Python that has hellomeme-cli, as this one: {sys.executable}", highlight=False)
 
 
 def _ray_address_filled(arguments: list[str]) -> list[str]:
