@@ -15,7 +15,6 @@ import logging
 import shutil
 import tempfile
 import threading
-from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -24,66 +23,22 @@ import gradio as gr
 
 from hellomeme_cli import api
 from hellomeme_cli.errors import HellomemeError, first_line
+from hellomeme_cli.front_end import BASE_CHECKPOINT, FIXED_CHOICES, ModelCache, checkpoint_choices, lora_choices
 from hellomeme_cli.media.files import check_writable
-from hellomeme_cli.weights.presets import all_presets
-from hellomeme_cli.progress import ProgressCallback, ProgressEvent
 from hellomeme_cli.media.formats import DEFAULT_CROSSFADE, FORMATS, STICKERS, output_suffix
-from hellomeme_cli.settings import (
-    CAPTIONS, CLIP_OUTPUT, DTYPES, MOTIONS, POSES, UPSCALE_CHOICES, WEIGHT_SUFFIXES, Setting, all_settings, flat_values, from_values, parse_cell,
-)
-from hellomeme_cli.versions import DEFAULT_VERSIONS, FEW_STEP, SCHEDULERS, VERSIONS, version_names
+from hellomeme_cli.progress import ProgressCallback, ProgressEvent
+from hellomeme_cli.settings import CAPTIONS, CLIP_OUTPUT, Setting, all_settings, flat_values, from_values, parse_cell
+from hellomeme_cli.versions import DEFAULT_VERSIONS, version_names
 from hellomeme_cli.weights.cache import WeightCache
 
 MAX_UPLOAD = "200mb"  # Gradio refuses larger uploads (launch's max_file_size)
-MODELS_KEPT = 2  # loaded pipelines kept (video and image, or two checkpoints); the oldest is let go
 DEFAULT_CONTROL = "the version's"
-# Settings that concern clips only: the image tab leaves them out (and the compare tab, which
-# writes each variant as an mp4 to score it, the output's format, limits, loop and captions).
-CLIP_ONLY = ("fps", "max_frames", "window", "overlap", *CLIP_OUTPUT)
+# Settings the image tab leaves out: a clip's (and the compare tab, which writes each variant as an
+# mp4 to score it, the output's format, limits, loop and captions).
+NOT_IN_IMAGE_TAB = ("fps", "max_frames", "window", "overlap", *CLIP_OUTPUT)
 NOT_COMPARED = (*CLIP_OUTPUT, *CAPTIONS)
 PICTURE_FORMATS = ("gif", "webp")  # shown as an animated picture: a video player plays neither
-BASE_MODEL = next(preset.name for preset in all_presets() if preset.kind == "base")  # checkpoint: no swap
 _log = logging.getLogger(__name__)
-
-
-class ModelCache:
-    """Loaded pipelines by (mode, ModelOptions), the least recently used let go beyond `size`, as
-    the official app's pipeline_dict keeps one per configuration."""
-
-    def __init__(self, cache: WeightCache, size: int = MODELS_KEPT):
-        self.cache, self.size = cache, size
-        self._pipes: OrderedDict[tuple[str, Any], Any] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, mode: str, values: dict[str, Any], progress: ProgressCallback):
-        """The pipeline for these model settings (by name, as the inputs give them), loaded on first use."""
-        options = from_values(values).models
-        key = (mode, options)
-        with self._lock:
-            if key in self._pipes:
-                self._pipes.move_to_end(key)
-                return self._pipes[key]
-            while len(self._pipes) >= self.size:
-                self._pipes.popitem(last=False)
-            options_by_name = {name: value for name, value in values.items() if name != "version"}
-            if "loras" in options_by_name:
-                options_by_name["lora"] = options_by_name.pop("loras")
-            pipe = api.load_pipeline(options.version, mode=mode, cache=self.cache, progress=progress, **options_by_name)
-            self._pipes[key] = pipe
-            return pipe
-
-    def __len__(self) -> int:
-        return len(self._pipes)
-
-
-def _cached_weights(folder: Path) -> list[str]:
-    """What a cache folder holds: weight files put there, and the Hugging Face repos a run
-    downloaded into it (`models--OWNER--NAME`, offered as OWNER/NAME)."""
-    if not folder.is_dir():
-        return []
-    files = [str(path) for path in folder.iterdir() if path.is_file() and path.suffix in WEIGHT_SUFFIXES]
-    repos = ["/".join(path.name.split("--")[1:]) for path in folder.glob("models--*--*") if path.is_dir()]
-    return sorted(files) + sorted(repos)
 
 
 def _choices(setting: Setting, mode: str, cache: WeightCache) -> list | None:
@@ -91,18 +46,19 @@ def _choices(setting: Setting, mode: str, cache: WeightCache) -> list | None:
     if setting.name == "version":
         return list(version_names(mode))
     if setting.name == "control":
-        return [DEFAULT_CONTROL, *sorted({name for version in VERSIONS.values() for name in version.controls})]
+        return [DEFAULT_CONTROL, *FIXED_CHOICES["control"]]
     if setting.name == "checkpoint":
-        presets = [preset.name for preset in all_presets() if preset.kind in ("base", "checkpoint")]  # the base first
-        return presets + _cached_weights(cache.home / "checkpoints")
+        return checkpoint_choices(cache)
     if setting.name == "loras":
-        return [preset.name for preset in all_presets() if preset.kind == "lora"] + _cached_weights(cache.home / "loras")
-    fixed = {
-        "dtype": DTYPES, "pose": POSES, "motion": MOTIONS, "upscale": UPSCALE_CHOICES, "device": ("auto", "cpu", "cuda", "mps"),
-        "scheduler": ("", *SCHEDULERS), "few_step": ("", *FEW_STEP),  # "": the version's own (an API caller may leave it)
-        "format": ("", *FORMATS), "sticker": ("", *STICKERS), "loop": ("off", "pingpong", f"crossfade:{DEFAULT_CROSSFADE}"),
-    }
-    return list(fixed[setting.name]) if setting.name in fixed else None
+        return lora_choices(cache)
+    if setting.name in ("scheduler", "few_step"):
+        return ["", *FIXED_CHOICES[setting.name]]  # "": the version's own (an API caller may leave it)
+    if setting.name == "device":
+        return ["auto", "cpu", "cuda", "mps"]
+    meme = {"format": ("", *FORMATS), "sticker": ("", *STICKERS), "loop": ("off", "pingpong", f"crossfade:{DEFAULT_CROSSFADE}")}
+    if setting.name in meme:
+        return list(meme[setting.name])
+    return list(FIXED_CHOICES[setting.name]) if setting.name in FIXED_CHOICES else None
 
 
 def _component(setting: Setting, mode: str, cache: WeightCache) -> gr.components.Component:
@@ -135,7 +91,7 @@ def _component(setting: Setting, mode: str, cache: WeightCache) -> gr.components
 
 def _value(setting: Setting, value: Any) -> Any:
     """An input's value as the setting's (empty means the default; numbers typed as declared)."""
-    if (setting.name, value) in (("control", DEFAULT_CONTROL), ("checkpoint", BASE_MODEL)):
+    if (setting.name, value) in (("control", DEFAULT_CONTROL), ("checkpoint", BASE_CHECKPOINT)):
         return None
     if isinstance(value, str):
         value = value.strip()
@@ -235,7 +191,7 @@ class _Tab:
     def __init__(self, mode: str, cache: WeightCache, groups: tuple[str, ...] = ("models", "generation"), leave_out: tuple[str, ...] = ()):
         self.mode = mode
         self.settings = [
-            s for s in all_settings() if (mode == "video" or s.name not in CLIP_ONLY) and s.group in groups and s.name not in leave_out
+            s for s in all_settings() if (mode == "video" or s.name not in NOT_IN_IMAGE_TAB) and s.group in groups and s.name not in leave_out
         ]
         self.inputs: dict[str, gr.components.Component] = {}
         for group, title in (("models", "Models"), ("generation", "Generation")):

@@ -32,7 +32,7 @@ from rich.table import Table
 from hellomeme_cli.version import __version__
 from hellomeme_cli.errors import HellomemeError, first_line as _first_line
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
-from hellomeme_cli.settings import CAPTIONS, CLIP_OUTPUT, INPUT_OUTPUT, MODEL, MOTION
+from hellomeme_cli.settings import CAPTIONS, CLIP_ONLY, CLIP_OUTPUT, INPUT_OUTPUT, MODEL, MOTION
 from hellomeme_cli.versions import DEFAULT_VERSIONS, users, version_names
 
 if TYPE_CHECKING:
@@ -81,6 +81,8 @@ app = typer.Typer(
 )
 weights_app = typer.Typer(help="List, download, verify and import model weights.", no_args_is_help=True, cls=_HelpGroup)
 app.add_typer(weights_app, name="weights")
+comfyui_app = typer.Typer(help="hellomeme's nodes in ComfyUI (docs/comfyui.md).", no_args_is_help=True, cls=_HelpGroup)
+app.add_typer(comfyui_app, name="comfyui")
 console = Console(stderr=True, soft_wrap=True)
 # Written to a pipe or file, tables take the width they need: an identifier is never cut or folded.
 out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 100_000)
@@ -276,13 +278,8 @@ def _animate(reference: Path, drive: Path, output: Path | None, force: bool, set
     )
 
 
-# Settings that only a clip has: a picture has one frame, so no frame rate, windows or smoothing over
-# time, and it is written as its suffix says, without a clip's formats, size targets or loops.
-CLIP_ONLY = ("fps", "max_frames", "window", "overlap", "smoothing", "smooth_pose", "smooth_expression", *CLIP_OUTPUT)
-
-
 @app.command(cls=_HelpCommand)
-@_with_generation_options("image", skip=CLIP_ONLY)
+@_with_generation_options("image", skip=(*CLIP_ONLY, *CLIP_OUTPUT))
 def image(reference: Portrait, drive_image: DrivingPicture, output: PictureOutput = None, force: Force = False, *, settings: AnimateSettings) -> None:
     """One picture: the portrait with the head pose and expression of another picture."""
     seed = _generate("image", reference, drive_image, output, force, settings)
@@ -708,6 +705,22 @@ def weights_make_tiny(
 
     make_tiny(folder, seed=seed)
     out.print(f"tiny weights in {folder}; add the face model with `HELLOMEME_HOME={folder} hellomeme weights import FILE`")
+
+
+@comfyui_app.command("install", cls=_HelpCommand)
+def comfyui_install(
+    comfyui: Annotated[Path, typer.Argument(metavar="COMFYUI_DIR", help="The ComfyUI folder: its checkout, or the --base-directory it runs with.")],
+    remove: Annotated[bool, typer.Option("--remove", help="Take the nodes away again.", metavar=FLAG)] = False,
+) -> None:
+    """Put hellomeme's nodes and example workflows in ComfyUI (custom_nodes/hellomeme), loaded from this package; run it with the Python ComfyUI runs in."""
+    from hellomeme_cli.comfyui.install import install, remove as uninstall
+
+    if remove:
+        out.print(f"removed {uninstall(comfyui)}", highlight=False)
+        return
+    for path in install(comfyui):
+        out.print(f"wrote {path}", highlight=False)
+    out.print(f"ComfyUI loads the nodes (category hellomeme) when it next starts, run by a Python that has hellomeme-cli, as this one: {sys.executable}", highlight=False)
 
 
 def _ray_address_filled(arguments: list[str]) -> list[str]:

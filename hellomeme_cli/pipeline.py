@@ -16,7 +16,7 @@ import dataclasses
 import json
 import tempfile
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from fractions import Fraction
 from typing import Any, Protocol
 from pathlib import Path
@@ -32,7 +32,7 @@ from hellomeme_cli.face.pasteback import PasteBack, head_travel
 from hellomeme_cli.progress import ProgressCallback, no_progress
 from hellomeme_cli.samplers.common import DrivingFrames, SamplerInputs, SamplerSettings, StepCallback
 from hellomeme_cli.face.driving import (
-    Driving, DrivingInput, FaceEncoders, check_driving, check_driving_image, expected_frames, prepare_driving, prepare_driving_image,
+    Driving, DrivingInput, FaceEncoders, MotionTemplate, check_driving, check_driving_image, expected_frames, prepare_driving, prepare_driving_image,
 )
 from hellomeme_cli.settings import AnimateSettings
 from hellomeme_cli.face.signals import DrivingSignals, ReferenceFace, prepare_reference
@@ -184,7 +184,7 @@ def load_reference(source: Path | np.ndarray, settings: AnimateSettings, face_mo
 
 def animate(
     reference: Reference,
-    driving: Path,
+    driving: Path | MotionTemplate,
     output: Path,
     settings: AnimateSettings,
     models: LoadedModels,
@@ -194,29 +194,37 @@ def animate(
     extra_tags: Mapping[str, str] | None = None,
     track_cache: Path | None = None,
     probed: VideoInfo | None = None,
+    on_step: StepCallback | None = None,
+    each_frame: Callable[[np.ndarray], None] | None = None,
 ) -> AnimateResult:
-    """Give the reference portrait the driving clip's motion (or a motion template's); write `output`
-    in the format its suffix names (an mp4 or WebM with the clip's audio, silent from a template; a
-    GIF or WebP; a sticker; looped, captioned, fitted to --max-kb as the settings say), its metadata
-    naming the seed, plus `extra_tags`. With `track_cache` a clip tracked before with the same
-    tracking settings is not tracked again; with `probed` (its `VideoInfo`) the clip is not probed
-    again: it is read once, to track it, and that read keeps its audio for the output."""
+    """Give the reference portrait the driving clip's motion (or a motion template's: a file, or one
+    tracked already, which the run closes); write `output` in the format its suffix names (an mp4 or
+    WebM with the clip's audio, or the template's; a GIF or WebP; a sticker; looped, captioned,
+    fitted to --max-kb as the settings say), its metadata naming the seed, plus `extra_tags`. With
+    `track_cache` a clip tracked before with the same tracking settings is not tracked again; with
+    `probed` (its `VideoInfo`) the clip is not probed again: it is read once, to track it, and that
+    read keeps its audio for the output. `on_step` sees every denoising step (`generate`),
+    `each_frame` every frame written."""
     started = time.monotonic()
     settings = settings.with_seed()
     plan = plan_output(output, settings)
-    check_destination(output, force, [reference.path, driving])
+    inputs = [path for path in (reference.path, driving) if isinstance(path, Path)]
+    check_destination(output, force, inputs)
     with tempfile.TemporaryDirectory(prefix="hellomeme-") as scratch:
         # 1-4. The driving signals (within the format's and the sticker's limits), the sampler's latents;
         # 5. frames decoded as the writer takes them.
         source = DrivingInput(driving, probed, track_cache, Path(scratch) / "audio.wav")
-        video = generate(reference, source, settings, models, progress=progress, max_rate=plan.max_rate, max_seconds=plan.max_seconds)
+        video = generate(
+            reference, source, settings, models, progress=progress, on_step=on_step, max_rate=plan.max_rate, max_seconds=plan.max_seconds
+        )
         metadata = {
             "comment": f"hellomeme {__version__} seed={settings.seed}", SEED_TAG: str(settings.seed),
             RUN_TAG: run_tag(settings, video.windows), **(extra_tags or {}),
         }
+        frames = video.frames if each_frame is None else _seen(video.frames, each_frame)
         written = write_clip(
-            video.frames, output, video.drive.timing.rate, plan, captions=captions_of(settings), audio=video.drive.audio,
-            metadata=metadata, force=force, protect=[reference.path, driving], progress=progress, total=video.frame_count,
+            frames, output, video.drive.timing.rate, plan, captions=captions_of(settings), audio=video.drive.audio,
+            metadata=metadata, force=force, protect=inputs, progress=progress, total=video.frame_count,
         )
     timing = video.drive.timing
     return AnimateResult.of(
@@ -237,6 +245,12 @@ def _limit_notes(timing, plan: OutputPlan) -> tuple[str, ...]:
     if timing.cut_seconds > 0:
         notes.append(f"cut to its first {plan.max_seconds:g} s, {timing.cut_seconds:.2f} s left out ({why}: at most {plan.max_seconds:g} s)")
     return tuple(notes)
+
+
+def _seen(frames: Iterator[np.ndarray], each_frame: Callable[[np.ndarray], None]) -> Iterator[np.ndarray]:
+    for frame in frames:
+        each_frame(frame)
+        yield frame
 
 
 def render_image(

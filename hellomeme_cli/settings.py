@@ -56,6 +56,11 @@ class Setting:
     metavar: str | None  # what --help shows for its value (None: a switch, which takes none)
 
     @property
+    def range(self) -> Range | None:
+        """Its allowed numbers, where its check says them."""
+        return self.check if isinstance(self.check, Range) else None
+
+    @property
     def column(self) -> str:
         """Its name as a batch CSV column: the option's, without dashes (`--no-smooth` -> smooth)."""
         return self.flags[0].split("/")[0].removeprefix("--").replace("-", "_")
@@ -87,24 +92,44 @@ def _setting(
     return dataclasses.field(default=default, metadata=meta)
 
 
-def _at_least(low: float, option: str) -> Callable[[Any], str | None]:
-    return lambda value: None if value is None or value >= low else f"--{option} must be at least {low:g} (got {value})"
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """A number setting's check that says its range too, for front ends whose number inputs take one
+    (ComfyUI's widgets): from `low` (excluded when `open_low`) to `high` (None: no limit), in
+    multiples of `step` where one is given."""
 
+    option: str
+    low: float
+    high: float | None = None
+    open_low: bool = False
+    step: int | None = None
 
-def _within(low: float, high: float, option: str, *, open_low: bool = False) -> Callable[[Any], str | None]:
-    def check(value: Any) -> str | None:
+    def __call__(self, value: Any) -> str | None:
         if value is None:
             return None
-        inside = (low < value if open_low else low <= value) and value <= high and math.isfinite(value)
-        return None if inside else f"--{option} must be in {'(' if open_low else '['}{low:g}, {high:g}] (got {value})"
+        if self.step is not None:
+            inside = value >= self.low and value % self.step == 0
+            return None if inside else f"--{self.option} must be a multiple of {self.step}, at least {self.low:g} (got {value})"
+        if self.high is None:
+            return None if value >= self.low else f"--{self.option} must be at least {self.low:g} (got {value})"
+        inside = (self.low < value if self.open_low else self.low <= value) and value <= self.high and math.isfinite(value)
+        return None if inside else f"--{self.option} must be in {'(' if self.open_low else '['}{self.low:g}, {self.high:g}] (got {value})"
 
-    return check
+
+def _at_least(low: float, option: str) -> Range:
+    return Range(option, low)
+
+
+def _within(low: float, high: float, option: str, *, open_low: bool = False) -> Range:
+    return Range(option, low, high, open_low)
 
 
 def _one_of(choices: tuple[Any, ...], option: str) -> Callable[[Any], str | None]:
     return lambda value: None if value is None or value in choices else f"--{option} must be one of {', '.join(map(str, choices))} (got {value!r})"
 
 
+# Settings that only a clip has: a picture has one frame, so no frame rate, windows or smoothing over time.
+CLIP_ONLY = ("fps", "max_frames", "window", "overlap", "smoothing", "smooth_pose", "smooth_expression")
 POSES = ("absolute", "relative")
 # How a clip is written rather than made (media/formats.py): a picture has none but the captions,
 # and `compare`, which writes each variant as an mp4 to score it, takes none of them.
@@ -134,10 +159,6 @@ def _known_version(value: str | None) -> str | None:
 def _known_control(value: str | None) -> str | None:
     controls = sorted({name for version in VERSIONS.values() for name in version.controls})
     return _one_of(tuple(controls), "control")(value)
-
-
-def _size(value: int) -> str | None:
-    return None if value >= 128 and value % 64 == 0 else f"--size must be a multiple of 64, at least 128 (got {value})"
 
 
 def _seed(value: int | None) -> str | None:
@@ -307,7 +328,7 @@ class AnimateSettings:
     smooth_pose: float = _setting(1.0, "Head-pose smoothing strength (0: none, 1: default, more: steadier).", check=_within(0, 10, "smooth-pose"), panel=MOTION)
     smooth_expression: float = _setting(
         1.0, "Expression (landmarks, blendshapes) smoothing strength (0: none, 1: default, more: steadier).", check=_within(0, 10, "smooth-expression"), panel=MOTION)
-    size: int = _setting(512, "Working size in pixels (multiple of 64); the released weights are trained at 512.", check=_size, panel=INPUT_OUTPUT, metavar="PX")
+    size: int = _setting(512, "Working size in pixels (multiple of 64); the released weights are trained at 512.", check=Range("size", 128, step=64), panel=INPUT_OUTPUT, metavar="PX")
     paste_back: bool = _setting(False, "Blend the generated face back into the whole reference picture, at its full size.", flags=("--paste-back",), panel=INPUT_OUTPUT)
     upscale: int = _setting(
         1, "Enlarge the generated frames 2x with the official app's Real-ESRGAN x2 (1: off); with --paste-back before blending.",

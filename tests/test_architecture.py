@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hellomeme_cli"
-ROOMS = ("models", "media", "weights", "face", "samplers", "batch", "quality")
+ROOMS = ("models", "media", "weights", "face", "samplers", "batch", "quality", "comfyui")
 DOCS = PACKAGE.parent / "docs" / "architecture.md"
 
 

@@ -90,7 +90,6 @@ def test_a_pipeline_call_gives_the_frames_animate_writes(tiny_pipe, tmp_path, mo
 
 
 def test_the_call_takes_frames_a_picture_and_a_step_callback(tiny_pipe, capsys):
-    import numpy as np
     import PIL.Image
     import torch
 

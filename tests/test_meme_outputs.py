@@ -26,7 +26,7 @@ from hellomeme_cli.face.driving import _timing
 from hellomeme_cli.media.captions import MAX_BAND, Captions, _runs, _fonts, default_fonts
 from hellomeme_cli.media.formats import STICKERS, output_plan
 from hellomeme_cli.media.meme import write_clip
-from hellomeme_cli.media.video import AudioTrack, ffmpeg_exe, probe_video, read_frames, write_video
+from hellomeme_cli.media.video import ffmpeg_exe, probe_video, read_frames, write_video
 from hellomeme_cli.settings import from_values
 from hellomeme_cli.weights.cache import WeightCache
 

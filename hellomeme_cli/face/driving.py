@@ -87,6 +87,11 @@ class MotionTemplate:
             self._spool.close()
             self._spool = None
 
+    def borrowed(self) -> MotionTemplate:
+        """The same template for one run, which closes it, while this one keeps its patches (a
+        template that drives many runs, as a ComfyUI node's output does)."""
+        return dataclasses.replace(self, _spool=None)
+
     def __enter__(self) -> MotionTemplate:
         return self
 
@@ -161,12 +166,14 @@ def is_template(path: Path) -> bool:
 
 def save_template(template: MotionTemplate, path: Path, *, force: bool = False, protect: Iterable[Path] = ()) -> Path:
     """Write the template as .npz (atomically): the track, its head pose in the official convention,
-    the patches and the timing, with the source's path and sha256 and the format version."""
+    the patches and the timing, with the source's path and sha256 (none for frames given in memory)
+    and the format version."""
     path = Path(path)
     check_destination(path, force, protect)
     track = template.track
     angles, translations = head_pose(track)
-    sha256 = template.source_sha256 or sha256_of(template.source)
+    # Frames tracked from memory (`track_clip` given frames) have no file to hash.
+    sha256 = template.source_sha256 or (sha256_of(template.source) if Path(template.source).is_file() else "")
     with atomic_output(path) as temporary, temporary.open("xb") as file:  # a file object: np.savez would add ".npz" to a name
         np.savez_compressed(
             file,

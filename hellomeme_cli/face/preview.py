@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import cv2
@@ -30,18 +30,20 @@ def write_preview(
     protect: Iterable[Path] = (),
     progress: ProgressCallback = no_progress,
 ) -> Path:
-    """The clip as the model will see it: cropped to the clip's square, with the landmarks, the
-    pose square of the condition image, the main expression scores, and filled frames marked."""
+    """The clip as the model will see it (`preview_frames`), with the clip's audio."""
+    return write_video(
+        preview_frames(track, frames, size), path, track.fps, audio_from=audio_from, force=force, protect=protect, progress=progress, total=len(track)
+    )
+
+
+def preview_frames(track: FaceTrack, frames: Iterable[np.ndarray], size: int = 512) -> Iterator[np.ndarray]:
+    """Each frame cropped to the clip's square (`size` pixels), with the landmarks, the pose square
+    of the condition image, the main expression scores, and filled frames marked."""
     crop = clip_crop(track, size)
     working = crop_track(track, crop)
     angles, translations = head_pose(working)
-    drawn = (
-        _draw(crop, frame, working, index, angles[index], translations[index])
-        for index, frame in enumerate(frames)
-    )
-    return write_video(
-        drawn, path, track.fps, audio_from=audio_from, force=force, protect=protect, progress=progress, total=len(track)
-    )
+    for index, frame in zip(range(len(track)), frames):
+        yield _draw(crop, frame, working, index, angles[index], translations[index])
 
 
 def _draw(crop: SquareCrop, frame: np.ndarray, track: FaceTrack, index: int, angles: np.ndarray, translation: np.ndarray) -> np.ndarray:

@@ -117,6 +117,8 @@ class _Header:
     tags: dict[str, str]
     start: float = 0.0  # the file's start time
     audio_start: float | None = None  # the first audio stream's, None without audio
+    audio_rate: int | None = None  # ... its sample rate
+    audio_channels: int = 0  # ... its channels as decoded (1: mono, 2: stereo or more mixed down)
 
 
 def ffmpeg_exe() -> str:
@@ -286,6 +288,36 @@ def _audio(source: Path | VideoInfo | AudioTrack | None) -> AudioTrack | None:
     return AudioTrack(Path(source)) if _header(Path(source)).has_audio else None
 
 
+def read_audio(path: Path) -> tuple[np.ndarray, int] | None:
+    """The first audio stream decoded: (channels, samples) float32 and its sample rate, mono kept
+    mono and more channels mixed down to stereo; None when the file has no audio."""
+    path = Path(path)
+    header = _header(path)
+    if not header.has_audio:
+        return None
+    if header.audio_rate is None:
+        raise HellomemeError(f"{path}: the audio does not say its sample rate")
+    channels = header.audio_channels
+    command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path), "-map", "0:a:0", "-ac", str(channels), "-f", "f32le", "-c:a", "pcm_f32le", "pipe:1"]
+    result = subprocess.run(command, capture_output=True, stdin=subprocess.DEVNULL)
+    if result.returncode != 0:
+        raise HellomemeError(f"{path}: cannot decode its audio (ffmpeg: {_last_line(result.stderr.decode(errors='replace'))})")
+    samples = np.frombuffer(result.stdout, np.float32)
+    return samples[: len(samples) // channels * channels].reshape(-1, channels).T.copy(), header.audio_rate
+
+
+def write_audio(samples: np.ndarray, rate: int, path: Path) -> Path:
+    """(channels, samples) float audio at `rate` written as a 32-bit float WAV (atomically), for a
+    video to mux (`write_video(audio_from=...)`)."""
+    samples = np.ascontiguousarray(np.asarray(samples, np.float32).T)  # interleaved, as raw audio is
+    command = [ffmpeg_exe(), "-nostdin", "-v", "error", "-f", "f32le", "-ar", str(int(rate)), "-ac", str(samples.shape[1]), "-i", "pipe:0"]
+    with atomic_output(Path(path)) as temporary:
+        result = subprocess.run([*command, "-c:a", "pcm_f32le", "-rf64", "auto", "-f", "wav", "-y", str(temporary)], input=samples.tobytes(), capture_output=True)
+        if result.returncode != 0:
+            raise _ffmpeg_failure(Path(path), result.stderr.decode(errors="replace"))
+    return Path(path)
+
+
 def write_image(
     image: np.ndarray, path: Path, force: bool = False, protect: Iterable[Path] = (), tags: Mapping[str, str] | None = None
 ) -> Path:
@@ -358,6 +390,7 @@ def _parse_header(path: Path, text: str) -> _Header:
     file_start = re.search(r"^\s*Duration: .*, start: (-?[\d.]+)", input_part, re.MULTILINE)
     # ffmpeg names a stream's start only where it is not 0.
     audio_start = None if not audios else float(stream_start[1]) if (stream_start := re.search(r", start (-?[\d.]+)", audios[0])) else 0.0
+    audio_rate = int(sampled[1]) if audios and (sampled := re.search(r", (\d+) Hz", audios[0])) else None
     videos = [rest for kind, rest in streams if kind == "Video" and "(attached pic)" not in rest]
     rate = size = None
     rotation = 0
@@ -381,6 +414,8 @@ def _parse_header(path: Path, text: str) -> _Header:
         tags=_container_tags(input_part),
         start=float(file_start[1]) if file_start else 0.0,
         audio_start=audio_start,
+        audio_rate=audio_rate,
+        audio_channels=0 if not audios else 1 if re.search(r"\bmono\b", audios[0]) else 2,
     )
 
 
