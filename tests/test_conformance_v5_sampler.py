@@ -170,6 +170,22 @@ def test_image_on_non_square_sizes_is_reproducible():
     assert unguided.shape == first.shape and torch.isfinite(unguided).all() and not torch.allclose(unguided, first)
 
 
+@torch.no_grad()
+def test_a_picture_asks_the_control_net_once_for_both_guidance_halves():
+    """As the official image pipelines: one control-net call on the unconditional and the picture's
+    driving frame together (batch 2), one on the frame alone without guidance."""
+    sampler, case, io = _one_sampler_case()
+    inputs = _random_inputs(case, io, height=64, width=128, frames=1)
+    batches = []
+    hook = sampler.control_net.register_forward_pre_hook(lambda module, args: batches.append(args[0].shape[0]))
+    try:
+        for guidance in (1.5, 1.0):
+            sampler.sample_image(inputs, SamplerSettings(steps=2, guidance=guidance), torch.Generator().manual_seed(3))
+    finally:
+        hook.remove()
+    assert batches == [2, 1]
+
+
 def test_v5c_without_the_reference_control_is_refused():
     sampler, case, io = _one_sampler_case()
     sampler.reference_control = True

@@ -291,6 +291,16 @@ def unconditional_frames(first: DrivingFrames, zeroed: Iterable[str], given: Map
     return DrivingFrames(torch.full_like(first.condition, -1.0), **zeros, **(given or {}))
 
 
+def batched(*parts: DrivingFrames) -> DrivingFrames:
+    """Driving frames of several samples as one batch, for one call of the control net (a field
+    that any part lacks is left out: the control kind does not take it)."""
+    def joined(name: str) -> torch.Tensor | None:
+        values = [getattr(part, name) for part in parts]
+        return None if any(value is None for value in values) else torch.cat(values, dim=0)
+
+    return DrivingFrames(*(joined(field.name) for field in dataclasses.fields(DrivingFrames)))
+
+
 def with_unconditional(features: ControlFeatures, negative: ControlFeatures | None) -> ControlFeatures:
     """With guidance, the one-frame unconditional control repeated over the frames, first in the batch."""
     if negative is None:
@@ -323,6 +333,7 @@ class Clip:
     reference: ReferenceCache
     negative_control: ControlFeatures | None  # one frame; None without guidance
     on_step: StepCallback | None = None
+    picture_control: ControlFeatures | None = None  # a picture's, guidance-batched (`Sampler._picture_control`)
 
     def stepped(self, timestep: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
         """The latents after a step, as `on_step` leaves them."""
@@ -395,7 +406,7 @@ class Sampler(LatentCodec):
     step 1 of `sample` (`_prepare`), `sample_image` whole, and the two denoising loops the
     families are made of. A family supplies `denoiser_2d` and `denoiser_motion`, `_denoise_video`
     (the rest of `sample`), `_control` (a clip's frames -> control features) and
-    `_negative_control` (the unconditional control of one frame)."""
+    `_unconditional_driving` (the driving inputs of guidance's unconditional half)."""
 
     # Constructor argument -> how `from_pipeline` reads it off a loaded pipeline, besides the shared ones.
     pipeline_arguments: ClassVar[PipelineArguments] = {}
@@ -469,11 +480,11 @@ class Sampler(LatentCodec):
         the reference net), then every step of `image_scheduler` with the denoiser without
         motion -> (1, 4, 1, h, w) / scaling factor."""
         # 1. The reference latent, the prompt embeddings, the reference cache and the unconditional control.
-        clip = self._prepare(inputs, settings, generator, on_step)
+        clip = self._prepare(inputs, settings, generator, on_step, picture=True)
         # 2. The base noise, then every step.
         schedule = fresh_schedule(self.image_scheduler, settings.steps, self.device)
         latent = draw_noise(generator, clip.ref_latents.shape, self.device) * schedule.init_noise_sigma
-        latent = self._denoise_alone(clip, latent, schedule, [0], denoising_steps(schedule, "denoise", progress))
+        latent = self._denoise_alone(clip, latent, schedule, [0], denoising_steps(schedule, "denoise", progress), clip.picture_control)
         return latent / self.vae_encoder.config.scaling_factor
 
     @staticmethod
@@ -487,12 +498,21 @@ class Sampler(LatentCodec):
         if self.denoiser_motion is None:
             raise ValueError("video sampling needs the motion denoiser (loaded for video runs)")
 
-    def _prepare(self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, on_step: StepCallback | None) -> Clip:
-        """The reference latent (the generator's first draw), the unconditional control, the
-        reference cache and the guidance-batched prompt embeddings, as official."""
+    def _prepare(
+        self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, on_step: StepCallback | None, picture: bool = False
+    ) -> Clip:
+        """The reference latent (the generator's first draw), the unconditional control (a
+        `picture`'s in the same control-net call as its own), the reference cache and the
+        guidance-batched prompt embeddings, as official."""
         guided = settings.uses_guidance
         ref_latents = self._encode_reference(inputs, generator)
-        negative_control = self._negative_control(inputs) if guided else None
+        picture_control = self._picture_control(inputs, guided) if picture else None
+        if not guided:
+            negative_control = None
+        elif picture_control is not None:
+            negative_control = {key: value[:1] for key, value in picture_control.items()}
+        else:
+            negative_control = self._control_features(self._unconditional_driving(inputs))
         reference_text = cfg_batch(
             or_default(inputs.reference_negative_text_embeds, inputs.negative_text_embeds),
             or_default(inputs.reference_text_embeds, inputs.text_embeds),
@@ -500,7 +520,13 @@ class Sampler(LatentCodec):
         ).to(self.device)
         reference = self._reference_cache(ref_latents, reference_text, guided, **self._reference_inputs(inputs, negative_control))
         text = cfg_batch(inputs.negative_text_embeds, inputs.text_embeds, guided).to(self.device)
-        return Clip(settings, inputs, generator, ref_latents, text, reference, negative_control, on_step)
+        return Clip(settings, inputs, generator, ref_latents, text, reference, negative_control, on_step, picture_control)
+
+    def _picture_control(self, inputs: SamplerInputs, guided: bool) -> ControlFeatures:
+        """A picture's control features, with guidance its unconditional half first, from one call
+        of the control net on both (the official image pipelines batch them so)."""
+        frame = inputs.control(0, 1)
+        return self._control_features(batched(self._unconditional_driving(inputs), frame) if guided else frame)
 
     def _reference_inputs(self, inputs: SamplerInputs, negative_control: ControlFeatures | None) -> dict[str, object]:
         """What the reference net takes besides a latent and the prompt (only v5c: a control)."""
@@ -527,11 +553,17 @@ class Sampler(LatentCodec):
         return denoiser(model_input, timestep, clip.text, clip.reference, control, **motion).float()
 
     def _denoise_alone(
-        self, clip: Clip, latents: torch.Tensor, schedule: SchedulerMixin, frames: Sequence[int], timesteps: Iterable[torch.Tensor]
+        self,
+        clip: Clip,
+        latents: torch.Tensor,
+        schedule: SchedulerMixin,
+        frames: Sequence[int],
+        timesteps: Iterable[torch.Tensor],
+        control: ControlFeatures | None = None,
     ) -> torch.Tensor:
         """The latents of the clip's `frames`, each frame on its own (the denoiser without
-        motion), through `timesteps` of `schedule`."""
-        control = self._control(clip, frames)
+        motion), through `timesteps` of `schedule`; `control`: the frames' (default: `_control`'s)."""
+        control = self._control(clip, frames) if control is None else control
         for timestep in timesteps:
             noise = guide(self._predict(self.denoiser_2d, latents, schedule, timestep, clip, control), clip.settings)
             latents = clip.stepped(timestep, scheduler_step(schedule, noise, timestep, latents, clip.generator))

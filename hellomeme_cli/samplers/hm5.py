@@ -139,11 +139,13 @@ class HM5VideoSampler(Sampler):
         if self.denoiser.motion_adapter is None:
             raise ValueError("video sampling needs the motion adapter (hm5_motion) in the denoiser")
 
-    def _prepare(self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, on_step: StepCallback | None) -> Clip:
+    def _prepare(
+        self, inputs: SamplerInputs, settings: SamplerSettings, generator: torch.Generator, on_step: StepCallback | None, picture: bool = False
+    ) -> Clip:
         """Refuses a v5c clip without the reference's own control before anything runs."""
         if self.reference_control and inputs.reference_control is None:
             raise ValueError("this version's reference net needs the reference image's own control (reference_control)")
-        return super()._prepare(inputs, settings, generator, on_step)
+        return super()._prepare(inputs, settings, generator, on_step, picture)
 
     def _reference_inputs(self, inputs: SamplerInputs, negative_control: ControlFeatures | None) -> dict[str, object]:
         """v5c: the reference image's own control, the unconditional control first with guidance."""
@@ -209,9 +211,9 @@ class HM5VideoSampler(Sampler):
         expression = {_CONTROL_KEYWORDS[name]: getattr(frames, name).to(self.device) for name in self.control.inputs}
         return self.control_proj(self.control_net(frames.condition.to(self.device), **expression))
 
-    def _negative_control(self, inputs: SamplerInputs) -> ControlFeatures:
-        """The unconditional control of one frame (official: from frame 0's shapes): a blank (-1)
-        condition image and zero expression inputs."""
+    def _unconditional_driving(self, inputs: SamplerInputs) -> DrivingFrames:
+        """The driving frame of guidance's unconditional half (official: from frame 0's shapes): a
+        blank (-1) condition image and zero expression inputs."""
         first = inputs.control(0, 1)
         require_control_inputs(self.control, first)
-        return self._control_features(unconditional_frames(first, self.control.inputs))
+        return unconditional_frames(first, self.control.inputs)

@@ -237,12 +237,12 @@ class HM3VideoSampler(Sampler):
             raise ValueError("the v3/v4 control needs drive_coeff and face_parts, or pd_fpg, in the driving frames")
         return features if self.control_proj is None else self.control_proj(features)
 
-    def _negative_control(self, inputs: SamplerInputs) -> ControlFeatures:
-        """The unconditional control of one frame: a blank (-1) condition and zero drive
+    def _unconditional_driving(self, inputs: SamplerInputs) -> DrivingFrames:
+        """The driving frame of guidance's unconditional half: a blank (-1) condition and zero drive
         inputs (zero pd_fpg too: v1's `neg_pd_fpg` is not used by v3/v4)."""
         first = inputs.control(0, 1)
         present = [name for name in ("drive_coeff", "face_parts", "pd_fpg") if getattr(first, name) is not None]
-        return self._control_features(unconditional_frames(first, present))
+        return unconditional_frames(first, present)
 
 
 def _cat_field(parts: list[DrivingFrames], name: str) -> torch.Tensor | None:

@@ -141,8 +141,8 @@ class VideoSampler(Sampler):
         inputs = [getattr(frames, name).to(self.device) for name in self.control.inputs]
         return self.control_net(frames.condition.to(self.device), *inputs)
 
-    def _negative_control(self, inputs: SamplerInputs) -> ControlFeatures:
-        """The unconditional control of one frame: a blank (-1) condition image, and each input
+    def _unconditional_driving(self, inputs: SamplerInputs) -> DrivingFrames:
+        """The driving frame of guidance's unconditional half: a blank (-1) condition image, and each input
         from the SamplerInputs field the control kind's `unconditional` names, else zeros."""
         given = {name: getattr(inputs, field) for name, field in self.control.unconditional}
         absent = [field for name, field in self.control.unconditional if given[name] is None]
@@ -151,4 +151,4 @@ class VideoSampler(Sampler):
         first = inputs.control(0, 1)
         zeroed = [name for name in self.control.inputs if name not in given]
         require_control_inputs(self.control, first, zeroed)
-        return self._control_features(unconditional_frames(first, zeroed, given))
+        return unconditional_frames(first, zeroed, given)
