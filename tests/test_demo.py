@@ -48,7 +48,7 @@ def test_demo_fetches_and_animates_the_examples(tiny_cache, tmp_path, monkeypatc
     finally:
         hub.stop()
     assert result.exit_code == 0, result.output
-    assert "wrote hellomeme-demo.mp4: 3 frames" in result.output
+    assert "wrote hellomeme-demo.mp4: H.264 mp4, 3 frames at 15 fps" in result.output
     info = probe_video(tmp_path / "hellomeme-demo.mp4")
     assert info.frame_count == 3 and info.has_audio
     fetched = {"/".join(path.lstrip("/").split("/")[:2]) for path in hub.gets()}
