@@ -258,7 +258,7 @@ class ModelOptions:
         cli_type=str, check=_known_few_step, shown="off", panel=MODEL, metavar="RECIPE")
     device: str = _setting("auto", "auto, cpu, cuda, cuda:N or mps.", cli_type=str, per_clip=False, in_digest=False, panel=SPEED, metavar="DEVICE")
     dtype: str = _setting(
-        "auto", "auto (float16 on GPUs, float32 on CPUs), float32, float16 or bfloat16 (3e-2 to 4e-2 from float32 at guidance 2.5 and up, float16 5e-3: docs/performance.md; on a CPU, bfloat16 is fast only where `hellomeme info` says native, else about 10x slower than float32).", cli_type=str,
+        "auto", "auto (float16 on GPUs, float32 on CPUs), float32, float16 or bfloat16 (error and speed: docs/performance.md; bfloat16 on a CPU is ~10x slower unless `hellomeme info` says native).", cli_type=str,
         check=_one_of(DTYPES, "dtype"), panel=SPEED, metavar="DTYPE")
     channels_last: bool = _setting(
         False, "Channels-last memory format (faster convolutions on recent GPUs).", flags=("--channels-last",),

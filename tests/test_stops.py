@@ -85,7 +85,11 @@ def _animate(tiny_cache: Path, output: Path) -> subprocess.Popen:
     reference, clip = require(MEDIA / "majicmix1.jpg", "portrait"), require(MEDIA / "jue.mp4", "clip")
     environment = {**os.environ, "HELLOMEME_HOME": str(tiny_cache), "PYTHONPATH": str(PROJECT_ROOT)}
     command = [sys.executable, "-m", "hellomeme_cli", "animate", str(reference), str(clip), *FAST, "--max-frames", "36", "-o", str(output)]
-    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True)
+    # Ctrl-C at its default in the child, however the tests were started (a shell's background job ignores it, and so would the child)
+    return subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=environment, start_new_session=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )
 
 
 def test_ctrl_c_while_loading_says_so_exits_130_and_writes_nothing(tiny_cache, tmp_path):
