@@ -26,6 +26,7 @@ import argparse
 import dataclasses
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -169,13 +170,15 @@ def draw_inputs(
 
 
 class CallCounter:
-    """Calls, frames (batch x frame axis of the first tensor argument: CFG halves count) and seconds
-    (wall clock, CUDA synchronised) of each role's networks: where a side's time goes."""
+    """Calls, frames (batch x frame axis of the first tensor argument: CFG halves count), seconds
+    (wall clock, CUDA synchronised) and the process's minor page faults in each role's networks:
+    where a side's time goes (on the CPU, fresh memory is a large part of a call's time)."""
 
     def __init__(self, device: torch.device = torch.device("cpu"), keep_first: Sequence[str] = ()):
         self.calls = dict.fromkeys(ROLES, 0)
         self.frames = dict.fromkeys(ROLES, 0)
         self.seconds = dict.fromkeys(ROLES, 0.0)
+        self.faults = dict.fromkeys(ROLES, 0)
         self._device = device
         self._hooked: set[int] = set()
         self._keep_first = set(keep_first)
@@ -192,14 +195,16 @@ class CallCounter:
         if module is None or id(module) in self._hooked:
             return
         self._hooked.add(id(module))
-        started: list[float] = []
+        started: list[tuple[float, int]] = []
 
         def start(_module, _args, _kwargs) -> None:
-            started.append(self._now())
+            started.append((self._now(), _minor_faults()))
 
         def hook(_module, args, kwargs, _output) -> None:
             counted = motion_role if motion_role and kwargs.get("use_motion") else role
-            self.seconds[counted] += self._now() - started.pop()
+            began, faults = started.pop()
+            self.seconds[counted] += self._now() - began
+            self.faults[counted] += _minor_faults() - faults
             first = next((value for value in (*args, *kwargs.values()) if isinstance(value, torch.Tensor)), None)
             self.calls[counted] += 1
             frames = first.shape[0] * (first.shape[2] if first.ndim == 5 else 1) if first is not None else 0
@@ -221,11 +226,18 @@ class CallCounter:
         return {role: bench.count_flops(module, *args, **kwargs) / frames for role, (module, args, kwargs, frames) in kept.items() if frames}
 
     def per_frame(self, output_frames: int) -> dict[str, dict[str, float]]:
-        """Per output frame, each role that ran: calls, frames through it, seconds in it."""
+        """Per output frame, each role that ran: calls, frames through it, seconds and minor page faults in it."""
         return {
-            role: {"calls": self.calls[role] / output_frames, "frames": self.frames[role] / output_frames, "seconds": self.seconds[role] / output_frames}
+            role: {
+                "calls": self.calls[role] / output_frames, "frames": self.frames[role] / output_frames,
+                "seconds": self.seconds[role] / output_frames, "faults": self.faults[role] / output_frames,
+            }
             for role in ROLES if self.calls[role]
         }
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 # Operators that only move or reshape data: what a side adds around the same kernels shows here.
@@ -628,6 +640,14 @@ def format_table(result: dict) -> str:
         for role in ROLES:
             ours, official = (row[side]["calls_per_frame"].get(role, {}).get("seconds", 0.0) for side in ("ours", "official"))
             cells.append(f"{ours:.2f} / {official:.2f} ({ours / official:.2f}x)" if ours and official else f"{ours:.2f} / {official:.2f}" if ours or official else "-")
+        lines.append(f"| {row['version']} {row['mode']} | " + " | ".join(cells) + " |")
+    lines += ["", "Thousands of minor page faults per output frame in each network (ours / official): memory touched for the first time", ""]
+    lines += ["| version | " + " | ".join(ROLES) + " |", "|---|" + "---|" * len(ROLES)]
+    for row in result["runs"]:
+        cells = []
+        for role in ROLES:
+            ours, official = (row[side]["calls_per_frame"].get(role, {}).get("faults") for side in ("ours", "official"))
+            cells.append(f"{ours / 1e3:.0f} / {official / 1e3:.0f}" if ours is not None and official is not None and (ours or official) else "-")
         lines.append(f"| {row['version']} {row['mode']} | " + " | ".join(cells) + " |")
     for row in result["runs"]:
         if "profile" in row["ours"] and "profile" in row["official"]:

@@ -21,7 +21,7 @@ from typer.testing import CliRunner
 
 from conftest import MEDIA, require
 from hellomeme_cli.batch import jobs as batch
-from hellomeme_cli.batch.jobs import DIGEST_TAG, DONE, FOREIGN, NOT_RUN, BatchPlan, plan_folder, plan_pairs
+from hellomeme_cli.batch.jobs import DIGEST_TAG, DONE, FINISHED_AT_STOP, FOREIGN, NOT_RUN, BatchPlan, plan_folder, plan_pairs
 from hellomeme_cli.batch import run as batch_run
 from hellomeme_cli.batch.run import run_batch
 from hellomeme_cli.cli import app
@@ -162,10 +162,14 @@ def test_pairs_csv_paths_outputs_and_per_row_options(workdir):
 # -- the control flow, with the networks replaced by fakes --------------------
 
 
+class StopAfterWriting(KeyboardInterrupt):
+    """The stop arriving after a clip's video is under its final name, before the batch records it."""
+
+
 @pytest.fixture
 def fake_models(workdir, monkeypatch):
     """`load_pipeline` and `animate` replaced: every call is recorded, `animate` does what
-    `behaviour[driving name]` says (write a 2-frame video, or raise)."""
+    `behaviour[driving name]` says (write a 2-frame video, or raise, or both: StopAfterWriting)."""
     calls: dict[str, list] = {"load": [], "animate": []}
     behaviour: dict[str, BaseException] = {}
 
@@ -175,10 +179,12 @@ def fake_models(workdir, monkeypatch):
 
     def animate(reference, driving, output, settings, models, *, force, progress, extra_tags, track_cache=None):
         calls["animate"].append((driving.name, settings.models.control, force))
-        if driving.name in behaviour:
+        if driving.name in behaviour and not isinstance(behaviour[driving.name], StopAfterWriting):
             raise behaviour[driving.name]
         frames = list(read_frames(driving, 2))
         write_video(frames, output, 15, metadata={SEED_TAG: str(settings.seed), **extra_tags}, force=force)
+        if driving.name in behaviour:
+            raise behaviour[driving.name]
         return AnimateResult(output, 2, 15.0, settings.seed, 0, 0.1)
 
     monkeypatch.setattr(batch, "load_pipeline", load_pipeline)
@@ -219,6 +225,16 @@ def test_an_interrupt_stops_the_batch_and_writes_the_report(fake_models, workdir
     assert report.clips[1].reason == NOT_RUN
     saved = json.loads(plan.report.read_text())
     assert saved["finished"] is False and saved["counts"] == {"ok": 1, "failed": 0, "skipped": 2}
+
+
+def test_a_clip_finished_as_the_stop_came_is_reported_ok(fake_models, workdir, tiny_cache):
+    _, behaviour = fake_models
+    plan = fake_plan(workdir, ["blendshapes"] * 3)
+    behaviour["qie.mp4"] = StopAfterWriting()
+    report = run_batch(plan, cache=WeightCache(tiny_cache))
+    assert not report.finished
+    assert [(clip.status, clip.reason, clip.frames) for clip in report.clips] == [("ok", "", 2), ("ok", FINISHED_AT_STOP, 2), ("skipped", NOT_RUN, None)]
+    assert report.clips[1].seed is not None
 
 
 def test_a_rerun_skips_finished_clips_until_a_setting_or_an_input_changes(fake_models, workdir, tiny_cache):

@@ -63,7 +63,8 @@ def test_our_side_on_tiny_weights_counts_every_network_call(tiny_cache, tmp_path
     frames = measured["calls_per_frame"]
     assert frames["unet_motion"]["frames"] == pytest.approx(2 * 12 / 5)  # one window of 12 (padded) frames, CFG-doubled
     assert frames["vae_decode"]["frames"] == pytest.approx(1.0)
-    assert all(numbers["seconds"] > 0 for numbers in frames.values())
+    assert all(numbers["seconds"] > 0 and numbers["faults"] >= 0 for numbers in frames.values())
+    assert sum(numbers["faults"] for numbers in frames.values()) > 0  # a fresh process touches new memory
     # The same seed gives the same latents: the comparison with the official ones rests on it. Profiled
     # (`--profile`), each network's first call is run again under the profiler, its operators counted.
     again, profiled = vs_official.run_ours(dataclasses.replace(run, profile=True))
@@ -100,12 +101,14 @@ def test_the_table_gives_each_networks_seconds_per_frame_and_the_profiled_differ
     official = torch.ones(1, 4, 3, 2, 2)
     ours_side, official_side = _side(10.0, 4.0), _side(12.0, 5.0)
     ours_side["calls_per_frame"]["unet_2d"]["seconds"], official_side["calls_per_frame"]["unet_2d"]["seconds"] = 2.2, 2.0
+    ours_side["calls_per_frame"]["unet_2d"]["faults"], official_side["calls_per_frame"]["unet_2d"]["faults"] = 455e3, 120e3
     ours_side["profile"] = {"unet_2d": {"seconds": 1.1, "operators": {"aten::copy_": [40, 0.030, 0.0, ""], "aten::convolution": [10, 0.5, 0.0, ""]}}}
     official_side["profile"] = {"unet_2d": {"seconds": 1.0, "operators": {"aten::copy_": [4, 0.002, 0.0, ""], "aten::convolution": [10, 0.5, 0.0, ""]}}}
     row = compare((official, ours_side), (official, official_side), "video", Settings())
     machine = {"cpu": "Test CPU", "cpu_cores": 2, "gpu": None, "torch": "2.13"}
     table = format_table({"machine": machine, "settings": dataclasses.asdict(Settings()), "runs": [{**row, "version": "v2", "mode": "video", "frames": 3}]})
     assert "| v2 video | 2.20 / 2.00 (1.10x) |" in table
+    assert "| v2 video | 455 / 120 |" in table  # thousands of page faults per frame
     assert "| unet_2d | 1.100 / 1.000 (1.10x) | 40, 30.0 / 4, 2.0 | copy_ 40, 30.0 / 4, 2.0 |" in table
 
 

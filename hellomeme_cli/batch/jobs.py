@@ -52,6 +52,7 @@ DRIVE_SUFFIXES = (*VIDEO_SUFFIXES, TEMPLATE_SUFFIX)
 STATUSES = ("ok", "failed", "skipped")
 DONE = "already done with the same settings"
 NOT_RUN = "not run: the batch stopped first"
+FINISHED_AT_STOP = "finished as the batch stopped"
 FOREIGN = "already exists and was not made by hellomeme (--force replaces it)"
 
 # What a --pairs row may set besides its files: every per-clip setting (settings.py); a blank cell keeps the command line's value.
@@ -364,6 +365,15 @@ def _expected_frames(job: BatchJob, info: VideoInfo) -> int | None:
     return None if made is None else plan.loop.count(made)
 
 
+def _signature(path: Path) -> tuple[int, int] | None:
+    """(mtime, size): whether a file was replaced, with no clock compared (a worker's may differ)."""
+    try:
+        status = path.stat()
+    except OSError:
+        return None
+    return status.st_mtime_ns, status.st_size
+
+
 class _Ledger:
     """The report as it grows, in plan order; saved after every entry, so a killed run leaves one."""
 
@@ -372,6 +382,7 @@ class _Ledger:
         self.progress = progress
         self.entries: list[ClipReport | None] = [None] * len(plan.jobs)
         self.running = 0  # clips being made now, set by whoever makes them
+        self.before = [_signature(job.output) for job in plan.jobs]  # what a stop is compared with
 
     def record(self, index: int, entry: ClipReport) -> None:
         self.entries[index] = entry
@@ -385,8 +396,24 @@ class _Ledger:
         self.progress(ProgressEvent("clips", len(made), len(self.entries), "clips", detail=f"{counts}, {self.running} running"))
 
     def close(self, finished: bool) -> BatchReport:
+        if not finished:
+            self._record_finished_at_stop()
         self._save(finished)
         return BatchReport(self._clips(), finished, self.plan.report)
+
+    def _record_finished_at_stop(self) -> None:
+        """A clip whose video was put in place between its writer's rename and its entry (the stop came
+        in between, here or on a worker) is ok, not 'not run': the report says what is on disk."""
+        for index, job in enumerate(self.plan.jobs):
+            if self.entries[index] is not None or _signature(job.output) in (None, self.before[index]):
+                continue
+            state, info = _existing_output(job, settings_digest(job), force=False)
+            if state == "done":
+                seed = info.tags.get(SEED_TAG, "")
+                self.entries[index] = ClipReport(
+                    job.driving, job.reference, job.output, "ok", FINISHED_AT_STOP,
+                    frames=info.frame_count, seed=int(seed) if seed.isdigit() else None,
+                )
 
     def _clips(self) -> tuple[ClipReport, ...]:
         not_run = (ClipReport(job.driving, job.reference, job.output, "skipped", NOT_RUN) for job in self.plan.jobs)

@@ -33,12 +33,10 @@ from queue import Empty
 
 import torch
 
-from hellomeme_cli.batch.jobs import DIGEST_TAG, ClipReport, ClusterOptions, _check_setup, _ClipMaker, _failed, _Ledger, _Task, remove_leftovers
+from hellomeme_cli.batch.jobs import ClipReport, ClusterOptions, _check_setup, _ClipMaker, _failed, _Ledger, _Task, remove_leftovers
 from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.logs import native_stderr_muted
-from hellomeme_cli.pipeline import SEED_TAG
 from hellomeme_cli.progress import ProgressCallback, ProgressEvent
-from hellomeme_cli.media.video import probe_video
 from hellomeme_cli.weights.cache import WeightCache
 
 INSTALL = 'hellomeme batch --ray needs Ray: pip install "hellomeme-cli[cluster]"'
@@ -198,15 +196,6 @@ class _Busy:
     worker: object
     label: str
     task: _Task
-    before: tuple[int, int] | None  # the output's (mtime, size) when the clip was handed out
-
-
-def _signature(path: Path) -> tuple[int, int] | None:
-    try:
-        status = path.stat()
-    except OSError:
-        return None
-    return status.st_mtime_ns, status.st_size
 
 
 class _Driver:
@@ -319,7 +308,7 @@ class _Driver:
             worker, label = self.idle.pop(elsewhere[-1] if elsewhere else -1)  # a retry: not where it was lost, if it can
             reference = self.references[id(task.reference)]
             made = worker.make.remote(dataclasses.replace(task, reference=None), reference)
-            self.busy[made] = _Busy(worker, label, task, _signature(task.job.output))
+            self.busy[made] = _Busy(worker, label, task)
         self.ledger.running = len(self.busy)
         self.ledger.show()
 
@@ -386,31 +375,11 @@ class _Driver:
             self.ray.wait(list(self.busy), num_returns=len(self.busy), timeout=STOP_SECONDS)
         for ref, busy in self.busy.items():
             remove_leftovers(busy.task.job.output)
-            try:
-                made = self.ray.get(ref, timeout=0)
-            except self.ray.exceptions.RayError:
-                made = _made_meanwhile(busy)
-            if made:
-                self.ledger.record(busy.task.index, made)
+            with contextlib.suppress(self.ray.exceptions.RayError):  # killed first: the ledger's close finds what it put in place
+                self.ledger.record(busy.task.index, self.ray.get(ref, timeout=0))
         for task_index in self.lost:
             remove_leftovers(self.ledger.plan.jobs[task_index].output)
         self.events.shutdown()
-
-
-def _made_meanwhile(busy: _Busy) -> ClipReport | None:
-    """The report of a clip whose worker put its output in place just before it was stopped (the
-    output changed since it was handed out and carries the clip's digest), as a rerun would see it."""
-    job = busy.task.job
-    if _signature(job.output) in (None, busy.before):
-        return None
-    try:
-        info = probe_video(job.output)
-    except HellomemeError:
-        return None
-    if info.tags.get(DIGEST_TAG) != busy.task.digest:
-        return None
-    seed = info.tags.get(SEED_TAG, "")
-    return ClipReport(job.driving, job.reference, job.output, "ok", frames=info.frame_count, seed=int(seed) if seed.isdigit() else None, device=busy.label)
 
 
 def _first_line(error: BaseException) -> str:
