@@ -30,7 +30,7 @@ from hellomeme_cli.errors import HellomemeError
 from hellomeme_cli.face.driving import DrivingInput, is_template, track_clip, tracking_options
 from hellomeme_cli.face.tracking import MODEL_FILE
 from hellomeme_cli.media.upscale import COMPONENT as UPSCALER_COMPONENT, Upscaler, load_upscaler
-from hellomeme_cli.model_options import resolve_checkpoint, resolve_device, resolve_dtype, resolve_loras, reuse_freed_memory
+from hellomeme_cli.model_options import resolve_checkpoint, resolve_device, resolve_dtype, resolve_loras
 from hellomeme_cli.models import FanEncoder, motion_unet
 from hellomeme_cli.models.unet import load_folder
 from hellomeme_cli.pipeline import VIDEO_SUFFIXES, AnimateSettings, generate, load_reference
@@ -477,8 +477,6 @@ def _load_component(cls, folder: Path, dtype: torch.dtype, name: str):
 def apply_speed_options(pipeline: HelloMemePipeline, options: ModelOptions, device: torch.device | None = None) -> None:
     """The options that change how the networks run, never what they compute (beyond rounding);
     `device` is where low-memory mode runs the networks (default: where they are)."""
-    if (device or pipeline.device).type == "cpu":
-        reuse_freed_memory()
     if options.channels_last:
         for network in _convolution_networks(pipeline):
             network.to(memory_format=torch.channels_last)

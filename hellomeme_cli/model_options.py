@@ -3,9 +3,6 @@ checkpoint or LoRA given as a file, a preset name or a Hugging Face repo id."""
 
 from __future__ import annotations
 
-import ctypes
-import os
-import platform
 import re
 from pathlib import Path
 
@@ -64,26 +61,6 @@ def native_bfloat16() -> str | None:
         return None
     features = {word for line in report.splitlines() if line.split(":")[0].strip() in ("flags", "Features") for word in line.split(":", 1)[-1].split()}
     return next((feature for feature in BFLOAT16_FEATURES if feature in features), "")
-
-
-# glibc's mallopt parameters, and the values a CPU run sets: blocks up to 32 MiB (the most glibc allows)
-# come from the heap, and up to 2 GiB of freed heap (mallopt takes an int) stays in the process instead of going back to the OS.
-M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
-MMAP_THRESHOLD_BYTES, TRIM_THRESHOLD_BYTES = 32 << 20, 2**31 - 1
-_MALLOC_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "GLIBC_TUNABLES")
-
-
-def reuse_freed_memory() -> bool:
-    """Keep freed activation and weight-layout memory in the process for the next network call, as a
-    process that allocated and freed much while loading (the official one) does by chance: with glibc's
-    defaults each call's large blocks are mapped afresh and faulted in page by page, which on the CPU
-    cost a third of a UNet call (docs/performance.md). Not where the user set the allocator's
-    thresholds, nor outside glibc. -> whether they were set."""
-    # By hand: no library exposes mallopt, and torch's CPU allocator has no cache of its own.
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or any(name in os.environ for name in _MALLOC_ENVIRONMENT):
-        return False
-    libc = ctypes.CDLL(None)
-    return bool(libc.mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)) and bool(libc.mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD_BYTES))
 
 
 def _is_repo_id(value: str) -> bool:

@@ -15,7 +15,6 @@ from safetensors.torch import save_file
 
 from conformance_case import control_from_tensors
 from hellomeme_cli.weights.checkpoints import load_sd15
-from hellomeme_cli import engine
 from hellomeme_cli.engine import HelloMemePipeline, ModelOptions, load_pipeline
 from hellomeme_cli.model_options import check_options, resolve_device, resolve_dtype
 from hellomeme_cli.errors import HellomemeError
@@ -94,44 +93,6 @@ def test_hub_checkpoint_that_cannot_be_downloaded_is_one_line(tmp_path):
 
 def _weights(module: torch.nn.Module) -> torch.Tensor:
     return module.get_submodule("down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q").weight
-
-
-# Allocates and frees blocks of 1 to 24 MiB (as a network call's activations and weight layouts), three
-# rounds, and prints the minor page faults of the last round; with argument "reuse", reuse_freed_memory first.
-_CHURN = """
-import resource, sys, torch
-from hellomeme_cli.model_options import reuse_freed_memory
-
-if sys.argv[1] == "reuse":
-    assert reuse_freed_memory()
-for _ in range(3):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    blocks = [torch.ones(size << 20, dtype=torch.uint8) for size in (1, 3, 14, 24, 6, 2) * 8]
-    del blocks
-print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-"""
-
-
-@pytest.mark.skipif(sys.platform != "linux", reason="glibc's allocator settings: Linux only")
-def test_a_cpu_run_keeps_freed_memory_for_the_next_call(tiny_cache, monkeypatch):
-    """With glibc's defaults the freed blocks go back to the OS and each round faults most of its
-    102,400 pages in again; set as a CPU pipeline loads, they stay (docs/performance.md)."""
-    environment = {name: value for name, value in os.environ.items() if not name.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-
-    def last_round_faults(argument: str, **extra: str) -> int:
-        run = subprocess.run([sys.executable, "-c", _CHURN, argument], capture_output=True, text=True, env={**environment, **extra})
-        assert run.returncode == 0, run.stderr
-        return int(run.stdout)
-
-    assert last_round_faults("default") > 50_000
-    assert last_round_faults("reuse") < 2_000
-    with pytest.raises(AssertionError):  # the user's own allocator settings win
-        last_round_faults("reuse", MALLOC_TRIM_THRESHOLD_=str(128 << 10))
-
-    calls = []
-    monkeypatch.setattr(engine, "reuse_freed_memory", lambda: calls.append("set"))
-    load(tiny_cache, control="blendshapes")
-    assert calls == ["set"]
 
 
 def test_plain_sd15_is_one_unet_for_reference_net_and_both_stages(tiny_cache):
