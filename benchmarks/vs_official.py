@@ -626,33 +626,39 @@ def format_table(result: dict) -> str:
             f"{row['ours']['seconds']:.1f} | {row['speedup']:.2f}x | {row['official']['peak_memory_gb']:.2f} | {row['ours']['peak_memory_gb']:.2f} | "
             f"{row['memory_ratio']:.2f} | {row['latent_relative_error']:.1e} | {'yes' if row['within_tolerance'] else 'no'} (< {row['tolerance']:g}) |"
         )
-    lines += ["", "Network calls per output frame (ours / official):", "", "| version | " + " | ".join(ROLES) + " |", "|---|" + "---|" * len(ROLES)]
-    for row in result["runs"]:
-        cells = []
-        for role in ROLES:
-            ours, official = (row[side]["calls_per_frame"].get(role, {}).get("calls", 0.0) for side in ("ours", "official"))
-            cells.append(f"{ours:.2f} / {official:.2f}" if ours or official else "-")
-        lines.append(f"| {row['version']} {row['mode']} | " + " | ".join(cells) + " |")
-    lines += ["", "Seconds per output frame in each network (ours / official, their ratio):", ""]
-    lines += ["| version | " + " | ".join(ROLES) + " |", "|---|" + "---|" * len(ROLES)]
-    for row in result["runs"]:
-        cells = []
-        for role in ROLES:
-            ours, official = (row[side]["calls_per_frame"].get(role, {}).get("seconds", 0.0) for side in ("ours", "official"))
-            cells.append(f"{ours:.2f} / {official:.2f} ({ours / official:.2f}x)" if ours and official else f"{ours:.2f} / {official:.2f}" if ours or official else "-")
-        lines.append(f"| {row['version']} {row['mode']} | " + " | ".join(cells) + " |")
-    lines += ["", "Thousands of minor page faults per output frame in each network (ours / official): memory touched for the first time", ""]
-    lines += ["| version | " + " | ".join(ROLES) + " |", "|---|" + "---|" * len(ROLES)]
-    for row in result["runs"]:
-        cells = []
-        for role in ROLES:
-            ours, official = (row[side]["calls_per_frame"].get(role, {}).get("faults") for side in ("ours", "official"))
-            cells.append(f"{ours / 1e3:.0f} / {official / 1e3:.0f}" if ours is not None and official is not None and (ours or official) else "-")
-        lines.append(f"| {row['version']} {row['mode']} | " + " | ".join(cells) + " |")
+    lines += _role_table(result["runs"], "Network calls per output frame (ours / official):", "calls", _calls_cell)
+    lines += _role_table(result["runs"], "Seconds per output frame in each network (ours / official, their ratio):", "seconds", _seconds_cell)
+    lines += _role_table(
+        result["runs"], "Thousands of minor page faults per output frame in each network (ours / official): memory touched for the first time",
+        "faults", _faults_cell,
+    )
     for row in result["runs"]:
         if "profile" in row["ours"] and "profile" in row["official"]:
             lines += ["", *profile_lines(row)]
     return "\n".join(lines)
+
+
+def _role_table(runs: list[dict], title: str, measure: str, cell: Callable[[float | None, float | None], str]) -> list[str]:
+    """One row per run, one column per role: `cell(ours, official)` of `measure` per output frame (None where a side has no number)."""
+    lines = ["", title, "", "| version | " + " | ".join(ROLES) + " |", "|---|" + "---|" * len(ROLES)]
+    for row in runs:
+        cells = [cell(*(row[side]["calls_per_frame"].get(role, {}).get(measure) for side in ("ours", "official"))) for role in ROLES]
+        lines.append(f"| {row['version']} {row['mode']} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def _calls_cell(ours: float | None, official: float | None) -> str:
+    ours, official = ours or 0.0, official or 0.0
+    return f"{ours:.2f} / {official:.2f}" if ours or official else "-"
+
+
+def _seconds_cell(ours: float | None, official: float | None) -> str:
+    ours, official = ours or 0.0, official or 0.0
+    return f"{ours:.2f} / {official:.2f} ({ours / official:.2f}x)" if ours and official else f"{ours:.2f} / {official:.2f}" if ours or official else "-"
+
+
+def _faults_cell(ours: float | None, official: float | None) -> str:
+    return f"{ours / 1e3:.0f} / {official / 1e3:.0f}" if ours is not None and official is not None and (ours or official) else "-"
 
 
 def profile_lines(row: dict, shown: int = 6) -> list[str]:
