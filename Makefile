@@ -6,6 +6,9 @@ BIN    := $(VENV)/bin
 # elsewhere pip takes PyPI's build for the platform (CUDA on Linux x86-64).
 TORCH  ?= torch==2.13.0
 
+# Non-empty where torch sees a CUDA GPU (evaluated only by the targets that use it).
+CUDA    = $(shell $(BIN)/python -c "import torch; print(torch.cuda.is_available() or '')")
+
 .PHONY: install demo test bench bench-official clean
 
 install: $(VENV)/.installed
@@ -31,9 +34,9 @@ clean:
 
 # Speed and memory on this machine (tiny weights on the CPU; full size too when a CUDA GPU is present).
 bench: install
-	$(BIN)/python -m benchmarks.bench --json benchmarks/latest.json $(if $(shell $(BIN)/python -c "import torch; print(torch.cuda.is_available() or '')"),--full-size)
+	$(BIN)/python -m benchmarks.bench --json benchmarks/latest.json $(if $(CUDA),--full-size)
 
 # Ours against the official code (docs/performance.md, "Against the official code"): OFFICIAL is a checkout
 # of github.com/HelloVision/HelloMeme; same full-size random weights, inputs and seed on both sides. On the CPU each side runs 3 times (the fastest counts).
 bench-official: install
-	$(BIN)/python -m benchmarks.vs_official --official $(OFFICIAL) --json benchmarks/official.json $(if $(shell $(BIN)/python -c "import torch; print(torch.cuda.is_available() or '')"),,--repeats 3)
+	$(BIN)/python -m benchmarks.vs_official --official $(OFFICIAL) --json benchmarks/official.json $(if $(CUDA),,--repeats 3)

@@ -302,9 +302,7 @@ def _prepare(
         digest = settings_digest(job)
         state, info = _existing_output(job, digest, force)
         if state == "done":
-            seed = info.tags.get(SEED_TAG, "")
-            skipped = ClipReport(job.driving, job.reference, job.output, "skipped", DONE, frames=info.frame_count)
-            ledger.record(index, dataclasses.replace(skipped, seed=int(seed) if seed.isdigit() else None))
+            ledger.record(index, _finished(job, info, "skipped", DONE))
         elif state == "foreign":
             ledger.record(index, _failed(job, f"{job.output}: {FOREIGN}"))
         else:
@@ -409,11 +407,7 @@ class _Ledger:
                 continue
             state, info = _existing_output(job, settings_digest(job), force=False)
             if state == "done":
-                seed = info.tags.get(SEED_TAG, "")
-                self.entries[index] = ClipReport(
-                    job.driving, job.reference, job.output, "ok", FINISHED_AT_STOP,
-                    frames=info.frame_count, seed=int(seed) if seed.isdigit() else None,
-                )
+                self.entries[index] = _finished(job, info, "ok", FINISHED_AT_STOP)
 
     def _clips(self) -> tuple[ClipReport, ...]:
         not_run = (ClipReport(job.driving, job.reference, job.output, "skipped", NOT_RUN) for job in self.plan.jobs)
@@ -498,6 +492,12 @@ def _csv(rows: list[dict[str, object]]) -> str:
 def log_path(report: Path) -> Path:
     """The failures' tracebacks are kept beside the JSON report."""
     return report.with_suffix(".log")
+
+
+def _finished(job: BatchJob, output: VideoInfo, status: str, reason: str) -> ClipReport:
+    """The entry of a clip whose output is on disk and done: its frames and the seed it carries."""
+    seed = output.tags.get(SEED_TAG, "")
+    return ClipReport(job.driving, job.reference, job.output, status, reason, frames=output.frame_count, seed=int(seed) if seed.isdigit() else None)
 
 
 def _failed(job: BatchJob, reason: str) -> ClipReport:
